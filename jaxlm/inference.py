@@ -1,0 +1,187 @@
+"""`jaxlm.load(path)`: tokenizer + model + parameters in one object, for inference scripts.
+
+`Predictor.embed`, `.fill_mask` and `.predict` tokenize, pad each batch to one of a few length
+buckets (so a stream of inputs of every length compiles a handful of programs, not one per
+length), run a jitted pure function of the parameters, and return numpy / Python values.
+This module imports neither TensorFlow nor the training code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import hf
+from jaxlm import model as model_lib
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.errors import UsageError
+
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:
+  for b in buckets:
+    if n <= b:
+      return min(b, cap)
+  return cap
+
+
+def default_dtype() -> str:
+  """bfloat16 where the chip computes it natively (TPU), else float32."""
+  return 'bfloat16' if jax.default_backend() == 'tpu' else 'float32'
+
+
+class Predictor:
+  """A loaded model: `embed`, `fill_mask` (MLM head) and `predict` (classifier head)."""
+
+  def __init__(
+    self,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokenizer: tokenizer_lib.Tokenizer,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+  ):
+    self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+    self.config: model_lib.ModelConfig = nnx.merge(graphdef, params).cfg
+    n = self.config.num_labels
+    self.labels = list(labels) if labels else [f'LABEL_{i}' for i in range(n)]
+    self.batch_size = batch_size
+    self.max_length = min(max_length or 512, self.config.max_position_embeddings)
+    self._fns = {}
+
+  # --------------------------------------------------------------------------- plumbing
+
+  def _fn(self, kind: str):
+    """A jitted pure function of (params, ids, mask, types[, positions]) for one output kind."""
+    if kind not in self._fns:
+      graphdef = self.graphdef
+
+      def run(params, ids, mask, types, positions=None):
+        out = model_lib.apply(graphdef, params, ids, mask, types, positions)
+        if kind == 'embed':
+          return out['hidden'].astype(jnp.float32)
+        if kind == 'mlm':
+          return jax.nn.log_softmax(out['mlm_logits'].astype(jnp.float32), axis=-1)
+        return out['logits'].astype(jnp.float32)
+
+      self._fns[kind] = jax.jit(run)
+    return self._fns[kind]
+
+  def _batches(self, inputs: Sequence) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Padded (ids, mask, types, n_real) batches; lengths and batch sizes come from buckets."""
+    for start in range(0, len(inputs), self.batch_size):
+      chunk = inputs[start : start + self.batch_size]
+      enc = self.tokenizer.encode(chunk, self.max_length)
+      T = _bucket(max(len(i) for i, _ in enc), LENGTH_BUCKETS, self.max_length)
+      B = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      ids = np.full((B, T), self.tokenizer.pad_id, np.int32)
+      mask, types = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+      for r, (i, t) in enumerate(enc):
+        ids[r, : len(i)], mask[r, : len(i)], types[r, : len(t)] = i, 1, t
+      yield ids, mask, types, len(chunk)
+
+  # --------------------------------------------------------------------------- public API
+
+  def embed(self, texts: Sequence[str], pooling: str = 'mean', normalize: bool = False) -> np.ndarray:
+    """One vector per text, [n, hidden]: mask-aware mean of the last layer, or its [CLS] vector."""
+    if pooling not in ('mean', 'cls'):
+      raise UsageError(f'pooling={pooling!r}: expected "mean" or "cls"')
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = []
+    for ids, mask, types, n in self._batches(texts):
+      h_BxTxD = np.asarray(self._fn('embed')(self.params, ids, mask, types))
+      if pooling == 'cls':
+        v = h_BxTxD[:, 0]
+      else:
+        m = mask[..., None].astype(np.float32)
+        v = (h_BxTxD * m).sum(1) / np.maximum(m.sum(1), 1.0)
+      out.append(v[:n])
+    vecs = np.concatenate(out) if out else np.zeros((0, self.config.hidden_size), np.float32)
+    if normalize:
+      vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=-1, keepdims=True), 1e-12)
+    return vecs
+
+  def fill_mask(self, text: str | Sequence[str], top_k: int = 5):
+    """The top_k fillers of each [MASK]: a list of {token, token_str, score, sequence}.
+
+    Given one text with one mask, returns that list; with several masks, one list per mask;
+    given a list of texts, one such result per text.
+    """
+    if not self.config.mlm_head:
+      raise UsageError('fill_mask needs a model with an MLM head; this one has none')
+    if self.tokenizer.mask_id is None:
+      raise UsageError(f'{self.tokenizer.source}: the vocabulary has no [MASK] token')
+    texts = [text] if isinstance(text, str) else list(text)
+    results = []
+    for ids, mask, types, n in self._batches(texts):
+      where = [np.flatnonzero(row == self.tokenizer.mask_id) for row in ids[:n]]
+      for t, w in zip(texts[len(results) :], where):
+        if len(w) == 0:
+          raise UsageError(f'no {self.tokenizer.mask_token} in the text {t!r}')
+      P = 1 << (max(len(w) for w in where) - 1).bit_length()
+      pos = np.zeros((ids.shape[0], P), np.int32)
+      for r, w in enumerate(where):
+        pos[r, : len(w)] = w
+      logp_BxPxV = np.asarray(self._fn('mlm')(self.params, ids, mask, types, pos))
+      for r, w in enumerate(where):
+        per_mask = []
+        for j, position in enumerate(w):
+          top = np.argsort(-logp_BxPxV[r, j])[:top_k]
+          per_mask.append([self._filled(ids[r], mask[r], position, int(t), logp_BxPxV[r, j, t]) for t in top])
+        results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+    return results[0] if isinstance(text, str) else results
+
+  def _filled(self, ids, mask, position, token, logp):
+    row = ids[: int(mask.sum())].copy()
+    row[position] = token
+    body = [i for i in row if i not in (self.tokenizer.cls_id, self.tokenizer.sep_id, self.tokenizer.pad_id)]
+    return {
+      'token': token,
+      'token_str': self.tokenizer.decode([token]),
+      'score': float(np.exp(logp)),
+      'sequence': self.tokenizer.decode(body),
+    }
+
+  def predict(self, inputs: Sequence, return_logits: bool = False) -> list[dict]:
+    """Per text or (text, pair): {label, probabilities: {label: p}}; for regression {score}."""
+    if not self.config.num_labels:
+      raise UsageError('predict needs a model with a classifier head; this one has none')
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    out = []
+    for ids, mask, types, n in self._batches(inputs):
+      logits = np.asarray(self._fn('classify')(self.params, ids, mask, types))[:n]
+      for row in logits:
+        if self.config.num_labels == 1:
+          out.append({'score': float(row[0])})
+          continue
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        res = {'label': self.labels[int(p.argmax())], 'probabilities': dict(zip(self.labels, map(float, p)))}
+        if return_logits:
+          res['logits'] = row.tolist()
+        out.append(res)
+    return out
+
+
+def load(path: str, dtype: str | None = None, batch_size: int = 32, **overrides) -> Predictor:
+  """Loads a Hugging Face BERT directory into a Predictor (compute dtype chosen for the platform)."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise UsageError(f'{path}: no such file or directory')
+  if os.path.exists(os.path.join(path, 'config.json')):
+    overrides.setdefault('dtype', dtype or default_dtype())
+    graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
+    id2label = hf_cfg.get('id2label') or {}
+    labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    cfg = nnx.merge(graphdef, params).cfg
+    if labels is not None and len(labels) != cfg.num_labels:
+      labels = None
+    return Predictor(graphdef, params, tokenizer_lib.load(path), labels, batch_size)
+  raise UsageError(f'{path}: not a model directory (no config.json)')

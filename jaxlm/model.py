@@ -1,0 +1,385 @@
+"""The BERT encoder and its heads, in Flax NNX.
+
+What lives here: `ModelConfig` (sizes, presets for the published BERT family, and every knob
+a Hugging Face `BertConfig` can set), and `Bert`, the module: embeddings, a stack of
+post-LayerNorm transformer layers, the pooler and the MLM / next-sentence / classification
+heads. What does not: losses (tasks.py), Hugging Face conversion (hf.py), sharding rules
+(sharding.py).
+
+Parameters are float32 `nnx.Param`s whose `axes` metadata holds their logical axis names
+(`vocab`, `embed`, `mlp`, `heads`, `kv`, `layers`); sharding.py maps those names onto a mesh.
+The layer parameters are stacked on a leading `layers` axis, so the stack can be run with
+`jax.lax.scan` (compile time independent of depth) or unrolled, from the same checkpoint.
+
+Use it functionally: `graphdef, params = nnx.split(Bert(cfg, rngs=nnx.Rngs(0)))` once, then
+`apply(graphdef, params, ...)` inside a jitted function.
+
+Shape letters: B batch, T sequence length, D hidden, N heads, K head size, F feed-forward,
+V vocabulary, L layers, P masked positions per sequence, C classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.errors import UsageError
+
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes, heads and execution knobs of a BERT encoder."""
+
+  vocab_size: int = 30522  # V: WordPiece vocabulary size.
+  hidden_size: int = 768  # D: width of the residual stream.
+  num_layers: int = 12  # L: transformer layers.
+  num_heads: int = 12  # N: attention heads; D must divide by N.
+  intermediate_size: int = 3072  # F: feed-forward width.
+  max_position_embeddings: int = 512  # Longest sequence the position table covers.
+  type_vocab_size: int = 2  # Segment (token type) ids.
+  hidden_act: str = 'gelu'  # 'gelu' (exact, erf), 'gelu_tanh', 'relu' or 'silu'.
+  layer_norm_eps: float = 1e-12  # LayerNorm epsilon.
+  hidden_dropout: float = 0.1  # Dropout on embeddings and residual branches.
+  attention_dropout: float = 0.1  # Dropout on attention probabilities (training only).
+  initializer_range: float = 0.02  # Std of the truncated-normal weight init.
+  pad_token_id: int = 0  # Padding id (for tokenizers and export).
+  mlm_head: bool = True  # Masked-LM head tied to the word embeddings.
+  nsp_head: bool = False  # Next-sentence head on the pooled output.
+  pooler: bool = True  # Dense + tanh over [CLS].
+  num_labels: int = 0  # Classifier outputs; 0 = no classifier, 1 = regression.
+  classifier_dropout: float | None = None  # Dropout before the classifier; None = hidden_dropout.
+  dtype: str = 'float32'  # Compute dtype ('bfloat16' on TPU); parameters stay float32.
+  scan_layers: bool = True  # Run the layer stack with lax.scan (one compiled layer).
+  remat: str = 'none'  # Rematerialisation: 'none', 'full', 'save_dots', 'save_dots_no_batch'.
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation; None = auto.
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise UsageError(f'model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
+    if self.remat not in REMAT_POLICIES:
+      raise UsageError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
+    if self.pooler is False and (self.nsp_head or self.num_labels):
+      raise UsageError('model.pooler=False but the next-sentence or classifier head needs it')
+    jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
+
+  @property
+  def head_size(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+
+def _preset(layers: int, hidden: int) -> ModelConfig:
+  return ModelConfig(
+    num_layers=layers, hidden_size=hidden, num_heads=max(2, hidden // 64), intermediate_size=4 * hidden
+  )
+
+
+# The published BERT family (Turc et al. 2019 for the small ones; Devlin et al. 2019).
+PRESETS: dict[str, ModelConfig] = {
+  'tiny': _preset(2, 128),
+  'mini': _preset(4, 256),
+  'small': _preset(4, 512),
+  'medium': _preset(8, 512),
+  'base': _preset(12, 768),
+  'large': _preset(24, 1024),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """The named preset ('tiny' ... 'large'), with fields overridden."""
+  if name not in PRESETS:
+    raise UsageError(f'model.preset={name!r}: expected one of {sorted(PRESETS)}')
+  return PRESETS[name].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, fill: float = 0.0):
+  """A float32 parameter with logical axis names; truncated-normal if `std`, else `fill`."""
+  assert len(shape) == len(axes), (shape, axes)
+  if std is None:
+    value = jnp.full(shape, fill, jnp.float32)
+  else:
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+def _activation(name: str):
+  return {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+  }[name]
+
+
+def _bcast(v, ndim: int):
+  """`v` with leading unit axes up to `ndim` (explicit broadcasting; rank promotion is off in tests)."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def _layer_norm(x, scale, bias, eps):
+  """LayerNorm computed in float32, returned in the input dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * _bcast(scale, x.ndim) + _bcast(bias, x.ndim)
+  return y.astype(x.dtype)
+
+
+def _dropout(x, rate: float, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(rng, n: int):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, then LayerNorm."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D, s = cfg.hidden_size, cfg.initializer_range
+    self.word = _param(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
+    self.position = _param(rngs, (cfg.max_position_embeddings, D), (None, 'embed'), std=s)
+    self.token_type = _param(rngs, (cfg.type_vocab_size, D), (None, 'embed'), std=s)
+    self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
+    self.ln_bias = _param(None, (D,), ('embed',))
+
+  def __call__(self, ids_BxT, types_BxT, cfg: ModelConfig):
+    T = ids_BxT.shape[1]
+    if T > cfg.max_position_embeddings:
+      raise UsageError(f'sequence length {T} exceeds model.max_position_embeddings={cfg.max_position_embeddings}')
+    x_BxTxD = (
+      jnp.take(self.word[...], ids_BxT, axis=0)
+      + self.position[...][:T][None]
+      + jnp.take(self.token_type[...], types_BxT, axis=0)
+    )
+    return _layer_norm(x_BxTxD, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
+
+
+class Layers(nnx.Module):
+  """All L post-LayerNorm transformer layers, parameters stacked on a leading `layers` axis."""
+
+  NAMES = (
+    'q_kernel', 'q_bias', 'k_kernel', 'k_bias', 'v_kernel', 'v_bias', 'o_kernel', 'o_bias',
+    'attn_ln_scale', 'attn_ln_bias', 'wi_kernel', 'wi_bias', 'wo_kernel', 'wo_bias',
+    'mlp_ln_scale', 'mlp_ln_bias',
+  )  # fmt: skip
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    L, D, N, K, F = (
+      cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_size, cfg.intermediate_size
+    )  # fmt: skip
+    s = cfg.initializer_range
+    for name in ('q', 'k', 'v'):
+      setattr(self, f'{name}_kernel', _param(rngs, (L, D, N, K), ('layers', 'embed', 'heads', 'kv'), std=s))
+      setattr(self, f'{name}_bias', _param(None, (L, N, K), ('layers', 'heads', 'kv')))
+    self.o_kernel = _param(rngs, (L, N, K, D), ('layers', 'heads', 'kv', 'embed'), std=s)
+    self.o_bias = _param(None, (L, D), ('layers', 'embed'))
+    self.attn_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
+    self.attn_ln_bias = _param(None, (L, D), ('layers', 'embed'))
+    self.wi_kernel = _param(rngs, (L, D, F), ('layers', 'embed', 'mlp'), std=s)
+    self.wi_bias = _param(None, (L, F), ('layers', 'mlp'))
+    self.wo_kernel = _param(rngs, (L, F, D), ('layers', 'mlp', 'embed'), std=s)
+    self.wo_bias = _param(None, (L, D), ('layers', 'embed'))
+    self.mlp_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
+    self.mlp_ln_bias = _param(None, (L, D), ('layers', 'embed'))
+
+  def __call__(self, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
+    stacked = {name: getattr(self, name)[...] for name in self.NAMES}
+    rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+
+    def body(x, inputs):
+      p, layer_rng = inputs
+      return _layer(p, x, valid_BxT, cfg, layer_rng), None
+
+    if cfg.remat != 'none':
+      policy = {
+        'full': None,
+        'save_dots': jax.checkpoint_policies.checkpoint_dots,
+        'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      }[cfg.remat]
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, rngs))
+    else:
+      for i in range(cfg.num_layers):
+        layer_inputs = jax.tree.map(lambda a: a[i], (stacked, rngs))
+        x_BxTxD, _ = body(x_BxTxD, layer_inputs)
+    return x_BxTxD
+
+
+def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, cfg: ModelConfig, rng):
+  """Multi-head self-attention over the valid (non-padding) keys."""
+  mask_Bx1x1xT = valid_BxT[:, None, None, :]
+  if rng is None or cfg.attention_dropout == 0.0:
+    # The fused path: XLA on CPU/TPU, cuDNN flash attention on GPU when asked for.
+    return jax.nn.dot_product_attention(
+      q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask_Bx1x1xT, implementation=cfg.attention_impl
+    )
+  # Attention-probability dropout needs the probabilities, so training with it is explicit.
+  scale = 1.0 / math.sqrt(cfg.head_size)
+  s_BxNxTxT = jnp.einsum('btnk,bsnk->bnts', q_BxTxNxK, k_BxTxNxK).astype(jnp.float32) * scale
+  s_BxNxTxT = jnp.where(mask_Bx1x1xT, s_BxNxTxT, jnp.finfo(jnp.float32).min)
+  p_BxNxTxT = _dropout(jax.nn.softmax(s_BxNxTxT, axis=-1), cfg.attention_dropout, rng)
+  return jnp.einsum('bnts,bsnk->btnk', p_BxNxTxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
+
+
+def _layer(p: dict, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
+  """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+  dt = x_BxTxD.dtype
+  p = {k: v.astype(dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
+  attn_rng, drop1, drop2, drop3 = _split(rng, 4)
+  q, k, v = (jnp.einsum('btd,dnk->btnk', x_BxTxD, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4) for n in 'qkv')
+  a_BxTxNxK = _attention(q, k, v, valid_BxT, cfg, attn_rng)
+  a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + _bcast(p['o_bias'], 3)
+  a_BxTxD = _dropout(a_BxTxD, cfg.hidden_dropout, drop1)
+  x_BxTxD = _layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
+  h_BxTxF = _activation(cfg.hidden_act)(x_BxTxD @ p['wi_kernel'] + _bcast(p['wi_bias'], 3))
+  h_BxTxF = _dropout(h_BxTxF, 0.0, drop2)  # BERT has no dropout inside the FFN.
+  h_BxTxD = _dropout(h_BxTxF @ p['wo_kernel'] + _bcast(p['wo_bias'], 3), cfg.hidden_dropout, drop3)
+  return _layer_norm(x_BxTxD + h_BxTxD, p['mlp_ln_scale'], p['mlp_ln_bias'], cfg.layer_norm_eps)
+
+
+class Dense(nnx.Module):
+  """x @ kernel + bias, with logical axis names."""
+
+  def __init__(self, d_in: int, d_out: int, axes, std: float, *, rngs: nnx.Rngs):
+    self.kernel = _param(rngs, (d_in, d_out), axes, std=std)
+    self.bias = _param(None, (d_out,), axes[1:])
+
+  def __call__(self, x):
+    return x @ self.kernel[...].astype(x.dtype) + _bcast(self.bias[...].astype(x.dtype), x.ndim)
+
+
+class MLMHead(nnx.Module):
+  """Dense + activation + LayerNorm, then the decoder tied to the word embeddings (own bias)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.transform = Dense(D, D, ('embed', 'mlp'), cfg.initializer_range, rngs=rngs)
+    self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
+    self.ln_bias = _param(None, (D,), ('embed',))
+    self.bias = _param(None, (cfg.vocab_size,), ('vocab',))
+
+  def __call__(self, h_BxPxD, word_VxD, cfg: ModelConfig):
+    h = _activation(cfg.hidden_act)(self.transform(h_BxPxD))
+    h = _layer_norm(h, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
+    return _tied_decoder(h, word_VxD.astype(h.dtype), self.bias[...].astype(h.dtype))
+
+
+@jax.custom_vjp
+def _tied_decoder(h_BxPxD, word_VxD, bias_V):
+  """h @ word.T + bias. Its gradient is written out: XLA's own reduces the bias gradient over
+  the vocabulary-wide cotangent with a slow reduction and transposes it before the dot."""
+  return h_BxPxD @ word_VxD.T + _bcast(bias_V, h_BxPxD.ndim)
+
+
+def _tied_decoder_fwd(h_BxPxD, word_VxD, bias_V):
+  return _tied_decoder(h_BxPxD, word_VxD, bias_V), (h_BxPxD, word_VxD)
+
+
+def _tied_decoder_bwd(res, g_BxPxV):
+  h_BxPxD, word_VxD = res
+  h_MxD, g_MxV = h_BxPxD.reshape(-1, h_BxPxD.shape[-1]), g_BxPxV.reshape(-1, g_BxPxV.shape[-1])
+  d_word = jnp.einsum('mv,md->vd', g_MxV, h_MxD)
+  d_bias = jnp.ones((1, g_MxV.shape[0]), g_MxV.dtype) @ g_MxV
+  return g_BxPxV @ word_VxD, d_word, d_bias[0]
+
+
+_tied_decoder.defvjp(_tied_decoder_fwd, _tied_decoder_bwd)
+
+
+class Bert(nnx.Module):
+  """BERT encoder with the heads that `cfg` asks for."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    s = cfg.initializer_range
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.layers = Layers(cfg, rngs=rngs)
+    D = cfg.hidden_size
+    self.pooler = Dense(D, D, ('embed', 'mlp'), s, rngs=rngs) if cfg.pooler else None
+    self.mlm = MLMHead(cfg, rngs=rngs) if cfg.mlm_head else None
+    self.nsp = Dense(D, 2, ('embed', None), s, rngs=rngs) if cfg.nsp_head else None
+    self.classifier = Dense(D, cfg.num_labels, ('embed', None), s, rngs=rngs) if cfg.num_labels else None
+
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    masked_positions=None,
+    *,
+    rng: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
+    """Runs the encoder and every head present; dropout is on iff `rng` is given.
+
+    Returns a dict with `hidden` [B,T,D] and, where the heads exist, `pooled` [B,D],
+    `mlm_logits` ([B,P,V] at `masked_positions` [B,P] if given, else [B,T,V]),
+    `nsp_logits` [B,2] and `logits` [B,C]. Outputs are in the compute dtype.
+    """
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    emb_rng, layers_rng, head_rng = _split(rng, 3)
+    x_BxTxD = self.embeddings(input_ids, token_type_ids, cfg).astype(dt)
+    x_BxTxD = _dropout(x_BxTxD, cfg.hidden_dropout, emb_rng)
+    x_BxTxD = self.layers(x_BxTxD, attention_mask.astype(bool), cfg, layers_rng)
+    out = {'hidden': x_BxTxD}
+    if self.pooler is not None:
+      out['pooled'] = jnp.tanh(self.pooler(x_BxTxD[:, 0]))
+    if self.mlm is not None:
+      h = x_BxTxD
+      if masked_positions is not None:
+        # Gather before the vocabulary projection: only P of T positions pay for it.
+        h = jnp.take_along_axis(x_BxTxD, masked_positions[..., None], axis=1)
+      out['mlm_logits'] = self.mlm(h, self.embeddings.word[...], cfg)
+    if self.nsp is not None:
+      out['nsp_logits'] = self.nsp(out['pooled'])
+    if self.classifier is not None:
+      rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+      out['logits'] = self.classifier(_dropout(out['pooled'], rate, head_rng))
+    return out
+
+
+def init(cfg: ModelConfig, seed: int = 0, out_shardings=None) -> tuple[nnx.GraphDef, nnx.State]:
+  """A fresh model, split into (graphdef, params); jitted, so `out_shardings` can place it."""
+  graphdef, _ = abstract(cfg)
+  make = jax.jit(lambda: nnx.split(Bert(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=out_shardings)
+  return graphdef, make()
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, **kwargs) -> dict[str, jax.Array]:
+  """Pure function of the parameter pytree: merges and runs the model."""
+  return nnx.merge(graphdef, params)(*args, **kwargs)
+
+
+def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs with their axes metadata), allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0))))
+
+
+def count_params(params: nnx.State) -> int:
+  """Number of scalars in a parameter pytree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,94 @@
+"""WordPiece tokenizers from a directory (tokenizer.json or vocab.txt), via Hugging Face `tokenizers`.
+
+A thin wrapper that gives the rest of jaxlm one interface: encode single texts or pairs with
+truncation, and know the special ids. It imports neither TensorFlow nor transformers, so the
+inference path stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from jaxlm.errors import UsageError
+
+TextOrPair = str | tuple[str, str] | list
+
+
+class Tokenizer:
+  """A fast WordPiece tokenizer plus the special tokens BERT needs."""
+
+  def __init__(self, tok: _HFTokenizer, source: str = '', do_lower_case: bool | None = None):
+    self._tok = tok
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    self.source = source
+    self.do_lower_case = do_lower_case
+    ids = {name: tok.token_to_id(name) for name in ('[PAD]', '[CLS]', '[SEP]', '[MASK]', '[UNK]')}
+    for name in ('[PAD]', '[CLS]', '[SEP]'):
+      if ids[name] is None:
+        raise UsageError(f'{source}: the vocabulary has no {name} token')
+    self.pad_id, self.cls_id, self.sep_id = ids['[PAD]'], ids['[CLS]'], ids['[SEP]']
+    self.mask_id, self.unk_id = ids['[MASK]'], ids['[UNK]']
+    self.mask_token = '[MASK]'
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  @property
+  def backend(self) -> _HFTokenizer:
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._tok
+
+  def encode(self, inputs: Sequence[TextOrPair], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, type_ids) per input, with [CLS]/[SEP], truncated to `max_length` tokens."""
+    self._tok.enable_truncation(max_length)
+    batch = [tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs]
+    for x in batch:
+      if isinstance(x, tuple) and len(x) != 2:
+        raise UsageError(f'expected a text or a (text, text_pair), got a tuple of {len(x)}')
+    encs = self._tok.encode_batch(batch)
+    return [(e.ids, e.type_ids) for e in encs]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode(list(ids))
+
+  def id_to_token(self, i: int) -> str:
+    return self._tok.id_to_token(i)
+
+  def save(self, out_dir: str) -> None:
+    """Writes tokenizer.json, vocab.txt and tokenizer_config.json (readable by transformers)."""
+    os.makedirs(out_dir, exist_ok=True)
+    self._tok.save(os.path.join(out_dir, 'tokenizer.json'))
+    vocab = self._tok.get_vocab()
+    with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
+      f.writelines(t + '\n' for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+    with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
+      json.dump(
+        {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case),
+         'pad_token': '[PAD]', 'cls_token': '[CLS]', 'sep_token': '[SEP]',
+         'mask_token': '[MASK]', 'unk_token': '[UNK]'}, f, indent=2)  # fmt: skip
+
+
+def load(path: str) -> Tokenizer:
+  """A tokenizer from a directory holding tokenizer.json or vocab.txt, or a tokenizer.json file."""
+  if os.path.isfile(path):
+    return Tokenizer(_HFTokenizer.from_file(path), path)
+  lower = None
+  cfg_path = os.path.join(path, 'tokenizer_config.json')
+  if os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      lower = json.load(f).get('do_lower_case')
+  tj, vocab = os.path.join(path, 'tokenizer.json'), os.path.join(path, 'vocab.txt')
+  if os.path.exists(tj):
+    return Tokenizer(_HFTokenizer.from_file(tj), tj, lower)
+  if os.path.exists(vocab):
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    lower = True if lower is None else lower
+    return Tokenizer(BertWordPieceTokenizer(vocab, lowercase=lower)._tokenizer, vocab, lower)
+  raise UsageError(f'{path}: no tokenizer.json or vocab.txt')

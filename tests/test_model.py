@@ -1,0 +1,134 @@
+"""The encoder and heads: shapes, logical axes, masked gather, scan/remat/padding invariance, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm import model
+from jaxlm.errors import UsageError
+
+LOGICAL = {'vocab', 'embed', 'mlp', 'heads', 'kv', 'layers', None}
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  cfg = model.ModelConfig(
+    vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+    max_position_embeddings=64, nsp_head=True, num_labels=3,
+  )  # fmt: skip
+  graphdef, params = model.init(cfg, seed=0)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 97, (3, 16)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 10:] = 0
+  mask[2, 4:] = 0
+  types = np.zeros_like(ids)
+  types[:, 8:] = 1
+  return cfg, graphdef, params, ids, mask, types
+
+
+def test_presets_match_the_published_family():
+  sizes = {k: (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) for k, c in model.PRESETS.items()}
+  assert sizes == {
+    'tiny': (2, 128, 2, 512), 'mini': (4, 256, 4, 1024), 'small': (4, 512, 8, 2048),
+    'medium': (8, 512, 8, 2048), 'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096),
+  }  # fmt: skip
+  assert all(c.vocab_size == 30522 for c in model.PRESETS.values())
+  # BERT-base with its pooler and MLM head: 110M parameters (the decoder is tied).
+  _, params = model.abstract(model.preset('base'))
+  assert 109_000_000 < model.count_params(params) < 111_000_000
+
+
+def test_every_parameter_has_logical_axes(tiny):
+  cfg, _, params, *_ = tiny
+  for path, var in nnx.to_flat_state(params):
+    axes = var.get_metadata().get('axes')
+    assert axes is not None and len(axes) == var.ndim, (path, axes)
+    assert set(axes) <= LOGICAL, (path, axes)
+    assert var[...].dtype == jnp.float32
+
+
+def test_output_shapes(tiny):
+  cfg, graphdef, params, ids, mask, types = tiny
+  out = model.apply(graphdef, params, ids, mask, types)
+  assert out['hidden'].shape == (3, 16, 32)
+  assert out['pooled'].shape == (3, 32)
+  assert out['mlm_logits'].shape == (3, 16, 97)
+  assert out['nsp_logits'].shape == (3, 2)
+  assert out['logits'].shape == (3, 3)
+
+
+def test_masked_positions_gather_before_the_vocabulary(tiny):
+  cfg, graphdef, params, ids, mask, types = tiny
+  pos = np.array([[1, 5, 9], [0, 2, 3], [3, 3, 1]], np.int32)
+  full = model.apply(graphdef, params, ids, mask, types)['mlm_logits']
+  gathered = model.apply(graphdef, params, ids, mask, types, pos)['mlm_logits']
+  assert gathered.shape == (3, 3, 97)
+  np.testing.assert_allclose(gathered, np.take_along_axis(np.asarray(full), pos[..., None], 1), atol=1e-5)
+
+
+def test_padding_does_not_change_valid_positions(tiny):
+  cfg, graphdef, params, ids, mask, types = tiny
+  short = model.apply(graphdef, params, ids[:, :10], mask[:, :10], types[:, :10])['hidden']
+  padded_ids = ids.copy()
+  padded_ids[:, 10:] = 0  # Whatever sits in padding must not leak into the valid positions.
+  padded_mask = mask.copy()
+  padded_mask[:, 10:] = 0
+  long = model.apply(graphdef, params, padded_ids, padded_mask, types)['hidden']
+  for row in range(3):
+    n = int(padded_mask[row].sum())
+    np.testing.assert_allclose(long[row, :n], short[row, :n], atol=1e-5)
+
+
+def _loss(graphdef, params, ids, mask, types):
+  out = model.apply(graphdef, params, ids, mask, types)
+  return out['mlm_logits'].astype(jnp.float32).mean() + out['logits'].sum()
+
+
+def test_scan_unroll_and_remat_agree(tiny):
+  cfg, graphdef, params, ids, mask, types = tiny
+  ref_out = model.apply(graphdef, params, ids, mask, types)['hidden']
+  ref_grad = jax.grad(_loss, argnums=1)(graphdef, params, ids, mask, types)
+  for variant in (dict(scan_layers=False), dict(remat='full'), dict(remat='save_dots', scan_layers=False)):
+    g, _ = model.abstract(cfg.replace(**variant))
+    np.testing.assert_allclose(model.apply(g, params, ids, mask, types)['hidden'], ref_out, atol=1e-5)
+    grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(g, params, ids, mask, types)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_only_with_an_rng(tiny):
+  cfg, graphdef, params, ids, mask, types = tiny
+  det = model.apply(graphdef, params, ids, mask, types)['hidden']
+  a = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
+  b = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
+  c = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(2))['hidden']
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(det)).max() > 1e-2
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny):
+  cfg, _, params, ids, mask, types = tiny
+  g, _ = model.abstract(cfg.replace(dtype='bfloat16'))
+  out = jax.jit(lambda p: model.apply(g, p, ids, mask, types))(params)
+  assert out['hidden'].dtype == jnp.bfloat16
+  ref = model.apply(model.abstract(cfg)[0], params, ids, mask, types)['hidden']
+  assert np.abs(np.asarray(out['hidden'], np.float32) - np.asarray(ref)).max() < 0.1
+  grads = jax.grad(lambda p: model.apply(g, p, ids, mask, types)['logits'].astype(jnp.float32).sum())(params)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads))
+
+
+def test_bad_configs_name_the_key():
+  with pytest.raises(UsageError, match='model.hidden_size=100 is not divisible by model.num_heads=3'):
+    model.ModelConfig(hidden_size=100, num_heads=3)
+  with pytest.raises(UsageError, match='model.hidden_act'):
+    model.ModelConfig(hidden_act='swiglu')
+  with pytest.raises(UsageError, match='model.preset'):
+    model.preset('huge')
+  with pytest.raises(UsageError, match='max_position_embeddings'):
+    cfg = model.preset('tiny', max_position_embeddings=8, vocab_size=50)
+    g, p = model.init(cfg)
+    model.apply(g, p, np.ones((1, 9), np.int32))
