@@ -102,7 +102,7 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: dict = RULES):
   for path, var in nnx.to_flat_state(state):
     spec = flat_specs[path].get_value()
     for dim, axis in zip(var.shape, spec):
-      size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+      size = _axis_size(mesh, axis)
       if dim % size:
         raise UsageError(
           f'parameter {"/".join(map(str, path))} of shape {tuple(var.shape)} cannot be split'
@@ -114,3 +114,24 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: dict = RULES):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, ...] array: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), RULES, mesh))
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: dict = RULES):
+  """Shardings for a whole train state: parameters and the optimizer moments that mirror them
+  follow their `axes`; anything else (counts, factored moments of other shapes) is replicated."""
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get('axes')
+      ok = axes is not None and len(axes) == len(x.shape)
+      spec = logical_to_spec(axes, rules, mesh) if ok else PartitionSpec()
+      if ok and any(d % _axis_size(mesh, a) for d, a in zip(x.shape, spec)):
+        spec = PartitionSpec()
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, abstract_state, is_leaf=_is_var)
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+  return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from jaxlm import model as model_lib
+from jaxlm import tasks
 
 
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
@@ -35,17 +36,58 @@ def init_state(params, tx: optax.GradientTransformation) -> dict:
   return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_fn: Callable) -> Callable:
-  """A pure `(state, batch, rng) -> (state, metrics)` for one optimizer update."""
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable,
+  grad_accum_steps: int = 1,
+  schedule: Callable | None = None,
+) -> Callable:
+  """A pure `(state, batch, rng) -> (state, metrics)` for one optimizer update.
+
+  With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are
+  summed in a `lax.scan`; each microbatch's loss is normalised by the whole batch's
+  denominators (tasks.normalizers), so the result equals one step on the whole batch.
+  """
+
+  def grads_of(params, micro, norm, rng):
+    def loss(p):
+      return loss_fn(forward(graphdef, p, micro, rng), micro, norm)
+
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return grads, metrics
 
   def step(state, batch, rng):
-    def loss(params):
-      return loss_fn(forward(graphdef, params, batch, rng), batch)
+    params = state['params']
+    norm = tasks.normalizers(batch)
+    if grad_accum_steps == 1:
+      grads, metrics = grads_of(params, batch, norm, rng)
+    else:
+      k = grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+      def body(carry, inputs):
+        i, mb = inputs
+        g, m = grads_of(params, mb, norm, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.eval_shape(lambda: grads_of(params, jax.tree.map(lambda x: x[0], micro), norm, rng))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
     metrics['grad_norm'] = optax.global_norm(grads)
-    return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+    if schedule is not None:
+      metrics['learning_rate'] = schedule(state['step'])
+    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state, 'step': state['step'] + 1}
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: Callable) -> Callable:
+  """A pure `(params, batch) -> metrics` without dropout."""
+
+  def step(params, batch):
+    return loss_fn(forward(graphdef, params, batch), batch)[1]
 
   return step

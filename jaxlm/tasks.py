@@ -29,21 +29,69 @@ def weighted_xent(logits, labels, weights=None):
   return (nll * w).sum(), (correct * w).sum(), w.sum()
 
 
-def mlm_loss(out: dict, batch: dict):
-  """Masked-LM loss (+ next-sentence loss when the batch has `nsp_labels`)."""
-  nll, correct, n = weighted_xent(out['mlm_logits'], batch['masked_ids'], batch['masked_weights'])
-  n = jnp.maximum(n, 1.0)
-  loss = nll / n
-  metrics = {'mlm_loss': loss, 'mlm_accuracy': correct / n}
+def vocab_parallel_xent(logits, labels, weights, mesh):
+  """weighted_xent with the vocabulary split over the mesh's `tensor` axis (shard_map).
+
+  Each device holds V/t logits per position; the softmax max, its normaliser and the label's
+  logit are combined with one pmax and two psums over `tensor`, so the [.., V] logits are never
+  gathered onto one device. Sums are then psum'd over the batch axes.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  batch_axes = tuple(a for a in ('data', 'fsdp') if mesh.shape[a] > 1) or None
+  lead = (batch_axes,) + (None,) * (labels.ndim - 1)
+
+  def local(logits, labels, weights):
+    logits = logits.astype(jnp.float32)
+    v_local = logits.shape[-1]
+    offset = jax.lax.axis_index('tensor') * v_local
+    top = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), 'tensor')  # A constant shift: no gradient.
+    sum_exp = jax.lax.psum(jnp.exp(logits - top[..., None]).sum(-1), 'tensor')
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    label_logit = jax.lax.psum(jnp.where(iota == (labels - offset)[..., None], logits, 0.0).sum(-1), 'tensor')
+    nll = jnp.log(sum_exp) + top - label_logit
+    w = weights.astype(jnp.float32)
+    correct = (label_logit >= top).astype(jnp.float32)
+    sums = jnp.stack([(nll * w).sum(), (correct * w).sum(), w.sum()])
+    return jax.lax.psum(sums, batch_axes) if batch_axes else sums
+
+  sums = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(*lead, 'tensor'), P(*lead), P(*lead)), out_specs=P(), check_vma=False
+  )(logits, labels, weights)
+  return sums[0], sums[1], sums[2]
+
+
+def normalizers(batch: dict) -> dict:
+  """Denominators of the batch's losses. Computed once over a whole batch and passed to the
+  loss of each microbatch, so that summed microbatch losses equal the whole-batch loss."""
+  norm = {'mlm': jnp.maximum(batch['masked_weights'].astype(jnp.float32).sum(), 1.0)}
+  if 'nsp_labels' in batch:
+    norm['nsp'] = jnp.asarray(batch['nsp_labels'].size, jnp.float32)
+  return norm
+
+
+def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
+  """Masked-LM loss (+ next-sentence loss when the batch has `nsp_labels`).
+
+  Given a mesh whose `tensor` axis is larger than 1, the vocabulary-wide cross-entropy runs
+  vocabulary-parallel (vocab_parallel_xent)."""
+  norm = normalizers(batch) if norm is None else norm
+  args = (out['mlm_logits'], batch['masked_ids'], batch['masked_weights'])
+  if mesh is not None and mesh.shape['tensor'] > 1:
+    nll, correct, _ = vocab_parallel_xent(*args, mesh)
+  else:
+    nll, correct, _ = weighted_xent(*args)
+  loss = nll / norm['mlm']
+  metrics = {'mlm_loss': loss, 'mlm_accuracy': correct / norm['mlm']}
   if 'nsp_labels' in batch and 'nsp_logits' in out:
-    nsp_nll, nsp_correct, m = weighted_xent(out['nsp_logits'], batch['nsp_labels'])
-    metrics['nsp_loss'], metrics['nsp_accuracy'] = nsp_nll / m, nsp_correct / m
+    nsp_nll, nsp_correct, _ = weighted_xent(out['nsp_logits'], batch['nsp_labels'])
+    metrics['nsp_loss'], metrics['nsp_accuracy'] = nsp_nll / norm['nsp'], nsp_correct / norm['nsp']
     loss = loss + metrics['nsp_loss']
   metrics['loss'] = loss
   return loss, metrics
 
 
-def classification_loss(out: dict, batch: dict):
+def classification_loss(out: dict, batch: dict, norm: dict | None = None):
   """Cross-entropy (num_labels > 1) or squared error (num_labels == 1) over `labels`."""
   logits = out['logits'].astype(jnp.float32)
   w = batch.get('weights', jnp.ones(logits.shape[0], jnp.float32)).astype(jnp.float32)

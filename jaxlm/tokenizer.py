@@ -92,3 +92,18 @@ def load(path: str) -> Tokenizer:
     lower = True if lower is None else lower
     return Tokenizer(BertWordPieceTokenizer(vocab, lowercase=lower)._tokenizer, vocab, lower)
   raise UsageError(f'{path}: no tokenizer.json or vocab.txt')
+
+
+def train_wordpiece(texts, vocab_size: int, lowercase: bool = True, show_progress: bool = False) -> Tokenizer:
+  """Trains a BERT WordPiece vocabulary (with [PAD] [UNK] [CLS] [SEP] [MASK]) on an iterable of texts."""
+  from tokenizers.implementations import BertWordPieceTokenizer
+
+  tok = BertWordPieceTokenizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
+  tok.train_from_iterator(
+    texts,
+    vocab_size=vocab_size,
+    min_frequency=2,
+    special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'],
+    show_progress=show_progress,
+  )
+  return Tokenizer(tok._tokenizer, 'trained', lowercase)

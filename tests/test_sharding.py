@@ -46,7 +46,9 @@ def test_mesh_shape_resolves_and_checks():
 def test_rules_map_logical_names_onto_the_mesh():
   mesh = sharding.make_mesh(2, 2, 2)
   _, abstract = model.abstract(CFG)
-  specs = {'/'.join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(sharding.param_specs(abstract, mesh=mesh))}
+  specs = {
+    '/'.join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(sharding.param_specs(abstract, mesh=mesh))
+  }
   assert specs['embeddings/word'] == P('tensor', 'fsdp')
   assert specs['layers/q_kernel'] == P(None, 'fsdp', 'tensor', None)
   assert specs['layers/wo_kernel'] == P(None, 'tensor', 'fsdp')
@@ -59,7 +61,9 @@ def test_rules_map_logical_names_onto_the_mesh():
 def test_unshardable_parameter_names_its_path():
   mesh = sharding.make_mesh(1, 1, 8)
   _, abstract = model.abstract(CFG.replace(num_heads=2))
-  with pytest.raises(UsageError, match=r'parameter layers/k_bias of shape \(2, 2, 32\) cannot be split 8 ways along .tensor.'):
+  with pytest.raises(
+    UsageError, match=r'parameter layers/k_bias of shape \(2, 2, 32\) cannot be split 8 ways along .tensor.'
+  ):
     sharding.param_shardings(abstract, mesh)
 
 

@@ -20,20 +20,6 @@ import subprocess
 import sys
 import time
 
-# Dense bf16 peak TFLOP/s per chip, by jax device_kind prefix.
-PEAK_TFLOPS = {
-  'TPU v2': 45.0, 'TPU v3': 123.0, 'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
-  'TPU v5p': 459.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0, 'TPU v6e': 918.0, 'TPU7x': 2307.0,
-  'NVIDIA H200': 989.0, 'NVIDIA H100': 989.0, 'NVIDIA A100': 312.0, 'NVIDIA L4': 121.0,
-}  # fmt: skip
-
-
-def model_flops_per_step(L, D, F, V, T, B, P) -> float:
-  """Training FLOPs of one step (3x forward): encoder matmuls, attention, MLM head at P positions."""
-  encoder = L * (2 * (4 * D * D + 2 * D * F) + 2 * 2 * T * D)  # per token
-  mlm = 2 * (D * D + D * V)  # per predicted position
-  return 3.0 * (B * T * encoder + B * P * mlm)
-
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -51,10 +37,9 @@ def _batch_numpy(args, vocab):
 
 def run_jax(args) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from jaxlm import model, optim, sharding, steps, tasks
+  from jaxlm import model, optim, perf, sharding, steps, tasks
 
   cfg = model.preset(args.preset, dtype=args.dtype, scan_layers=not args.unroll, remat=args.remat)
   if args.layers:
@@ -88,25 +73,9 @@ def run_jax(args) -> dict:
     state, metrics = compiled(state, batch, jax.random.key(100 + i, impl=args.rng))
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t0) / args.steps
-  flops = model_flops_per_step(
-    cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, T, B, args.max_predictions
-  )
+  flops = perf.train_flops_per_step(cfg, B, T, args.max_predictions)
+  peak, peak_name = perf.peak_tflops()
   dev = jax.devices()[0]
-  if dev.platform == 'cpu':
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(10):
-      r = mm(a)
-    r.block_until_ready()
-    peak = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
-    peak_name = 'measured f32 matmul'
-  else:
-    kind = dev.device_kind
-    peak = next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), float('nan')) * jax.device_count()
-    peak_name = f'{kind} bf16 peak x{jax.device_count()}'
   stats = dev.memory_stats() or {}
   tflops = flops / step_s / 1e12
   return {

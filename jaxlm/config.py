@@ -1,0 +1,142 @@
+"""The training config schema: every key, its default and what it means; and its validation.
+
+Config files in configs/ start from `base()` and change what they need. `validate` runs
+before anything compiles and raises one UsageError naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxlm import optim
+from jaxlm.errors import UsageError
+from jaxlm.model import ACTIVATIONS, PRESETS, REMAT_POLICIES
+
+
+def base() -> ml_collections.ConfigDict:
+  """The full schema with defaults; a config file may change values but not add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameters, dropout and the data order.
+  c.num_train_steps = 1000  # Optimizer updates in the whole run.
+  c.global_batch_size = 256  # Sequences per update, summed over all devices and hosts.
+  c.grad_accum_steps = 1  # Microbatches per update (lax.scan); the batch is split k ways.
+  c.learning_rate = 1e-4  # Peak learning rate, reached after warmup.
+  c.warmup_steps = 100  # Linear warmup from 0.
+  c.lr_schedule = 'linear'  # Decay after warmup: 'linear' or 'cosine' to 0, or 'constant'.
+  c.weight_decay = 0.01  # Decoupled weight decay (not on biases or LayerNorm).
+  c.clip_grad_norm = 1.0  # Global-norm clipping; 0 turns it off.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'  # 'adamw', 'adafactor' or 'lamb'.
+  c.optimizer.b1 = 0.9  # First-moment decay (adamw, lamb).
+  c.optimizer.b2 = 0.999  # Second-moment decay (adamw, lamb).
+  c.optimizer.eps = 1e-6  # Denominator epsilon (adamw, lamb).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel devices (-1: the rest).
+  c.mesh.fsdp = 1  # Devices over which parameters and optimizer state are sharded.
+  c.mesh.tensor = 1  # Tensor-parallel devices.
+
+  c.log_every_steps = 50  # Metrics to metrics.jsonl, TensorBoard and the console.
+  c.eval_every_steps = 500  # Evaluate on data.eval (0: never).
+  c.eval_steps = 20  # Batches per evaluation.
+  c.checkpoint_every_steps = 1000  # Checkpoint interval (used once checkpointing lands).
+  c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
+  c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'base'  # tiny, mini, small, medium, base or large.
+  c.model.init_from = ''  # Hugging Face BERT directory to start from ('' = random init).
+  c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU. Parameters stay float32.
+  c.model.scan_layers = True  # lax.scan over layers: compile time independent of depth.
+  c.model.remat = 'none'  # Rematerialisation: none, full, save_dots, save_dots_no_batch.
+  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation ('' = auto, 'cudnn').
+  c.model.hidden_act = ''  # '' keeps the preset's; or gelu, gelu_tanh, relu, silu.
+  c.model.hidden_dropout = 0.1  # Dropout on embeddings and residual branches.
+  c.model.attention_dropout = 0.1  # Dropout on attention probabilities.
+  c.model.max_position_embeddings = 512  # Position table size; must cover data.seq_len.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = 'builtin:stdlib'  # KIND:SPEC: builtin:stdlib or text:GLOB (one document per line
+  #   or blank-line separated).
+  c.data.eval = ''  # Same form; '' = no evaluation.
+  c.data.seq_len = 128  # Tokens per sequence, [CLS] and [SEP] included.
+  c.data.max_predictions = 20  # Masked positions per sequence (static shape).
+  c.data.mask_prob = 0.15  # Fraction of tokens chosen for prediction.
+  c.data.nsp = False  # Next-sentence prediction: pairs [CLS] A [SEP] B [SEP], half of B random.
+  c.data.tokenizer = ''  # Tokenizer dir or tokenizer.json; '' = from model.init_from or trained.
+  c.data.train_tokenizer_vocab = 0  # >0: train a WordPiece vocabulary of this size on data.train
+  #   into WORKDIR/tokenizer (when data.tokenizer is '').
+  c.data.lowercase = True  # Lowercase when training a tokenizer.
+  c.data.shuffle_buffer = 1000  # Sequences in the shuffle buffer (0: no shuffling).
+  return c
+
+
+def _flat(c: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _positive(flat: dict, *keys: str):
+  for k in keys:
+    if not isinstance(flat[k], int) or flat[k] <= 0:
+      raise UsageError(f'{k}={flat[k]!r}: must be a positive integer')
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises UsageError naming the first bad key: unknown keys, bad values, impossible meshes."""
+  from jaxlm import sharding
+
+  schema, flat = _flat(base()), _flat(c)
+  for k in flat:
+    if k not in schema:
+      close = [s for s in schema if s.split('.')[-1] == k.split('.')[-1]]
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise UsageError(f'unknown config key {k!r}{hint}')
+  for k, v in schema.items():
+    if k not in flat:
+      raise UsageError(f'config key {k!r} is missing')
+    if v is not None and flat[k] is not None and type(v) is not type(flat[k]):
+      if not (isinstance(v, float) and isinstance(flat[k], int)):
+        raise UsageError(f'{k}={flat[k]!r}: expected a {type(v).__name__}')
+  _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
+  _positive(flat, 'data.max_predictions', 'eval_steps', 'checkpoint_every_steps')
+  if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
+    raise UsageError('warmup_steps and eval_every_steps must be >= 0')
+  if flat['learning_rate'] <= 0:
+    raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
+  if flat['optimizer.name'] not in optim.OPTIMIZERS:
+    raise UsageError(f'optimizer.name={flat["optimizer.name"]!r}: expected one of {optim.OPTIMIZERS}')
+  if flat['lr_schedule'] not in ('linear', 'cosine', 'constant'):
+    raise UsageError(f'lr_schedule={flat["lr_schedule"]!r}: expected linear, cosine or constant')
+  if flat['model.preset'] not in PRESETS:
+    raise UsageError(f'model.preset={flat["model.preset"]!r}: expected one of {sorted(PRESETS)}')
+  if flat['model.remat'] not in REMAT_POLICIES:
+    raise UsageError(f'model.remat={flat["model.remat"]!r}: expected one of {REMAT_POLICIES}')
+  if flat['model.hidden_act'] and flat['model.hidden_act'] not in ACTIVATIONS:
+    raise UsageError(f'model.hidden_act={flat["model.hidden_act"]!r}: expected one of {ACTIVATIONS}')
+  if not 0.0 < flat['data.mask_prob'] < 1.0:
+    raise UsageError(f'data.mask_prob={flat["data.mask_prob"]}: must be between 0 and 1')
+  if flat['data.seq_len'] > flat['model.max_position_embeddings']:
+    raise UsageError(
+      f'data.seq_len={flat["data.seq_len"]} exceeds model.max_position_embeddings={flat["model.max_position_embeddings"]}'
+    )
+  if flat['data.seq_len'] < 8:
+    raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
+  if ':' not in flat['data.train']:
+    raise UsageError(f'data.train={flat["data.train"]!r}: expected KIND:SPEC, e.g. text:/data/*.txt')
+  mesh = sharding.mesh_shape(flat['mesh.data'], flat['mesh.fsdp'], flat['mesh.tensor'], num_devices)
+  dp = mesh[0] * mesh[1]
+  batch, accum = flat['global_batch_size'], flat['grad_accum_steps']
+  if batch % accum:
+    raise UsageError(f'global_batch_size={batch} is not divisible by grad_accum_steps={accum}')
+  if (batch // accum) % dp:
+    raise UsageError(
+      f'global_batch_size={batch} is not divisible by the data-parallel size'
+      f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
+    )

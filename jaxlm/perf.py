@@ -1,0 +1,46 @@
+"""Model FLOPs and chip peaks, for tokens/s -> TFLOP/s -> MFU in the logs and the benchmark."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.model import ModelConfig
+
+# Dense bf16 peak TFLOP/s per chip, by jax device_kind prefix (vendors' published figures).
+PEAK_TFLOPS = {
+  'TPU v2': 45.0, 'TPU v3': 123.0, 'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
+  'TPU v5p': 459.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0, 'TPU v6e': 918.0, 'TPU7x': 2307.0,
+  'NVIDIA H200': 989.0, 'NVIDIA H100': 989.0, 'NVIDIA A100': 312.0, 'NVIDIA L4': 121.0,
+}  # fmt: skip
+
+
+def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, max_predictions: int) -> float:
+  """Training FLOPs of one step (3x forward): encoder matmuls, attention, MLM head at the masked positions."""
+  D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+  per_token = L * (2 * (4 * D * D + 2 * D * F) + 2 * 2 * seq_len * D)
+  per_prediction = 2 * (D * D + D * V) if cfg.mlm_head else 0
+  return 3.0 * (batch * seq_len * per_token + batch * max_predictions * per_prediction)
+
+
+def measured_matmul_tflops(n: int = 2048, reps: int = 10) -> float:
+  """TFLOP/s of a dense float32 n x n matmul on the default device (the CPU's practical peak)."""
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    r = mm(a)
+  r.block_until_ready()
+  return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def peak_tflops() -> tuple[float, str]:
+  """(peak TFLOP/s of all devices, what it is): published bf16 peak, or a measured matmul on CPU."""
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    return measured_matmul_tflops(), 'measured f32 matmul'
+  per_chip = next((v for k, v in PEAK_TFLOPS.items() if dev.device_kind.startswith(k)), float('nan'))
+  return per_chip * jax.device_count(), f'{dev.device_kind} bf16 peak x{jax.device_count()}'

@@ -1,0 +1,73 @@
+"""Where training metrics go: WORKDIR/metrics.jsonl, TensorBoard (process 0) and a console line.
+
+`Reporter.write(step, metrics)` appends one JSON object per log step and prints
+`step  loss  tokens/s  MFU  ETA`. Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+def _fmt_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  h, rem = divmod(int(seconds), 3600)
+  return f'{h}h{rem // 60:02d}m' if h else f'{rem // 60}m{rem % 60:02d}s'
+
+
+class Reporter:
+  """Writes metrics for one run; `tokens_per_step` and `flops_per_step` turn step time into throughput."""
+
+  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, flops_per_step: float, peak_tflops: float):
+    self.workdir, self.total_steps = workdir, total_steps
+    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_tflops
+    self.is_main = jax.process_index() == 0
+    self._writer = None
+    self._last = None  # (step, time) of the previous log.
+    if self.is_main:
+      from clu import metric_writers
+
+      self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 (kept open for the run)
+
+  def start(self, step: int) -> None:
+    self._last = (step, time.perf_counter())
+
+  def write(self, step: int, metrics: dict, prefix: str = '') -> dict:
+    """Logs `metrics` (floats) at `step`, adding throughput for train metrics; returns what was logged."""
+    row = {f'{prefix}{k}': float(v) for k, v in metrics.items()}
+    if not prefix and self._last is not None and step > self._last[0]:
+      dt = (time.perf_counter() - self._last[1]) / (step - self._last[0])
+      row['tokens_per_s'] = self.tokens_per_step / dt
+      row['model_tflops'] = self.flops_per_step / dt / 1e12
+      row['mfu'] = row['model_tflops'] / self.peak if self.peak else float('nan')
+      row['step_time_s'] = dt
+      self._last = (step, time.perf_counter())
+      eta = (self.total_steps - step) * dt
+      print(
+        f'step {step:>7d}/{self.total_steps}  loss {row.get("loss", float("nan")):.4f}'
+        f'  acc {row.get("mlm_accuracy", row.get("accuracy", float("nan"))):.3f}'
+        f'  {row["tokens_per_s"]:,.0f} tok/s  MFU {row["mfu"]:.2f}  ETA {_fmt_eta(eta)}',
+        flush=True,
+      )
+    elif prefix:
+      print(f'step {step:>7d}  ' + '  '.join(f'{k} {v:.4f}' for k, v in row.items()), flush=True)
+    if self.is_main:
+      self._writer.write_scalars(step, row)
+      self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
+      self._jsonl.flush()
+    return row
+
+  def close(self) -> None:
+    if self.is_main:
+      self._writer.flush()
+      self._writer.close()
+      self._jsonl.close()
+    sys.stdout.flush()
