@@ -16,8 +16,7 @@ def get_config():
   c.learning_rate = 2e-3  # Tiny models take a high learning rate.
   c.warmup_steps = 50  # 10% warmup.
   c.log_every_steps = 50  # A progress line every 50 steps.
-  c.eval_every_steps = 100  # Held-out MLM loss every 100 steps.
-  c.eval_steps = 4  # Four batches per evaluation.
+  c.eval_every_steps = 250  # MLM loss on the whole eval set (another masking seed).
   c.checkpoint_every_steps = 100  # Checkpoint interval.
   c.model.preset = 'tiny'  # 2 layers, hidden 128.
   c.model.max_position_embeddings = 128  # Sequences are 128 long.

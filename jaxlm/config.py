@@ -12,6 +12,16 @@ from jaxlm import optim
 from jaxlm.errors import UsageError
 from jaxlm.model import ACTIVATIONS, PRESETS, REMAT_POLICIES
 
+SOURCE_KINDS = ('builtin', 'text', 'jsonl', 'csv', 'tsv', 'tfrecord', 'tfds')
+
+
+def split_spec(spec: str, key: str) -> tuple[str, str]:
+  """('text', '/data/*.txt') for 'text:/data/*.txt'; an error naming `key` for anything else."""
+  kind, sep, arg = spec.partition(':')
+  if not sep or kind not in SOURCE_KINDS or not arg:
+    raise UsageError(f'{key}={spec!r}: expected KIND:SPEC with KIND one of {SOURCE_KINDS}, e.g. text:/data/*.txt')
+  return kind, arg
+
 
 def base() -> ml_collections.ConfigDict:
   """The full schema with defaults; a config file may change values but not add keys."""
@@ -39,7 +49,6 @@ def base() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50  # Metrics to metrics.jsonl, TensorBoard and the console.
   c.eval_every_steps = 500  # Evaluate on data.eval (0: never).
-  c.eval_steps = 20  # Batches per evaluation.
   c.checkpoint_every_steps = 1000  # Checkpoint interval (used once checkpointing lands).
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
@@ -57,9 +66,18 @@ def base() -> ml_collections.ConfigDict:
   c.model.max_position_embeddings = 512  # Position table size; must cover data.seq_len.
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = 'builtin:stdlib'  # KIND:SPEC: builtin:stdlib or text:GLOB (one document per line
-  #   or blank-line separated).
-  c.data.eval = ''  # Same form; '' = no evaluation.
+  c.data.train = 'builtin:stdlib'  # KIND:SPEC: builtin:NAME, text:GLOB, jsonl:GLOB, csv:GLOB,
+  #   tsv:GLOB, tfrecord:GLOB (tools/prepare_data.py) or tfds:NAME. gs:// paths work.
+  c.data.eval = ''  # Same form; read once and in full at every evaluation; '' = no evaluation.
+  c.data.train_split = 'train'  # TFDS split of data.train.
+  c.data.eval_split = 'validation'  # TFDS split of data.eval.
+  c.data.tfds_data_dir = ''  # TFDS data_dir ('' = the TFDS default; gs:// works).
+  c.data.text_field = 'text'  # Field / column holding the text (jsonl, csv, tsv, tfds).
+  c.data.text_pair_field = ''  # Field of the second text of a pair ('' = single texts).
+  c.data.label_field = 'label'  # Field of the label (fine-tuning).
+  c.data.text_docs = 'line'  # text: sources: 'line' (a document per line) or 'blank_line'
+  #   (documents separated by blank lines, e.g. one sentence per line).
+  c.data.whole_word_masking = False  # Mask all WordPieces of a word together.
   c.data.seq_len = 128  # Tokens per sequence, [CLS] and [SEP] included.
   c.data.max_predictions = 20  # Masked positions per sequence (static shape).
   c.data.mask_prob = 0.15  # Fraction of tokens chosen for prediction.
@@ -105,7 +123,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       if not (isinstance(v, float) and isinstance(flat[k], int)):
         raise UsageError(f'{k}={flat[k]!r}: expected a {type(v).__name__}')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
-  _positive(flat, 'data.max_predictions', 'eval_steps', 'checkpoint_every_steps')
+  _positive(flat, 'data.max_predictions', 'checkpoint_every_steps')
+  if flat['data.text_docs'] not in ('line', 'blank_line'):
+    raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
   if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
     raise UsageError('warmup_steps and eval_every_steps must be >= 0')
   if flat['learning_rate'] <= 0:
@@ -128,8 +148,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     )
   if flat['data.seq_len'] < 8:
     raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
-  if ':' not in flat['data.train']:
-    raise UsageError(f'data.train={flat["data.train"]!r}: expected KIND:SPEC, e.g. text:/data/*.txt')
+  split_spec(flat['data.train'], 'data.train')  # Also catches the empty default of the pretraining configs.
+  if flat['data.eval']:
+    split_spec(flat['data.eval'], 'data.eval')
   mesh = sharding.mesh_shape(flat['mesh.data'], flat['mesh.fsdp'], flat['mesh.tensor'], num_devices)
   dp = mesh[0] * mesh[1]
   batch, accum = flat['global_batch_size'], flat['grad_accum_steps']
@@ -140,3 +161,25 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       f'global_batch_size={batch} is not divisible by the data-parallel size'
       f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
     )
+
+
+def pretraining(preset: str) -> ml_collections.ConfigDict:
+  """The original BERT recipe (Devlin et al. 2019) for one preset: batch 256 x 128 tokens,
+  1M steps, AdamW at 1e-4 with 10k warmup and linear decay, bfloat16 compute."""
+  c = base()
+  c.num_train_steps = 1_000_000  # Updates (the paper's 1M at batch 256).
+  c.global_batch_size = 256  # Sequences per update.
+  c.learning_rate = 1e-4  # Peak AdamW learning rate.
+  c.warmup_steps = 10_000  # Linear warmup.
+  c.log_every_steps = 100  # Console / metrics.jsonl / TensorBoard.
+  c.eval_every_steps = 10_000  # Held-out MLM loss.
+  c.checkpoint_every_steps = 10_000  # Checkpoint interval.
+  c.model.preset = preset  # Sizes of the published family.
+  c.model.dtype = 'bfloat16'  # TPU / GPU compute dtype; use --config.model.dtype=float32 on CPU.
+  c.data.train = ''  # Required: text:GLOB of your corpus (gs:// works), e.g. text:gs://bucket/wiki/*.txt.
+  c.data.seq_len = 128  # The paper's first phase (90% of steps).
+  c.data.max_predictions = 20  # 15% of 128.
+  c.data.train_tokenizer_vocab = 30522  # Train a BERT-sized vocabulary on data.train unless
+  #   data.tokenizer names one (e.g. the directory of a Hugging Face BERT).
+  c.data.shuffle_buffer = 10_000  # Sequences in the shuffle buffer.
+  return c

@@ -209,15 +209,25 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
   raise UsageError(f'{path}: no model.safetensors or pytorch_model.bin')
 
 
+SUPPORTED_ARCHITECTURES = ('BertModel', 'BertForMaskedLM', 'BertForPreTraining', 'BertForSequenceClassification')
+
+
 def read_config(path: str) -> dict:
-  """config.json of an HF directory."""
+  """config.json of an HF directory, checked to be a BERT architecture jaxlm can load."""
   cfg_path = os.path.join(path, 'config.json')
   if not os.path.isdir(path):
     raise UsageError(f'{path}: no such directory')
   if not os.path.exists(cfg_path):
     raise UsageError(f'{cfg_path}: missing (not a Hugging Face model directory)')
-  with open(cfg_path) as f:
-    return json.load(f)
+  try:
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise UsageError(f'{cfg_path}: not valid JSON ({e})') from e
+  for arch in cfg.get('architectures') or []:
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise UsageError(f'{cfg_path}: architecture {arch!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}')
+  return cfg
 
 
 def heads_in(tensors: dict[str, np.ndarray], hf: dict) -> dict:
@@ -283,7 +293,11 @@ def params_from_hf(
   extra_layers = f'{prefix}encoder.layer.{cfg.num_layers}.'
   if any(k.startswith(extra_layers) for k in tensors):
     raise UsageError(f'{source}: holds more than num_hidden_layers={cfg.num_layers} layers')
-  if missing:
+  encoder_missing = [p for p in missing if p[0] in ('embeddings', 'layers')]
+  if encoder_missing:
+    names = ', '.join('/'.join(map(str, p)) for p in encoder_missing)
+    raise UsageError(f'{source}: the encoder is incomplete, no tensor for {names}')
+  if missing:  # Heads only: freshly initialised, and reported.
     fresh = dict(nnx.to_flat_state(model_lib.init(cfg, seed)[1]))
     for path in missing:
       flat[path].set_value(fresh[path][...])

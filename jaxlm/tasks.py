@@ -66,7 +66,12 @@ def normalizers(batch: dict) -> dict:
   loss of each microbatch, so that summed microbatch losses equal the whole-batch loss."""
   norm = {'mlm': jnp.maximum(batch['masked_weights'].astype(jnp.float32).sum(), 1.0)}
   if 'nsp_labels' in batch:
-    norm['nsp'] = jnp.asarray(batch['nsp_labels'].size, jnp.float32)
+    w = batch.get('nsp_weights')
+    norm['nsp'] = (
+      jnp.maximum(w.astype(jnp.float32).sum(), 1.0)
+      if w is not None
+      else jnp.asarray(batch['nsp_labels'].size, jnp.float32)
+    )
   return norm
 
 
@@ -84,7 +89,7 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
   loss = nll / norm['mlm']
   metrics = {'mlm_loss': loss, 'mlm_accuracy': correct / norm['mlm']}
   if 'nsp_labels' in batch and 'nsp_logits' in out:
-    nsp_nll, nsp_correct, _ = weighted_xent(out['nsp_logits'], batch['nsp_labels'])
+    nsp_nll, nsp_correct, _ = weighted_xent(out['nsp_logits'], batch['nsp_labels'], batch.get('nsp_weights'))
     metrics['nsp_loss'], metrics['nsp_accuracy'] = nsp_nll / norm['nsp'], nsp_correct / norm['nsp']
     loss = loss + metrics['nsp_loss']
   metrics['loss'] = loss

@@ -125,14 +125,13 @@ def train(config, workdir: str) -> dict:
     seq_len=T, max_predictions=P, global_batch_size=B, mask_prob=config.data.mask_prob, nsp=config.data.nsp,
     process_index=jax.process_index(), process_count=jax.process_count(),
   )  # fmt: skip
+  data_kw['whole_word'] = config.data.whole_word_masking
+  data_cfg = config.data.to_dict()
   train_ds = pretrain.pretrain_dataset(
-    config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, **data_kw
-  )
-  eval_ds = None
-  if config.data.eval and config.eval_every_steps:
-    eval_ds = pretrain.pretrain_dataset(
-      config.data.eval, tokenizer, seed=config.seed + 1, shuffle_buffer=0, key='data.eval', **data_kw
-    )
+    config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
+    **data_kw,
+  )  # fmt: skip
+  eval_data = None  # Read once, in full, at the first evaluation.
 
   # ---- model and sharded state
   mcfg = model_config(config, tokenizer.vocab_size)
@@ -184,18 +183,29 @@ def train(config, workdir: str) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
 
   def evaluate() -> dict:
-    sums, it = {}, eval_ds.as_numpy_iterator()
-    for _ in range(config.eval_steps):
-      m = jax.device_get(eval_fn(state['params'], to_global(next(it))))
-      sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
-    return {k: v / config.eval_steps for k, v in sums.items()}
+    nonlocal eval_data
+    if eval_data is None:
+      eval_data = pretrain.eval_batches(config.data.eval, tokenizer, seed=config.seed + 1, data_cfg=data_cfg, **data_kw)
+    sums = {}
+    for local in eval_data:
+      batch = to_global(local)
+      norm = jax.device_get(tasks.normalizers(batch))
+      m = jax.device_get(eval_fn(state['params'], batch))
+      # Batch means -> sums, so the result is the mean over every real example of the eval set.
+      for k, v in m.items():
+        w = norm['nsp'] if k.startswith('nsp') else norm['mlm']
+        sums[k] = sums.get(k, 0.0) + float(v) * float(w)
+        sums[f'_n_{k}'] = sums.get(f'_n_{k}', 0.0) + float(w)
+    out = {k: v / sums[f'_n_{k}'] for k, v in sums.items() if not k.startswith('_n_') and k != 'loss'}
+    out['loss'] = out['mlm_loss'] + out.get('nsp_loss', 0.0)
+    return out
 
   # ---- loop
   peak, _ = perf.peak_tflops()
   flops = perf.train_flops_per_step(mcfg, B, T, P)
   reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, peak)
-  train_iter = train_ds.as_numpy_iterator()
-  step, last, pending = 0, {}, None
+  train_iter = pretrain.Iterator(train_ds)
+  step, last, pending, undecodable = 0, {}, None, 0
   while step < config.num_train_steps:
     if step == config.profile_start_step:
       jax.profiler.start_trace(os.path.join(workdir, 'profile'))
@@ -208,6 +218,9 @@ def train(config, workdir: str) -> dict:
     # The previous step's loss is fetched while this one runs: the host never stalls the device.
     if pending is not None:
       _check_finite(*pending)
+    if pretrain.Stats.undecodable > undecodable:
+      undecodable = pretrain.Stats.undecodable
+      print(f'warning: {undecodable} text(s) with undecodable bytes so far (replaced by U+FFFD)', flush=True)
     pending = (step, metrics)
     if step == config.profile_start_step + config.profile_num_steps and config.profile_start_step >= 0:
       jax.block_until_ready(metrics)
@@ -216,7 +229,11 @@ def train(config, workdir: str) -> dict:
       host = jax.device_get(metrics)
       _check_finite(step, host)
       last = reporter.write(step, host)
-    if eval_ds is not None and (step % config.eval_every_steps == 0 or step == config.num_train_steps):
+    if (
+      config.data.eval
+      and config.eval_every_steps
+      and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
+    ):
       last.update(reporter.write(step, evaluate(), prefix='eval_'))
   _check_finite(*pending)
   jax.block_until_ready(state)

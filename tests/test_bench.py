@@ -22,3 +22,14 @@ def test_bench_reports_all_figures(tmp_path):
     assert j[key] > 0, key
   assert r['torch']['tokens_per_s'] > 0 and r['ratio_tokens_per_s'] > 0
   assert j['loss'] == j['loss']  # Not NaN.
+
+
+def test_bench_data_mode_reports_throughput(tmp_path):
+  out = tmp_path / 'data.json'
+  cmd = [sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--mode=data', '--data_seconds=1',
+         '--train_tokens_per_s=1000', f'--json={out}']  # fmt: skip
+  res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r['text_tokens_per_s_per_core'] > 0 and r['tfrecord_tokens_per_s_per_core'] > 0
+  assert r['ratio_text_to_train'] > 0 and 'per core' in res.stdout

@@ -169,6 +169,9 @@ def test_bad_directories_give_one_clear_error(tmp_path, hf_mlm_dir):
   json.dump({**cfg, 'model_type': 'roberta'}, open(bad / 'config.json', 'w'))
   with pytest.raises(UsageError, match="model_type='roberta' is not supported"):
     hf.load(str(bad))
+  json.dump({**cfg, 'architectures': ['BertForQuestionAnswering']}, open(bad / 'config.json', 'w'))
+  with pytest.raises(UsageError, match="architecture 'BertForQuestionAnswering' is not supported"):
+    hf.load(str(bad))
   json.dump({**cfg, 'position_embedding_type': 'relative_key'}, open(bad / 'config.json', 'w'))
   with pytest.raises(UsageError, match='position_embedding_type'):
     hf.load(str(bad))
@@ -181,6 +184,14 @@ def test_bad_directories_give_one_clear_error(tmp_path, hf_mlm_dir):
   msg = str(e.value)
   assert 'model.safetensors' in msg and 'bert.encoder.layer.1.intermediate.dense.weight' in msg
   assert '(100, 64)' in msg and 'layers/wi_kernel' in msg and '(64, 128)' in msg
+  del tensors['bert.encoder.layer.1.intermediate.dense.weight']
+  save_file(tensors, str(bad / 'model.safetensors'))
+  with pytest.raises(UsageError, match='bert.encoder.layer.1.intermediate.dense.weight is missing'):
+    hf.load(str(bad))  # Never a silent partial load of the encoder.
+  tensors = {k: v for k, v in tensors.items() if 'intermediate.dense.weight' not in k}
+  save_file(tensors, str(bad / 'model.safetensors'))
+  with pytest.raises(UsageError, match='the encoder is incomplete, no tensor for layers/wi_kernel'):
+    hf.load(str(bad))
   os.remove(bad / 'model.safetensors')
   with pytest.raises(UsageError, match='no model.safetensors or pytorch_model.bin'):
     hf.load(str(bad))

@@ -53,7 +53,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
   workdir = str(tmp_path / 'qs')
   res = _run(
     ['--config', 'configs/quickstart.py', '--workdir', workdir, '--config.num_train_steps=40',
-     '--config.log_every_steps=10', '--config.eval_every_steps=40', '--config.data.train_tokenizer_vocab=3000'],
+     '--config.log_every_steps=10', '--config.eval_every_steps=40', '--config.data.train_tokenizer_vocab=3000',
+     '--config.profile_start_step=5', '--config.profile_num_steps=2'],
     devices=1,
   )  # fmt: skip
   assert res.returncode == 0, res.stderr[-3000:]
@@ -66,6 +67,20 @@ def test_quickstart_runs_end_to_end(tmp_path):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert json.load(open(os.path.join(workdir, 'config.json')))['num_train_steps'] == 40
   assert tokenizer.load(os.path.join(workdir, 'tokenizer')).vocab_size > 1000
+  traces = [f for _, _, fs in os.walk(os.path.join(workdir, 'profile')) for f in fs]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
+
+
+@pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py')))
+def test_shipped_configs_validate_and_document_their_command(name):
+  mod = runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))
+  assert f'python -m jaxlm.train --config configs/{name}.py' in mod['__doc__']
+  c = mod['get_config']()
+  if not c.data.train:
+    with pytest.raises(UsageError, match='data.train'):
+      config_lib.validate(c, 8)
+    c.data.train = 'text:/corpus/*.txt'
+  config_lib.validate(c, 8)
 
 
 @pytest.mark.parametrize(

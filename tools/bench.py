@@ -3,6 +3,7 @@
   python tools/bench.py                          # L=4 H=512 A=8, seq 128, batch 16, float32
   python tools/bench.py --compare torch          # also transformers' PyTorch BertForMaskedLM
   python tools/bench.py --preset base --dtype bfloat16 --batch 256   # on a TPU / GPU
+  python tools/bench.py --mode data --train_tokens_per_s 1205        # the input pipeline
 
 Each framework runs in its own subprocess (so peak memory and threads are its own) on the
 same shapes, and the ratio is printed. MFU is model FLOPs per second over the chip's peak:
@@ -137,6 +138,43 @@ _SHAPE_FLAGS = ('preset', 'layers', 'hidden', 'heads', 'seq', 'batch', 'max_pred
   'steps', 'warmup', 'rng')  # fmt: skip
 
 
+def run_data(args) -> dict:
+  """Input throughput: raw text -> masked batches, and pre-tokenized TFRecords -> masked batches."""
+  import tempfile
+
+  from jaxlm import tokenizer as tokenizer_lib
+  from jaxlm.data import pretrain
+  from jaxlm.data.builtin import stdlib_documents
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import prepare_data
+
+  root = tempfile.mkdtemp(prefix='jaxlm-bench-data-')
+  docs = [d.replace('\n', ' ') for d in stdlib_documents()]
+  for i in range(4):
+    with open(os.path.join(root, f'part{i}.txt'), 'w') as f:
+      f.write('\n'.join(docs[i::4]) + '\n')
+  tok = tokenizer_lib.train_wordpiece(docs, 30522)
+  tok.save(os.path.join(root, 'tok'))
+  prepare_data.main(['--input', f'text:{root}/part*.txt', '--tokenizer', os.path.join(root, 'tok'),
+                     '--out', os.path.join(root, 'rec')])  # fmt: skip
+  out = {'cores': os.cpu_count()}
+  for name, spec in (('text', f'text:{root}/part*.txt'), ('tfrecord', f'tfrecord:{root}/rec/*.tfrecord')):
+    ds = pretrain.pretrain_dataset(
+      spec, tok, seq_len=args.seq, max_predictions=args.max_predictions, global_batch_size=args.batch,
+      shuffle_buffer=1000, repeat=True,
+    )  # fmt: skip
+    it = pretrain.Iterator(ds)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args.data_seconds:
+      n += next(it)['input_ids'].size
+    tps = n / (time.perf_counter() - t0)
+    out[f'{name}_tokens_per_s'] = tps
+    out[f'{name}_tokens_per_s_per_core'] = tps / os.cpu_count()
+  return out
+
+
 def _worker(args, which: str) -> dict:
   """Runs one framework in a fresh interpreter on the same shapes; returns its result dict."""
   cmd = [sys.executable, os.path.abspath(__file__), '--_worker', which]
@@ -166,10 +204,41 @@ def main(argv=None) -> int:
   p.add_argument('--rounds', type=int, default=1, help='alternate the frameworks this often; keep the best')
   p.add_argument('--rng', default='threefry2x32', help='PRNG implementation of the dropout keys')
   p.add_argument('--json', help='write the results here as JSON')
+  p.add_argument('--mode', choices=['train', 'data'], default='train', help='time the train step or the input')
+  p.add_argument('--data_seconds', type=float, default=20.0, help='data mode: seconds per source')
+  p.add_argument(
+    '--train_tokens_per_s',
+    type=float,
+    default=0.0,
+    help='data mode: tokens/s the train step consumes (from train mode), for the ratio',
+  )
   p.add_argument('--_worker', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._worker:
     print(json.dumps(run_jax(args) if args._worker == 'jax' else run_torch(args)))
+    return 0
+  if args.mode == 'data':
+    d = run_data(args)
+    consumed = args.train_tokens_per_s
+    print(
+      f'data   raw text -> masked batches   {d["text_tokens_per_s"]:12,.0f} tokens/s'
+      f'  ({d["text_tokens_per_s_per_core"]:,.0f} per core, {d["cores"]} cores)'
+    )
+    print(
+      f'data   TFRecords -> masked batches  {d["tfrecord_tokens_per_s"]:12,.0f} tokens/s'
+      f'  ({d["tfrecord_tokens_per_s_per_core"]:,.0f} per core)'
+    )
+    if consumed:
+      d['train_tokens_per_s'] = consumed
+      d['ratio_text_to_train'] = d['text_tokens_per_s'] / consumed
+      d['ratio_tfrecord_to_train'] = d['tfrecord_tokens_per_s'] / consumed
+      print(
+        f'ratio  input / train step: raw text {d["ratio_text_to_train"]:.0f}x, TFRecords {d["ratio_tfrecord_to_train"]:.0f}x'
+        f' (train step: {consumed:,.0f} tokens/s)'
+      )
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(d, f, indent=2)
     return 0
   # Alternate the frameworks over a few rounds and keep each one's best: this machine's
   # speed drifts, and alternating spreads the drift over both.

@@ -10,6 +10,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow as tf  # noqa: E402
 
+tf.get_logger().setLevel('ERROR')  # AutoGraph's notes on lambdas are noise here.
 tf.config.set_visible_devices([], 'GPU')
 try:
   tf.config.set_visible_devices([], 'TPU')

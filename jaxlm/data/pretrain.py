@@ -1,6 +1,6 @@
 """Masked-LM pretraining examples on tf.data: documents -> tokens -> packed sequences -> masks.
 
-  documents(spec)  builtin:NAME or text:GLOB (one document per line) as a dataset of strings
+  text_records(spec)  the records of a source (sources.py) with the data config's field names
   pretrain_dataset(...)  tokenized, packed into [CLS] A [SEP] (B [SEP]) sequences of seq_len,
                      shuffled, dynamically masked (80% [MASK] / 10% random / 10% kept), this
                      process's share of every global batch, batched
@@ -16,59 +16,70 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from jaxlm.data.builtin import BUILTIN
+from jaxlm.data import sources
 from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
 
 _TOKENIZE_BATCH = 256
 
 
-def document_list(spec: str) -> list[str] | None:
-  """The documents of a builtin corpus (None for file sources)."""
-  kind, _, name = spec.partition(':')
-  if kind != 'builtin':
-    return None
-  if name not in BUILTIN:
-    raise UsageError(f'{spec}: unknown builtin corpus; expected one of {sorted(BUILTIN)}')
-  return BUILTIN[name]()
+class Stats:
+  """Counters the pipeline keeps on the host (e.g. texts with undecodable bytes, replaced)."""
+
+  undecodable = 0
 
 
-def documents(spec: str, key: str = 'data.train') -> tf.data.Dataset:
-  """A dataset of document strings for `KIND:SPEC` (builtin:NAME or text:GLOB)."""
-  kind, _, arg = spec.partition(':')
+def text_records(spec: str, cfg: dict | None = None, key: str = 'data.train', file_shard=None) -> tf.data.Dataset:
+  """The records of a source, with the field names and options of a data config dict."""
+  cfg = cfg or {}
+  fields = sources.Fields(text=cfg.get('text_field') or 'text')
+  split = cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train')
+  return sources.records(
+    spec, key, fields, text_docs=cfg.get('text_docs', 'line'), file_shard=file_shard,
+    tfds_split=split, tfds_data_dir=cfg.get('tfds_data_dir') or None,
+  )  # fmt: skip
+
+
+def _decode(b: bytes) -> str:
+  try:
+    return b.decode('utf-8')
+  except UnicodeDecodeError:
+    Stats.undecodable += 1
+    return b.decode('utf-8', errors='replace')
+
+
+def iter_texts(spec: str, cfg: dict | None = None, key: str = 'data.train'):
+  """The documents of a text source as Python strings (for training a tokenizer)."""
+  kind, arg = sources.split_spec(spec, key)
   if kind == 'builtin':
-    return tf.data.Dataset.from_tensor_slices(document_list(spec))
-  if kind == 'text':
-    files = sorted(tf.io.gfile.glob(arg))
-    if not files:
-      raise UsageError(f'{key}={spec!r}: the glob matches no file')
-    ds = tf.data.TextLineDataset(files).map(tf.strings.strip)
-    return ds.filter(lambda s: tf.strings.length(s) > 0)
-  raise UsageError(f'{key}={spec!r}: unknown source kind {kind!r}; expected builtin: or text:')
-
-
-def iter_texts(spec: str, key: str = 'data.train'):
-  """The documents of a source as Python strings (for training a tokenizer)."""
-  docs = document_list(spec)
-  if docs is not None:
-    yield from docs
+    if arg not in sources.BUILTIN:
+      raise UsageError(f'{key}={spec!r}: unknown builtin corpus; expected one of {sorted(sources.BUILTIN)}')
+    yield from sources.BUILTIN[arg]()
     return
-  for t in documents(spec, key).as_numpy_iterator():
-    yield t.decode('utf-8', errors='replace')
+  if kind == 'tfrecord':
+    raise UsageError(f'{key}={spec!r}: pre-tokenized records hold no text to train a tokenizer on')
+  for rec in text_records(spec, cfg, key).as_numpy_iterator():
+    yield _decode(rec['text'])
 
 
-def token_stream(docs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
+def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
   """One int32 token per element: every document's WordPieces followed by [SEP]."""
   backend, sep = tokenizer.backend, tokenizer.sep_id
+  if 'input_ids' in recs.element_spec:  # Pre-tokenized.
+    return recs.map(lambda r: tf.concat([r['input_ids'], [sep]], 0)).unbatch()
 
   def encode(texts: np.ndarray) -> np.ndarray:
-    encs = backend.encode_batch([t.decode('utf-8', errors='replace') for t in texts], add_special_tokens=False)
+    encs = backend.encode_batch([_decode(t) for t in texts], add_special_tokens=False)
     out = [np.asarray(e.ids + [sep], np.int32) for e in encs if e.ids]
     return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
-  ids = docs.batch(_TOKENIZE_BATCH).map(
-    lambda t: tf.ensure_shape(tf.numpy_function(encode, [t], tf.int32, stateful=False), [None]),
-    num_parallel_calls=tf.data.AUTOTUNE,
+  ids = (
+    recs.map(lambda r: r['text'])
+    .batch(_TOKENIZE_BATCH)
+    .map(
+      lambda t: tf.ensure_shape(tf.numpy_function(encode, [t], tf.int32, stateful=False), [None]),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
   )
   return ids.unbatch()
 
@@ -76,13 +87,14 @@ def token_stream(docs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset
 def pack(stream: tf.data.Dataset, seq_len: int, tokenizer: Tokenizer, nsp: bool, seed: int) -> tf.data.Dataset:
   """Fixed-length sequences {input_ids, token_type_ids[, nsp_labels]} from a token stream."""
   cls, sep, pad = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
-  if not nsp:
-    return stream.batch(seq_len - 2, drop_remainder=True).map(
-      lambda x: {
-        'input_ids': tf.concat([[cls], x, [sep]], 0),
-        'token_type_ids': tf.zeros([seq_len], tf.int32),
-      }
-    )
+  if not nsp:  # The last, shorter sequence is padded, so no token is dropped.
+
+    def one(x):
+      ids = tf.concat([[cls], x, [sep]], 0)
+      return {'input_ids': tf.pad(ids, [[0, seq_len - tf.shape(ids)[0]]], constant_values=pad),
+              'token_type_ids': tf.zeros([seq_len], tf.int32)}  # fmt: skip
+
+    return stream.batch(seq_len - 2).map(one)
   h = (seq_len - 3) // 2  # A and B get half each; an odd leftover position is padding.
   halves = stream.batch(h, drop_remainder=True)
   pairs = halves.batch(2, drop_remainder=True)
@@ -100,10 +112,44 @@ def pack(stream: tf.data.Dataset, seq_len: int, tokenizer: Tokenizer, nsp: bool,
   return tf.data.Dataset.zip((pairs.enumerate(), randoms)).map(lambda ip, r: make(ip[0], ip[1], r))
 
 
-def mask_fn(tokenizer: Tokenizer, seq_len: int, max_predictions: int, mask_prob: float, seed: int):
-  """A tf function (index, example) -> example with masks drawn from (seed, index)."""
-  vocab, P = tokenizer.vocab_size, max_predictions
+def continuation_table(tokenizer: Tokenizer) -> np.ndarray:
+  """bool[vocab]: True for WordPiece continuations ('##...'), which belong to the previous word."""
+  table = np.zeros(tokenizer.vocab_size, bool)
+  for tok, i in tokenizer.backend.get_vocab().items():
+    if tok.startswith('##') and i < len(table):
+      table[i] = True
+  return table
+
+
+def mask_fn(tokenizer: Tokenizer, seq_len: int, max_predictions: int, mask_prob: float, seed: int,
+            whole_word: bool = False):  # fmt: skip
+  """A tf function (index, example) -> example with masks drawn from (seed, index).
+
+  Chooses round(mask_prob * valid tokens) positions (at most max_predictions, never [CLS],
+  [SEP] or padding); of those 80% become [MASK], 10% a random token, 10% stay. With
+  `whole_word`, words are chosen rather than tokens, all of a word's WordPieces together
+  (a word that would overflow max_predictions is left out).
+  """
+  vocab, P, T = tokenizer.vocab_size, max_predictions, seq_len
   special = tf.constant(sorted({tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id}), tf.int32)
+  is_cont = tf.constant(continuation_table(tokenizer)) if whole_word else None
+
+  def choose(ids, valid, n, seed1):
+    """bool[T]: the positions to predict."""
+    scores = tf.random.stateless_uniform([T], seed=seed1)
+    if not whole_word:
+      top = tf.math.top_k(tf.where(valid, scores, -1.0), k=P).indices
+      return tf.scatter_nd(top[:, None], tf.range(P) < n, [T])
+    after_valid = tf.concat([[False], valid[:-1]], 0)
+    starts = valid & ~(tf.gather(is_cont, ids) & after_valid)  # First pieces ('##' after [CLS]/[SEP] too).
+    word = tf.cumsum(tf.cast(starts, tf.int32)) - 1  # Word index of every position.
+    word_len = tf.math.unsorted_segment_sum(tf.cast(valid, tf.int32), tf.maximum(word, 0), T)
+    order = tf.math.top_k(tf.where(starts, scores, -1.0), k=P).indices  # Up to P words, random order.
+    order_words = tf.gather(word, order)
+    lens = tf.where(tf.gather(starts, order), tf.gather(word_len, order_words), 0)
+    keep_word = (tf.cumsum(lens) <= n) & (lens > 0)
+    chosen_words = tf.scatter_nd(order_words[:, None], tf.cast(keep_word, tf.int32), [T]) > 0
+    return valid & tf.gather(chosen_words, tf.maximum(word, 0))
 
   def apply(index, ex):
     ids = ex['input_ids']
@@ -111,32 +157,61 @@ def mask_fn(tokenizer: Tokenizer, seq_len: int, max_predictions: int, mask_prob:
     s2, s3 = s1 + [0, 1], s1 + [0, 2]
     valid = tf.logical_not(tf.reduce_any(ids[:, None] == special[None, :], axis=1))
     n_valid = tf.reduce_sum(tf.cast(valid, tf.int32))
-    n = tf.minimum(P, tf.maximum(1, tf.cast(tf.round(tf.cast(n_valid, tf.float32) * mask_prob), tf.int32)))
-    n = tf.minimum(n, n_valid)
-    scores = tf.where(valid, tf.random.stateless_uniform([seq_len], seed=s1), -1.0)
-    # The n highest-scoring valid positions, ascending; unused slots (sorted to the end) point at 0.
-    top = tf.math.top_k(scores, k=P).indices
-    keep = tf.range(P) < n
-    chosen = tf.sort(tf.where(keep, top, seq_len))  # Unused slots sort to the end.
-    positions = tf.where(chosen < seq_len, chosen, 0)
-    weights = tf.cast(keep, tf.float32)
+    n = tf.cast(tf.round(tf.cast(n_valid, tf.float32) * mask_prob), tf.int32)
+    n = tf.minimum(tf.minimum(P, tf.maximum(1, n)), n_valid)
+    chosen = choose(ids, valid, n, s1)
+    # Ascending positions of the chosen tokens, padded with 0 (weight 0).
+    ranked = tf.math.top_k(tf.where(chosen, -tf.range(T), -T - 1), k=P)
+    keep = ranked.values > -T - 1
+    positions = tf.where(keep, -ranked.values, 0)
     labels = tf.gather(ids, positions)
     r = tf.random.stateless_uniform([P], seed=s2)
     random_ids = tf.random.stateless_uniform([P], seed=s3, minval=0, maxval=vocab, dtype=tf.int32)
     new = tf.where(r < 0.8, tokenizer.mask_id, tf.where(r < 0.9, random_ids, labels))
-    idx = tf.boolean_mask(positions, keep)[:, None]
-    masked = tf.tensor_scatter_nd_update(ids, idx, tf.boolean_mask(new, keep))
+    masked = tf.tensor_scatter_nd_update(ids, tf.boolean_mask(positions, keep)[:, None], tf.boolean_mask(new, keep))
     out = dict(ex)
     out.update(
       input_ids=masked,
       attention_mask=tf.cast(ids != tokenizer.pad_id, tf.int32),
       masked_positions=positions,
       masked_ids=tf.where(keep, labels, 0),
-      masked_weights=weights,
+      masked_weights=tf.cast(keep, tf.float32),
     )
     return out
 
   return apply
+
+
+class Iterator:
+  """Numpy batches from a dataset, with a position that can be saved and restored exactly.
+
+  Uses tf.data iterator checkpointing: the state is the shuffle buffer and the input offsets
+  (kilobytes to a few megabytes), never the data already read.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = iter(ds)
+    self._ckpt = tf.train.Checkpoint(iterator=self._it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    try:
+      return {k: v.numpy() for k, v in next(self._it).items()}
+    except tf.errors.InvalidArgumentError as e:  # A UsageError raised inside a tokenizing map.
+      msg = str(e)
+      if 'UsageError: ' in msg:
+        raise UsageError(msg.split('UsageError: ', 1)[1].split('\n')[0]) from None
+      raise
+
+  def save(self, prefix: str) -> str:
+    """Writes the iterator state under `prefix` (local or gs://); returns the checkpoint path."""
+    return self._ckpt.write(prefix)
+
+  def restore(self, path: str) -> None:
+    """Continues exactly where the iterator that wrote `path` was."""
+    self._ckpt.read(path).assert_consumed()
 
 
 def pretrain_dataset(
@@ -148,24 +223,73 @@ def pretrain_dataset(
   global_batch_size: int,
   mask_prob: float = 0.15,
   nsp: bool = False,
+  whole_word: bool = False,
   seed: int = 0,
   shuffle_buffer: int = 1000,
   process_index: int = 0,
   process_count: int = 1,
   repeat: bool = True,
   key: str = 'data.train',
+  data_cfg: dict | None = None,
 ) -> tf.data.Dataset:
-  """This process's batches of masked pretraining examples (global_batch_size / process_count rows)."""
+  """This process's batches of masked pretraining examples (global_batch_size / process_count rows).
+
+  Hosts split the work by file when the source has at least one file per host (each reads
+  only its files), otherwise by sequence: every host packs the whole stream and keeps every
+  process_count-th sequence, so each sequence is used exactly once per epoch and the global
+  batches are the same whatever the number of hosts.
+  """
   if tokenizer.mask_id is None:
     raise UsageError(f'{tokenizer.source}: the vocabulary has no [MASK] token, which MLM needs')
-  local_batch = global_batch_size // process_count
-  seqs = pack(token_stream(documents(spec, key), tokenizer), seq_len, tokenizer, nsp, seed).cache()
+  kind, _ = sources.split_spec(spec, key)
+  by_file = kind in ('text', 'jsonl', 'csv', 'tsv', 'tfrecord') and len(sources.files(spec, key)) >= process_count > 1
+  recs = text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
+  seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed)
+  counted = Stats.undecodable
+  empty = next(iter(seqs.take(1)), None) is None
+  Stats.undecodable = counted  # The peek above is not a read of the data.
+  if empty:
+    raise UsageError(f'{key}={spec!r}: not one full sequence of {seq_len} tokens; is the corpus empty?')
+  if kind == 'builtin':
+    seqs = seqs.cache()  # Small and fixed: keep it in memory after the first epoch.
   if repeat:
     seqs = seqs.repeat()
   if shuffle_buffer:
-    seqs = seqs.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  seqs = seqs.enumerate().map(mask_fn(tokenizer, seq_len, max_predictions, mask_prob, seed), tf.data.AUTOTUNE)
-  seqs = seqs.shard(process_count, process_index)
+    seqs = seqs.shuffle(shuffle_buffer, seed=seed + (process_index if by_file else 0), reshuffle_each_iteration=True)
+  mask_seed = seed + (1_000_003 * process_index if by_file else 0)
+  seqs = seqs.enumerate().map(mask_fn(tokenizer, seq_len, max_predictions, mask_prob, mask_seed, whole_word),
+                              tf.data.AUTOTUNE)  # fmt: skip
+  if not by_file:
+    seqs = seqs.shard(process_count, process_index)
   options = tf.data.Options()
   options.deterministic = True
-  return seqs.batch(local_batch, drop_remainder=True).with_options(options).prefetch(tf.data.AUTOTUNE)
+  return seqs.batch(global_batch_size // process_count, drop_remainder=True).with_options(options).prefetch(2)
+
+
+def eval_batches(
+  spec: str, tokenizer: Tokenizer, *, seq_len: int, max_predictions: int, global_batch_size: int, mask_prob: float,
+  nsp: bool, whole_word: bool, seed: int, process_index: int, process_count: int, data_cfg: dict | None = None,
+) -> list[dict]:  # fmt: skip
+  """This process's share of the whole eval set, read once, as padded numpy batches.
+
+  Every host gets the same number of batches; the rows that pad the last one have zero
+  masked_weights (and nsp_weights), so they count nowhere in the metrics.
+  """
+  ds = pretrain_dataset(
+    spec, tokenizer, seq_len=seq_len, max_predictions=max_predictions, global_batch_size=1, mask_prob=mask_prob,
+    nsp=nsp, whole_word=whole_word, seed=seed, shuffle_buffer=0, repeat=False, key='data.eval', data_cfg=data_cfg,
+  )  # fmt: skip
+  rows = [{k: v[0] for k, v in b.items()} for b in Iterator(ds)]
+  n = len(rows)
+  total = -(-n // global_batch_size) * global_batch_size
+  pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  rows += [pad] * (total - n)
+  if nsp:
+    for i, r in enumerate(rows):
+      r['nsp_weights'] = np.float32(i < n)
+  local = global_batch_size // process_count
+  batches = []
+  for start in range(0, total, global_batch_size):
+    mine = rows[start + process_index * local : start + (process_index + 1) * local]
+    batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
+  return batches

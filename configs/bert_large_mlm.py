@@ -1,0 +1,15 @@
+"""BERT-large (24 layers, hidden 1024) masked-LM pretraining with the original BERT recipe.
+
+  python -m jaxlm.train --config configs/bert_large_mlm.py --workdir gs://BUCKET/bert-large \
+    --config.data.train='text:gs://BUCKET/corpus/*.txt'
+
+Run the same command on every worker of a TPU pod slice. See jaxlm/config.py for every key.
+"""
+
+from jaxlm.config import pretraining
+
+
+def get_config():
+  c = pretraining('large')
+  c.model.remat = 'save_dots_no_batch'  # Recompute activations but keep weight matmuls: fits larger batches.
+  return c

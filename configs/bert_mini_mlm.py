@@ -1,0 +1,15 @@
+"""BERT-mini (4 layers, hidden 256) masked-LM pretraining with the original BERT recipe.
+
+  python -m jaxlm.train --config configs/bert_mini_mlm.py --workdir gs://BUCKET/bert-mini \
+    --config.data.train='text:gs://BUCKET/corpus/*.txt'
+
+Run the same command on every worker of a TPU pod slice. See jaxlm/config.py for every key.
+"""
+
+from jaxlm.config import pretraining
+
+
+def get_config():
+  c = pretraining('mini')
+  c.learning_rate = 5e-4  # Compact models train well at a higher rate.
+  return c

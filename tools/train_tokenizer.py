@@ -1,0 +1,44 @@
+"""Train a WordPiece vocabulary on a corpus; the directory it writes loads in jaxlm and transformers.
+
+python tools/train_tokenizer.py --input 'text:/data/wiki/*.txt' --vocab_size 30522 --out /runs/tok
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument(
+    '--input', required=True, help='KIND:SPEC of a text source (builtin:, text:, jsonl:, csv:, tsv:, tfds:)'
+  )
+  p.add_argument('--out', required=True, help='output directory')
+  p.add_argument('--vocab_size', type=int, default=30522, help='vocabulary size, special tokens included')
+  p.add_argument('--cased', action='store_true', help='keep case (default: lowercase, like bert-base-uncased)')
+  p.add_argument('--text_field', default='text', help='field / column of the text (jsonl, csv, tsv, tfds)')
+  p.add_argument('--text_docs', default='line', choices=['line', 'blank_line'], help='documents in text files')
+  args = p.parse_args(argv)
+
+  from jaxlm.errors import UsageError
+
+  try:
+    from jaxlm.data import pretrain
+    from jaxlm.tokenizer import train_wordpiece
+
+    t0 = time.perf_counter()
+    cfg = {'text_field': args.text_field, 'text_docs': args.text_docs}
+    texts = pretrain.iter_texts(args.input, cfg, key='--input')
+    tok = train_wordpiece(texts, args.vocab_size, lowercase=not args.cased, show_progress=True)
+    tok.save(args.out)
+    print(f'{tok.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {args.out}')
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
