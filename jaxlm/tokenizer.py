@@ -34,6 +34,7 @@ class Tokenizer:
     self.pad_id, self.cls_id, self.sep_id = ids['[PAD]'], ids['[CLS]'], ids['[SEP]']
     self.mask_id, self.unk_id = ids['[MASK]'], ids['[UNK]']
     self.mask_token = '[MASK]'
+    self._encoder = None  # (max_length, backend copy with that truncation), made on first use.
 
   @property
   def vocab_size(self) -> int:
@@ -41,17 +42,28 @@ class Tokenizer:
 
   @property
   def backend(self) -> _HFTokenizer:
-    """The underlying `tokenizers.Tokenizer`."""
+    """The underlying `tokenizers.Tokenizer` (shared: use `fresh_backend` to change settings)."""
     return self._tok
+
+  def fresh_backend(self, truncation: int | None = None) -> _HFTokenizer:
+    """A private copy of the backend, with truncation to `truncation` tokens or none."""
+    tok = _HFTokenizer.from_str(self._tok.to_str())
+    tok.no_padding()
+    if truncation:
+      tok.enable_truncation(truncation)
+    else:
+      tok.no_truncation()
+    return tok
 
   def encode(self, inputs: Sequence[TextOrPair], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(ids, type_ids) per input, with [CLS]/[SEP], truncated to `max_length` tokens."""
-    self._tok.enable_truncation(max_length)
+    if self._encoder is None or self._encoder[0] != max_length:
+      self._encoder = (max_length, self.fresh_backend(truncation=max_length))
     batch = [tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs]
     for x in batch:
       if isinstance(x, tuple) and len(x) != 2:
         raise UsageError(f'expected a text or a (text, text_pair), got a tuple of {len(x)}')
-    encs = self._tok.encode_batch(batch)
+    encs = self._encoder[1].encode_batch(batch)
     return [(e.ids, e.type_ids) for e in encs]
 
   def decode(self, ids: Sequence[int]) -> str:

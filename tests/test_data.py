@@ -214,3 +214,33 @@ def test_bad_input_is_one_clear_error(corpus, tmp_path):
   before = pretrain.Stats.undecodable
   b = next(pretrain.Iterator(_ds(f'text:{tmp_path}/bad.txt', tok, global_batch_size=1, shuffle_buffer=0)))
   assert pretrain.Stats.undecodable == before + 1 and b['input_ids'].shape == (1, T)
+
+
+def test_classification_batches_pairs_labels_and_regression(corpus, tmp_path):
+  from jaxlm.data import classify
+
+  _, tok, _ = corpus
+  rows = [('good film', 'yes indeed', 'pos', '4.5'), ('bad film', 'not at all', 'neg', '1.0'),
+          ('fine', 'so so', 'neutral', '3.0')]  # fmt: skip
+  (tmp_path / 'train.tsv').write_text('a\tb\ty\tscore\n' + ''.join('\t'.join(r) + '\n' for r in rows))
+  (tmp_path / 'dev.jsonl').write_text(json.dumps({'a': 'ok', 'b': 'sure', 'y': 'maybe', 'score': 2}) + '\n')
+  cfg = {'text_field': 'a', 'text_pair_field': 'b', 'label_field': 'y'}
+  labels = classify.label_set(f'tsv:{tmp_path}/train.tsv', cfg)
+  assert labels == ['neg', 'neutral', 'pos']
+  ds = classify.classify_dataset(
+    f'tsv:{tmp_path}/train.tsv', tok, labels=labels, seq_len=16, global_batch_size=3, data_cfg=cfg
+  )
+  b = next(pretrain.Iterator(ds))
+  assert b['labels'].tolist() == [2, 0, 1] and b['input_ids'].shape == (3, 16)
+  assert (b['token_type_ids'].max(1) == 1).all()  # Pairs: the second segment has type 1.
+  enc = tok.encode([('good film', 'yes indeed')], 16)[0][0]
+  assert b['input_ids'][0, : len(enc)].tolist() == enc and b['attention_mask'][0].sum() == len(enc)
+  reg = classify.classify_dataset(f'tsv:{tmp_path}/train.tsv', tok, labels=None, seq_len=16, global_batch_size=3,
+                                  data_cfg={**cfg, 'label_field': 'score'})  # fmt: skip
+  assert next(pretrain.Iterator(reg))['labels'].tolist() == [4.5, 1.0, 3.0]
+  dev = classify.classify_dataset(f'jsonl:{tmp_path}/dev.jsonl', tok, labels=labels, seq_len=16, global_batch_size=1,
+                                  data_cfg=cfg, key='data.eval')  # fmt: skip
+  with pytest.raises(
+    UsageError, match=r"data.eval='jsonl:.*dev.jsonl', field 'y': label 'maybe' is not in the label set"
+  ):
+    next(pretrain.Iterator(dev))

@@ -64,7 +64,7 @@ def iter_texts(spec: str, cfg: dict | None = None, key: str = 'data.train'):
 
 def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
   """One int32 token per element: every document's WordPieces followed by [SEP]."""
-  backend, sep = tokenizer.backend, tokenizer.sep_id
+  backend, sep = tokenizer.fresh_backend(), tokenizer.sep_id  # Whole documents: no truncation.
   if 'input_ids' in recs.element_spec:  # Pre-tokenized.
     return recs.map(lambda r: tf.concat([r['input_ids'], [sep]], 0)).unbatch()
 
