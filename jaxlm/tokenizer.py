@@ -32,6 +32,14 @@ class Tokenizer:
       if ids[name] is None:
         raise UsageError(f'{source}: the vocabulary has no {name} token')
     self.pad_id, self.cls_id, self.sep_id = ids['[PAD]'], ids['[CLS]'], ids['[SEP]']
+    if tok.post_processor is None:  # A freshly trained WordPiece model has none: add BERT's.
+      from tokenizers import processors
+
+      tok.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]',
+        pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', self.cls_id), ('[SEP]', self.sep_id)],
+      )
     self.mask_id, self.unk_id = ids['[MASK]'], ids['[UNK]']
     self.mask_token = '[MASK]'
     self._encoder = None  # (max_length, backend copy with that truncation), made on first use.

@@ -244,3 +244,28 @@ def test_classification_batches_pairs_labels_and_regression(corpus, tmp_path):
     UsageError, match=r"data.eval='jsonl:.*dev.jsonl', field 'y': label 'maybe' is not in the label set"
   ):
     next(pretrain.Iterator(dev))
+
+
+def test_trained_vocabulary_loads_in_transformers_and_prepare_data_restarts(corpus, tmp_path, capsys):
+  import sys
+
+  import transformers
+
+  root, tok, docs = corpus
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools'))
+  import prepare_data
+  import train_tokenizer
+
+  assert (
+    train_tokenizer.main(['--input', f'text:{root}/part*.txt', '--vocab_size', '1500', '--out', str(tmp_path / 't')])
+    == 0
+  )
+  ours = tokenizer_lib.load(str(tmp_path / 't'))
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 't'))
+  for text in docs[:20]:
+    assert hf(text, truncation=True, max_length=64)['input_ids'] == ours.encode([text], 64)[0][0]
+  capsys.readouterr()
+  args = ['--input', f'text:{root}/part*.txt', '--tokenizer', str(root / 'tok'), '--out', str(root / 'rec')]
+  assert prepare_data.main(args) == 0
+  assert '0 shards written (4 already there)' in capsys.readouterr().out
+  assert train_tokenizer.main(['--input', f'text:{tmp_path}/none*.txt', '--out', str(tmp_path / 'u')]) == 2
