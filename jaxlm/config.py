@@ -49,7 +49,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50  # Metrics to metrics.jsonl, TensorBoard and the console.
   c.eval_every_steps = 500  # Evaluate on data.eval (0: never).
-  c.checkpoint_every_steps = 1000  # Checkpoint interval (used once checkpointing lands).
+  c.checkpoint_every_steps = 1000  # Orbax checkpoint interval (also saved at the end and on SIGTERM).
+  c.keep_checkpoints = 3  # Newest checkpoints kept in WORKDIR/checkpoints.
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
 
@@ -123,7 +124,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       if not (isinstance(v, float) and isinstance(flat[k], int)):
         raise UsageError(f'{k}={flat[k]!r}: expected a {type(v).__name__}')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
-  _positive(flat, 'data.max_predictions', 'checkpoint_every_steps')
+  _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints')
   if flat['data.text_docs'] not in ('line', 'blank_line'):
     raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
   if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:

@@ -16,9 +16,11 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -104,8 +106,8 @@ def train(config, workdir: str) -> dict:
   import jax
   from flax import nnx
 
+  from jaxlm import checkpoint, hf, model, optim, perf, report, sharding, steps, tasks
   from jaxlm import config as config_lib
-  from jaxlm import hf, model, optim, perf, report, sharding, steps, tasks
   from jaxlm.data import pretrain
   from jaxlm.errors import UsageError
 
@@ -150,7 +152,20 @@ def train(config, workdir: str) -> dict:
   tx = optim.make_optimizer(o.name, schedule, config.weight_decay, o.b1, o.b2, o.eps, config.clip_grad_norm or None)
   abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
   state_sh = sharding.state_shardings(abstract_state, mesh)
-  if config.model.init_from:
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  train_iter = pretrain.Iterator(train_ds)
+  restored = ckpt.restore(abstract_state, state_sh, train_iter) if ckpt.steps() else None
+  start = 0
+  if restored is not None:
+    state, _, start = restored
+    print(f'resumed from the checkpoint of step {start}', flush=True)
+    if start >= config.num_train_steps:
+      print(
+        f'nothing to do: the checkpoint is at step {start} and num_train_steps={config.num_train_steps}', flush=True
+      )
+      ckpt.close()
+      return {}
+  elif config.model.init_from:
     params = jax.device_put(loaded, param_sh)
     state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(params)
   else:
@@ -204,17 +219,19 @@ def train(config, workdir: str) -> dict:
   peak, _ = perf.peak_tflops()
   flops = perf.train_flops_per_step(mcfg, B, T, P)
   reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, peak)
-  train_iter = pretrain.Iterator(train_ds)
-  step, last, pending, undecodable = 0, {}, None, 0
+  step, last, pending, undecodable = start, {}, None, 0
+  meta = {'config': json.loads(config.to_json_best_effort()), 'model': dataclasses.asdict(mcfg)}
+  preempted = {'flag': False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   while step < config.num_train_steps:
     if step == config.profile_start_step:
       jax.profiler.start_trace(os.path.join(workdir, 'profile'))
     batch = to_global(next(train_iter))
     state, metrics = step_fn(state, batch)
     step += 1
-    if step == 1:  # Throughput is measured from here, without the compile.
+    if step == start + 1:  # Throughput is measured from here, without the compile.
       jax.block_until_ready(metrics)
-      reporter.start(1)
+      reporter.start(step)
     # The previous step's loss is fetched while this one runs: the host never stalls the device.
     if pending is not None:
       _check_finite(*pending)
@@ -235,10 +252,30 @@ def train(config, workdir: str) -> dict:
       and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
     ):
       last.update(reporter.write(step, evaluate(), prefix='eval_'))
-  _check_finite(*pending)
-  jax.block_until_ready(state)
+    stop = _agree(preempted['flag'])
+    if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+      _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
+      ckpt.save(step, state, {**meta, 'step': step}, train_iter)
+    if stop:
+      print(f'SIGTERM: saved the checkpoint of step {step}; exiting', flush=True)
+      break
+  if pending is not None:
+    _check_finite(*pending)
+  ckpt.close()
+  signal.signal(signal.SIGTERM, previous_handler)
   reporter.close()
   return last
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process if any process got SIGTERM (all then save the same step)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
 
 
 def _check_finite(step: int, metrics) -> None:

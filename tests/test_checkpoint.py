@@ -1,0 +1,158 @@
+"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes and sizes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxlm import checkpoint, model, optim, sharding, steps, tokenizer
+from jaxlm.data import pretrain
+from jaxlm.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def vocab_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('vocab'))
+  tokenizer.train_wordpiece(pretrain.iter_texts('builtin:stdlib'), 2000).save(out)
+  return out
+
+
+def _flags(vocab_dir, workdir, steps_, every=3, extra=()):
+  return [
+    '--config', 'configs/quickstart.py', '--workdir', str(workdir), f'--config.data.tokenizer={vocab_dir}',
+    f'--config.num_train_steps={steps_}', f'--config.checkpoint_every_steps={every}', '--config.log_every_steps=1',
+    '--config.eval_every_steps=0', '--config.global_batch_size=8', '--config.data.seq_len=32',
+    '--config.data.max_predictions=5', *extra,
+  ]  # fmt: skip
+
+
+def _env(devices=1):
+  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+
+
+def _run(args, devices=1):
+  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=_env(devices), capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  return res
+
+
+def _losses(workdir):
+  return {json.loads(line)['step']: json.loads(line)['loss'] for line in open(os.path.join(workdir, 'metrics.jsonl'))}
+
+
+def _arrays(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+def _assert_same_params(a, b):
+  la, lb = jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])
+  assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope='module')
+def straight(vocab_dir, tmp_path_factory):
+  """12 steps in one go, dropout on: the run every interrupted one must reproduce."""
+  workdir = tmp_path_factory.mktemp('straight')
+  _run(_flags(vocab_dir, workdir, 12))
+  return workdir
+
+
+def test_resume_is_exact(vocab_dir, straight, tmp_path):
+  _run(_flags(vocab_dir, tmp_path, 6))
+  res = _run(_flags(vocab_dir, tmp_path, 12))
+  assert 'resumed from the checkpoint of step 6' in res.stdout
+  assert _losses(tmp_path) == _losses(straight)  # Steps 1-6 from the first run, 7-12 after the restart.
+  _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+  res = _run(_flags(vocab_dir, tmp_path, 12))
+  assert 'nothing to do: the checkpoint is at step 12' in res.stdout
+
+
+def test_sigterm_saves_and_resumes(vocab_dir, straight, tmp_path):
+  proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *_flags(vocab_dir, tmp_path, 2000, every=1000)],
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+  metrics = os.path.join(tmp_path, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'SIGTERM: saved the checkpoint of step' in out
+  saved = int(out.split('SIGTERM: saved the checkpoint of step ')[1].split(';')[0])
+  assert 3 <= saved < 2000 and os.path.isdir(os.path.join(tmp_path, 'checkpoints', str(saved)))
+  if saved < 12:
+    _run(_flags(vocab_dir, tmp_path, 12, every=1000))
+    _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+
+
+def test_sigkill_during_saves_and_a_damaged_latest_step(vocab_dir, straight, tmp_path):
+  # A checkpoint every step, so the kill lands in or near a save.
+  proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *_flags(vocab_dir, tmp_path, 2000, every=1)],
+                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+  ckdir = os.path.join(tmp_path, 'checkpoints')
+  deadline = time.time() + 300
+  saved = lambda: sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) if os.path.isdir(ckdir) else []
+  while time.time() < deadline and (not saved() or saved()[-1] < 4):
+    time.sleep(0.02)
+  proc.kill()
+  proc.wait()
+  done = saved()
+  assert len(done) >= 2 and done[-1] < 12, done
+  # Damage the newest finalised step: the one before it must be used, with a warning.
+  newest = os.path.join(ckdir, str(done[-1]), 'state')
+  for dirpath, _, files in os.walk(newest):
+    for f in files:
+      if 'manifest' in f or f.endswith(('.ocdbt', 'zarray')) or 'd' == os.path.basename(dirpath):
+        with open(os.path.join(dirpath, f), 'wb') as fh:
+          fh.write(b'garbage')
+  res = _run(_flags(vocab_dir, tmp_path, 12, every=1))
+  assert f'checkpoint {done[-1]} could not be read' in res.stderr
+  assert f'resumed from the checkpoint of step {done[-2]}' in res.stdout
+  _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+
+
+def _state(cfg, mesh, tx):
+  graphdef, abstract = model.abstract(cfg)
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract)
+  sh = sharding.state_shardings(abstract_state, mesh)
+  return abstract_state, sh
+
+
+def test_restore_onto_other_meshes_and_refuse_other_sizes(tmp_path):
+  cfg = model.preset('tiny', vocab_size=512, max_position_embeddings=32)
+  tx = optim.make_optimizer('adamw', 1e-3)
+  abstract_state, sh8 = _state(cfg, sharding.make_mesh(8), tx)
+  state = jax.jit(lambda: steps.init_state(model.init(cfg, 3)[1], tx), out_shardings=sh8)()
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck.save(1, state, {'note': 'data=8'})
+  ck.wait()
+  for mesh in (sharding.make_mesh(1, 4, 2), sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+    _, sh = _state(cfg, mesh, tx)
+    restored, meta, step = ck.restore(abstract_state, sh)
+    assert step == 1 and meta == {'note': 'data=8'}
+    assert checkpoint.is_array_tree_equal(restored, state)
+    assert restored['params']['layers']['wi_kernel'][...].sharding.mesh.shape == mesh.shape
+  other = cfg.replace(vocab_size=640)
+  abstract_other, sh_other = _state(other, sharding.make_mesh(8), tx)
+  with pytest.raises(UsageError, match=r'embeddings.*word.* has shape \(512, 128\) in the checkpoint but \(640, 128\)'):
+    ck.restore(abstract_other, sh_other)
+  ck.close()
+
+
+def test_resume_on_another_mesh_continues_the_curve(vocab_dir, straight, tmp_path):
+  flags = _flags(vocab_dir, tmp_path, 6, extra=('--config.mesh.data=8',))
+  _run(flags, devices=8)
+  _run(_flags(vocab_dir, tmp_path, 12, extra=('--config.mesh.fsdp=4', '--config.mesh.tensor=2', '--config.mesh.data=1')),
+       devices=8)  # fmt: skip
+  got, want = _losses(tmp_path), _losses(straight)
+  np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=2e-4)
