@@ -171,10 +171,17 @@ class Predictor:
 
 
 def load(path: str, dtype: str | None = None, batch_size: int = 32, **overrides) -> Predictor:
-  """Loads a Hugging Face BERT directory into a Predictor (compute dtype chosen for the platform)."""
+  """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
+  a checkpoint step directory or a `python -m jaxlm.export` directory; the compute dtype is
+  chosen for the platform unless given."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise UsageError(f'{path}: no such file or directory')
+  from jaxlm import export
+
+  if export.is_jaxlm_dir(path):  # A training workdir, a checkpoint step or a jaxlm export.
+    graphdef, params, tok_dir, labels = export.load_checkpoint(path, dtype=dtype or default_dtype(), **overrides)
+    return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)
   if os.path.exists(os.path.join(path, 'config.json')):
     overrides.setdefault('dtype', dtype or default_dtype())
     graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
@@ -184,4 +191,4 @@ def load(path: str, dtype: str | None = None, batch_size: int = 32, **overrides)
     if labels is not None and len(labels) != cfg.num_labels:
       labels = None
     return Predictor(graphdef, params, tokenizer_lib.load(path), labels, batch_size)
-  raise UsageError(f'{path}: not a model directory (no config.json)')
+  raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')

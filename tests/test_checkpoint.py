@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from jaxlm import checkpoint, model, optim, sharding, steps, tokenizer
 from jaxlm.data import pretrain
@@ -156,3 +157,37 @@ def test_resume_on_another_mesh_continues_the_curve(vocab_dir, straight, tmp_pat
        devices=8)  # fmt: skip
   got, want = _losses(tmp_path), _losses(straight)
   np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], rtol=2e-4)
+
+
+def test_load_and_export_a_training_run(straight, tmp_path):
+  import torch
+  import transformers
+
+  import jaxlm
+  from jaxlm import export
+
+  text = 'Return the [MASK] of the list.'
+  by_workdir = jaxlm.load(str(straight))
+  by_step = jaxlm.load(os.path.join(straight, 'checkpoints', '12'))
+  assert checkpoint.is_array_tree_equal(by_workdir.params, by_step.params)
+  saved = _arrays(straight, 12)['params']
+  for path, var in nnx.to_flat_state(by_workdir.params):
+    node = saved
+    for k in path:
+      node = node[k]
+    np.testing.assert_array_equal(var.get_value(), node)  # Exactly the training state's parameters.
+  top = by_workdir.fill_mask(text, top_k=5)
+  assert export.main(['--checkpoint', str(straight), '--out', str(tmp_path / 'j')]) == 0
+  assert jaxlm.load(str(tmp_path / 'j')).fill_mask(text, top_k=5) == top
+  assert export.main(['--checkpoint', str(straight), '--out', str(tmp_path / 'h'), '--format', 'hf']) == 0
+  hf_model, info = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / 'h'), output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'h'))
+  batch = tok([text], return_tensors='pt')
+  with torch.no_grad():
+    logits = hf_model.eval()(**batch).logits[0]
+  pos = int((batch['input_ids'][0] == tok.mask_token_id).nonzero()[0])
+  probs = torch.softmax(logits[pos], -1)
+  assert [int(i) for i in probs.topk(5).indices] == [r['token'] for r in top]
+  np.testing.assert_allclose([float(probs[r['token']]) for r in top], [r['score'] for r in top], atol=1e-5)
+  assert export.main(['--checkpoint', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'x')]) == 2

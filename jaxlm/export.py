@@ -1,0 +1,148 @@
+"""Parameters out of a training run: `python -m jaxlm.export --checkpoint PATH --out DIR`.
+
+  --checkpoint  a training workdir (its newest checkpoint), a step directory
+                WORKDIR/checkpoints/<step>, or a directory this tool wrote
+  --format      jaxlm: model_config.json + params/ (Orbax) + tokenizer/   (default)
+                hf:    config.json + model.safetensors + tokenizer files, for transformers
+
+Only parameters are written (no optimizer state). `load_checkpoint` is what `jaxlm.load`
+uses for the same paths; it imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import model as model_lib
+from jaxlm.errors import UsageError
+
+
+def _step_dir(path: str) -> tuple[str, str]:
+  """(step directory, workdir) for a workdir or a step directory."""
+  path = os.path.abspath(path)
+  ck = os.path.join(path, 'checkpoints')
+  if os.path.isdir(ck):
+    steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit() and os.path.exists(os.path.join(ck, d, 'state')))
+    if not steps:
+      raise UsageError(f'{ck}: no finished checkpoint')
+    return os.path.join(ck, str(steps[-1])), path
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path, os.path.dirname(os.path.dirname(path))
+  raise UsageError(f'{path}: not a training workdir, a checkpoint step or an exported directory')
+
+
+def is_jaxlm_dir(path: str) -> bool:
+  """True for a training workdir, a checkpoint step directory or a `--format jaxlm` export."""
+  p = os.path.abspath(path)
+  return (
+    os.path.isdir(os.path.join(p, 'checkpoints'))
+    or os.path.isdir(os.path.join(p, 'state'))
+    or (os.path.exists(os.path.join(p, 'model_config.json')) and os.path.isdir(os.path.join(p, 'params')))
+  )
+
+
+def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str):
+  graphdef, params = model_lib.abstract(cfg)
+  for path, var in nnx.to_flat_state(params):
+    node = raw
+    for k in path:
+      if not isinstance(node, dict) or str(k) not in node:
+        raise UsageError(f'{source}: no parameter {"/".join(map(str, path))}')
+      node = node[str(k)]
+    if tuple(node.shape) != tuple(var.shape):
+      raise UsageError(
+        f'{source}: parameter {"/".join(map(str, path))} has shape {tuple(node.shape)}, the model expects {tuple(var.shape)}'
+      )
+    var.set_value(jnp.asarray(node, jnp.float32))
+  return graphdef, params
+
+
+def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
+  """(graphdef, params, tokenizer directory, labels) from a workdir, a step directory or a jaxlm export."""
+  import orbax.checkpoint as ocp
+
+  p = os.path.abspath(path)
+  if os.path.isdir(os.path.join(p, 'params')):  # A --format jaxlm export.
+    with open(os.path.join(p, 'model_config.json')) as f:
+      cfg = model_lib.ModelConfig(**{**json.load(f), **overrides})
+    raw = ocp.StandardCheckpointer().restore(os.path.join(p, 'params'))
+    labels_path = os.path.join(p, 'labels.json')
+    labels = json.load(open(labels_path)) if os.path.exists(labels_path) else None
+    return (*_fill(cfg, raw, os.path.join(p, 'params')), os.path.join(p, 'tokenizer'), labels)
+  step_dir, workdir = _step_dir(p)
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
+  raw = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))['params']
+  graphdef, params = _fill(cfg, raw, os.path.join(step_dir, 'state'))
+  data = meta.get('config', {}).get('data', {})
+  tok = os.path.join(workdir, 'tokenizer')
+  if not os.path.exists(tok):
+    tok = data.get('tokenizer') or meta.get('config', {}).get('model', {}).get('init_from') or tok
+  return graphdef, params, tok, meta.get('labels')
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--checkpoint', required=True, help='training workdir, checkpoint step dir or jaxlm export')
+  p.add_argument('--out', required=True, help='output directory')
+  p.add_argument('--format', choices=['jaxlm', 'hf'], default='jaxlm', help='jaxlm (Orbax) or hf (transformers)')
+  args = p.parse_args(argv)
+  try:
+    from jaxlm import hf
+    from jaxlm import tokenizer as tokenizer_lib
+
+    graphdef, params, tok_dir, labels = load_checkpoint(args.checkpoint)
+    cfg = nnx.merge(graphdef, params).cfg
+    tok = tokenizer_lib.load(tok_dir)
+    os.makedirs(args.out, exist_ok=True)
+    if args.format == 'hf':
+      id2label = dict(enumerate(labels)) if labels else None
+      hf.save(args.out, params, cfg, id2label=id2label)
+      tok.save(args.out)
+    else:
+      import orbax.checkpoint as ocp
+
+      target = os.path.join(os.path.abspath(args.out), 'params')
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      arrays = _nested(params)
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(target, arrays)
+      ckptr.wait_until_finished()
+      with open(os.path.join(args.out, 'model_config.json'), 'w') as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+      if labels:
+        with open(os.path.join(args.out, 'labels.json'), 'w') as f:
+          json.dump(labels, f)
+      tok.save(os.path.join(args.out, 'tokenizer'))
+    n = model_lib.count_params(params)
+    print(f'exported {n / 1e6:.1f}M parameters ({args.format}) -> {args.out}')
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+def _nested(params) -> dict:
+  """Plain nested dict of numpy arrays, keyed like the parameter paths."""
+  out: dict = {}
+  for path, var in nnx.to_flat_state(params):
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(str(k), {})
+    node[str(path[-1])] = np.asarray(var.get_value())
+  return out
+
+
+if __name__ == '__main__':
+  sys.exit(main())
