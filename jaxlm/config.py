@@ -35,6 +35,8 @@ def base() -> ml_collections.ConfigDict:
   c.lr_schedule = 'linear'  # Decay after warmup: 'linear' or 'cosine' to 0, or 'constant'.
   c.weight_decay = 0.01  # Decoupled weight decay (not on biases or LayerNorm).
   c.clip_grad_norm = 1.0  # Global-norm clipping; 0 turns it off.
+  c.nan_policy = 'stop'  # A NaN / Inf loss: 'stop' (keep the last good checkpoint) or 'skip'
+  #   (leave that update out, count it as `skipped_steps`).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adamw'  # 'adamw', 'adafactor' or 'lamb'.
@@ -133,6 +135,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
   if flat['optimizer.name'] not in optim.OPTIMIZERS:
     raise UsageError(f'optimizer.name={flat["optimizer.name"]!r}: expected one of {optim.OPTIMIZERS}')
+  if flat['nan_policy'] not in ('stop', 'skip'):
+    raise UsageError(f'nan_policy={flat["nan_policy"]!r}: expected stop or skip')
   if flat['lr_schedule'] not in ('linear', 'cosine', 'constant'):
     raise UsageError(f'lr_schedule={flat["lr_schedule"]!r}: expected linear, cosine or constant')
   if flat['model.preset'] not in PRESETS:

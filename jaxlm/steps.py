@@ -42,12 +42,15 @@ def make_train_step(
   loss_fn: Callable,
   grad_accum_steps: int = 1,
   schedule: Callable | None = None,
+  skip_nonfinite: bool = False,
 ) -> Callable:
   """A pure `(state, batch, rng) -> (state, metrics)` for one optimizer update.
 
   With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are
   summed in a `lax.scan`; each microbatch's loss is normalised by the whole batch's
   denominators (tasks.normalizers), so the result equals one step on the whole batch.
+  With `skip_nonfinite`, a step whose loss or gradient is not finite changes nothing and
+  reports `skipped` = 1.
   """
 
   def grads_of(params, micro, norm, rng):
@@ -79,6 +82,13 @@ def make_train_step(
     if schedule is not None:
       metrics['learning_rate'] = schedule(state['step'])
     new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state, 'step': state['step'] + 1}
+    if skip_nonfinite:
+      # A NaN / Inf loss or gradient leaves parameters and optimizer state as they were.
+      ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+      keep = lambda new, old: jnp.where(ok, new, old)
+      new_state['params'] = jax.tree.map(keep, new_state['params'], params)
+      new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
+      metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
 
   return step

@@ -52,6 +52,10 @@ def build_tokenizer(config, workdir: str):
   if config.data.tokenizer:
     return tokenizer_lib.load(config.data.tokenizer)
   if config.model.init_from:
+    from jaxlm import export
+
+    if export.is_jaxlm_dir(config.model.init_from):
+      return tokenizer_lib.load(export.load_checkpoint(config.model.init_from)[2])
     return tokenizer_lib.load(config.model.init_from)
   saved = os.path.join(workdir, 'tokenizer')
   if os.path.exists(os.path.join(saved, 'tokenizer.json')):
@@ -140,7 +144,14 @@ def train(config, workdir: str) -> dict:
   if config.model.init_from:
     knobs = ('mlm_head', 'nsp_head', 'pooler', 'dtype', 'scan_layers', 'remat', 'attention_impl', 'hidden_dropout',
              'attention_dropout')  # fmt: skip
-    g, loaded, _, load_report = hf.load(config.model.init_from, **{k: getattr(mcfg, k) for k in knobs})
+    from jaxlm import export
+
+    overrides = {k: getattr(mcfg, k) for k in knobs}
+    if export.is_jaxlm_dir(config.model.init_from):  # A jaxlm run or export: parameters only, any mesh.
+      g, loaded, _, _ = export.load_checkpoint(config.model.init_from, **overrides)
+      load_report = hf.LoadReport()
+    else:
+      g, loaded, _, load_report = hf.load(config.model.init_from, **overrides)
     mcfg = nnx.merge(g, loaded).cfg
     if tokenizer.vocab_size > mcfg.vocab_size:
       raise UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.init_from has {mcfg.vocab_size}')
@@ -187,7 +198,8 @@ def train(config, workdir: str) -> dict:
   batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in train_ds.element_spec.items()}
   root_rng = jax.random.key(config.seed)
   loss_fn = functools.partial(tasks.mlm_loss, mesh=mesh)  # Vocabulary-parallel when mesh.tensor > 1.
-  train_step = steps.make_train_step(graphdef, tx, loss_fn, config.grad_accum_steps, schedule)
+  skip = config.nan_policy == 'skip'
+  train_step = steps.make_train_step(graphdef, tx, loss_fn, config.grad_accum_steps, schedule, skip_nonfinite=skip)
   step_fn = jax.jit(
     lambda s, b: train_step(s, b, jax.random.fold_in(root_rng, s['step'])),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0,
@@ -219,7 +231,7 @@ def train(config, workdir: str) -> dict:
   peak, _ = perf.peak_tflops()
   flops = perf.train_flops_per_step(mcfg, B, T, P)
   reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, peak)
-  step, last, pending, undecodable = start, {}, None, 0
+  step, last, pending, undecodable, skipped = start, {}, None, 0, 0.0
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': dataclasses.asdict(mcfg)}
   preempted = {'flag': False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
@@ -234,7 +246,10 @@ def train(config, workdir: str) -> dict:
       reporter.start(step)
     # The previous step's loss is fetched while this one runs: the host never stalls the device.
     if pending is not None:
-      _check_finite(*pending)
+      if skip:
+        skipped += float(np.asarray(pending[1]['skipped']))
+      else:
+        _check_finite(*pending)
     if pretrain.Stats.undecodable > undecodable:
       undecodable = pretrain.Stats.undecodable
       print(f'warning: {undecodable} text(s) with undecodable bytes so far (replaced by U+FFFD)', flush=True)
@@ -244,7 +259,10 @@ def train(config, workdir: str) -> dict:
       jax.profiler.stop_trace()
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       host = jax.device_get(metrics)
-      _check_finite(step, host)
+      if skip:
+        host['skipped_steps'] = skipped + float(host.pop('skipped'))
+      else:
+        _check_finite(step, host)
       last = reporter.write(step, host)
     if (
       config.data.eval
@@ -254,12 +272,13 @@ def train(config, workdir: str) -> dict:
       last.update(reporter.write(step, evaluate(), prefix='eval_'))
     stop = _agree(preempted['flag'])
     if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-      _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
+      if not skip:
+        _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
       ckpt.save(step, state, {**meta, 'step': step}, train_iter)
     if stop:
       print(f'SIGTERM: saved the checkpoint of step {step}; exiting', flush=True)
       break
-  if pending is not None:
+  if pending is not None and not skip:
     _check_finite(*pending)
   ckpt.close()
   signal.signal(signal.SIGTERM, previous_handler)

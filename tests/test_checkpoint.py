@@ -191,3 +191,10 @@ def test_load_and_export_a_training_run(straight, tmp_path):
   assert [int(i) for i in probs.topk(5).indices] == [r['token'] for r in top]
   np.testing.assert_allclose([float(probs[r['token']]) for r in top], [r['score'] for r in top], atol=1e-5)
   assert export.main(['--checkpoint', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'x')]) == 2
+
+
+def test_init_from_a_jaxlm_run(vocab_dir, straight, tmp_path):
+  res = _run(_flags(vocab_dir, tmp_path, 2, extra=(f'--config.model.init_from={straight}', '--config.data.tokenizer=')))
+  assert f'init from {straight}' in res.stdout
+  first = _losses(tmp_path)[1]
+  assert first < _losses(straight)[1] - 0.3  # Starts where the other run ended, not from random weights.

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import model, optim, steps, tasks, tokenizer, train
+from jaxlm import model, optim, steps, tasks, tokenizer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
 
@@ -230,5 +230,15 @@ def test_nan_loss_stops_the_run_clearly(vocab_dir, tmp_path):
   assert 'the loss is nan' in res.stderr or 'the loss is inf' in res.stderr, res.stderr[-2000:]
 
 
-def test_train_module_imports_without_side_effects():
-  assert callable(train.main)
+def test_nan_skip_policy_leaves_bad_updates_out(vocab_dir, tmp_path):
+  res = _run(_small_run_flags(vocab_dir, steps=12) + ['--workdir', str(tmp_path), '--config.learning_rate=1e9',
+                                                      '--config.clip_grad_norm=0.0', '--config.nan_policy=skip'],
+             devices=1)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-2000:]
+  rows = _metrics(str(tmp_path))
+  assert rows[-1]['step'] == 12 and rows[-1]['skipped_steps'] > 0
+  assert [r['skipped_steps'] for r in rows] == sorted(r['skipped_steps'] for r in rows)  # A running count.
+  import orbax.checkpoint as ocp
+
+  state = ocp.StandardCheckpointer().restore(os.path.join(str(tmp_path), 'checkpoints', '12', 'state'))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))  # Never a NaN state on disk.
