@@ -1,6 +1,6 @@
 """BERT-large (24 layers, hidden 1024) masked-LM pretraining with the original BERT recipe.
 
-  python -m jaxlm.train --config configs/bert_large_mlm.py --workdir gs://BUCKET/bert-large \
+  python -m jaxlm.train --config configs/bert_large_mlm.py --workdir /mnt/runs/bert-large \
     --config.data.train='text:gs://BUCKET/corpus/*.txt'
 
 Run the same command on every worker of a TPU pod slice. See jaxlm/config.py for every key.

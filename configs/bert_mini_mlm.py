@@ -1,6 +1,6 @@
 """BERT-mini (4 layers, hidden 256) masked-LM pretraining with the original BERT recipe.
 
-  python -m jaxlm.train --config configs/bert_mini_mlm.py --workdir gs://BUCKET/bert-mini \
+  python -m jaxlm.train --config configs/bert_mini_mlm.py --workdir /mnt/runs/bert-mini \
     --config.data.train='text:gs://BUCKET/corpus/*.txt'
 
 Run the same command on every worker of a TPU pod slice. See jaxlm/config.py for every key.

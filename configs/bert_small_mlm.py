@@ -1,6 +1,6 @@
 """BERT-small (4 layers, hidden 512) masked-LM pretraining with the original BERT recipe.
 
-  python -m jaxlm.train --config configs/bert_small_mlm.py --workdir gs://BUCKET/bert-small \
+  python -m jaxlm.train --config configs/bert_small_mlm.py --workdir /mnt/runs/bert-small \
     --config.data.train='text:gs://BUCKET/corpus/*.txt'
 
 Run the same command on every worker of a TPU pod slice. See jaxlm/config.py for every key.
