@@ -2,6 +2,7 @@
 
   WORKDIR/checkpoints/<step>/       Orbax: `state` (params, opt_state, step) and `meta` (JSON)
   WORKDIR/checkpoints/data/<step>/  the tf.data iterator position of every process
+  WORKDIR/checkpoints/best/<step>/  parameters of the step with the best eval metric so far
 
 A step counts as saved only when Orbax has finalised it (its directory was renamed into place)
 and this process's iterator state exists; anything else (a save killed half way) is skipped
@@ -42,13 +43,20 @@ def from_arrays(template, arrays):
 class Checkpointer:
   """Saves and restores one run's train state, iterator positions and metadata."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, best_mode: str = 'min'):
     self.directory = os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir, 'checkpoints')
     self.data_dir = os.path.join(self.directory, 'data')
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+    best_options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda m: m['value'], best_mode=best_mode, keep_checkpoints_without_metrics=False,
+      create=True, enable_async_checkpointing=async_save,
+    )  # fmt: skip
+    self.best = ocp.CheckpointManager(
+      os.path.join(self.directory, 'best'), options=best_options, item_names=('state', 'meta')
+    )
 
   # ------------------------------------------------------------------ saving
 
@@ -60,9 +68,18 @@ class Checkpointer:
       step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)), meta=ocp.args.JsonSave(meta))
     )
 
+  def save_best(self, step: int, params, meta: dict, value: float) -> None:
+    """Offers the parameters of `step` for checkpoints/best/, which keeps the one with the best `value`."""
+    self.best.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave({'params': to_arrays(params)}), meta=ocp.args.JsonSave(meta)),
+      metrics={'value': float(value)},
+    )
+
   def wait(self) -> None:
     """Blocks until every save has been written; prunes iterator states of deleted steps."""
     self.manager.wait_until_finished()
+    self.best.wait_until_finished()
     if jax.process_index() == 0 and os.path.isdir(self.data_dir):
       kept = {str(s) for s in self.manager.all_steps()}
       for name in os.listdir(self.data_dir):
@@ -72,6 +89,7 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+    self.best.close()
 
   # ------------------------------------------------------------------ restoring
 

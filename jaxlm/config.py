@@ -53,6 +53,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500  # Evaluate on data.eval (0: never).
   c.checkpoint_every_steps = 1000  # Orbax checkpoint interval (also saved at the end and on SIGTERM).
   c.keep_checkpoints = 3  # Newest checkpoints kept in WORKDIR/checkpoints.
+  c.best_metric = 'eval_loss'  # Keep the parameters of the best evaluation in checkpoints/best
+  #   ('' = off); any logged eval_* key.
+  c.best_mode = 'min'  # 'min' or 'max' of best_metric.
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
 
@@ -135,6 +138,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
   if flat['optimizer.name'] not in optim.OPTIMIZERS:
     raise UsageError(f'optimizer.name={flat["optimizer.name"]!r}: expected one of {optim.OPTIMIZERS}')
+  if flat['best_mode'] not in ('min', 'max'):
+    raise UsageError(f'best_mode={flat["best_mode"]!r}: expected min or max')
   if flat['nan_policy'] not in ('stop', 'skip'):
     raise UsageError(f'nan_policy={flat["nan_policy"]!r}: expected stop or skip')
   if flat['lr_schedule'] not in ('linear', 'cosine', 'constant'):

@@ -163,7 +163,7 @@ def train(config, workdir: str) -> dict:
   tx = optim.make_optimizer(o.name, schedule, config.weight_decay, o.b1, o.b2, o.eps, config.clip_grad_norm or None)
   abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
   state_sh = sharding.state_shardings(abstract_state, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints, best_mode=config.best_mode)
   train_iter = pretrain.Iterator(train_ds)
   restored = ckpt.restore(abstract_state, state_sh, train_iter) if ckpt.steps() else None
   start = 0
@@ -269,7 +269,10 @@ def train(config, workdir: str) -> dict:
       and config.eval_every_steps
       and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
     ):
-      last.update(reporter.write(step, evaluate(), prefix='eval_'))
+      evaluated = reporter.write(step, evaluate(), prefix='eval_')
+      last.update(evaluated)
+      if config.best_metric in evaluated:
+        ckpt.save_best(step, state['params'], {**meta, 'step': step}, evaluated[config.best_metric])
     stop = _agree(preempted['flag'])
     if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       if not skip:

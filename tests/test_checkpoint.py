@@ -198,3 +198,19 @@ def test_init_from_a_jaxlm_run(vocab_dir, straight, tmp_path):
   assert f'init from {straight}' in res.stdout
   first = _losses(tmp_path)[1]
   assert first < _losses(straight)[1] - 0.3  # Starts where the other run ended, not from random weights.
+
+
+def test_best_checkpoint_by_eval_metric(vocab_dir, tmp_path):
+  extra = ('--config.eval_every_steps=3', '--config.data.eval=builtin:stdlib', '--config.keep_checkpoints=1',
+           '--config.learning_rate=0.05', '--config.warmup_steps=0')  # fmt: skip
+  _run(_flags(vocab_dir, tmp_path, 12, every=3, extra=extra))
+  evals = {json.loads(line)['step']: json.loads(line)['eval_loss']
+           for line in open(os.path.join(tmp_path, 'metrics.jsonl')) if 'eval_loss' in line}  # fmt: skip
+  assert sorted(evals) == [3, 6, 9, 12]
+  best_dir = os.path.join(tmp_path, 'checkpoints', 'best')
+  kept = [int(d) for d in os.listdir(best_dir) if d.isdigit()]
+  assert kept == [min(evals, key=evals.get)]
+  assert sorted(int(d) for d in os.listdir(os.path.join(tmp_path, 'checkpoints')) if d.isdigit()) == [12]
+  import jaxlm
+
+  assert jaxlm.load(os.path.join(best_dir, str(kept[0]))).fill_mask('a [MASK] b', top_k=2)
