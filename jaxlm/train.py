@@ -235,57 +235,59 @@ def train(config, workdir: str) -> dict:
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': dataclasses.asdict(mcfg)}
   preempted = {'flag': False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
-  while step < config.num_train_steps:
-    if step == config.profile_start_step:
-      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-    batch = to_global(next(train_iter))
-    state, metrics = step_fn(state, batch)
-    step += 1
-    if step == start + 1:  # Throughput is measured from here, without the compile.
-      jax.block_until_ready(metrics)
-      reporter.start(step)
-    # The previous step's loss is fetched while this one runs: the host never stalls the device.
-    if pending is not None:
-      if skip:
-        skipped += float(np.asarray(pending[1]['skipped']))
-      else:
-        _check_finite(*pending)
-    if pretrain.Stats.undecodable > undecodable:
-      undecodable = pretrain.Stats.undecodable
-      print(f'warning: {undecodable} text(s) with undecodable bytes so far (replaced by U+FFFD)', flush=True)
-    pending = (step, metrics)
-    if step == config.profile_start_step + config.profile_num_steps and config.profile_start_step >= 0:
-      jax.block_until_ready(metrics)
-      jax.profiler.stop_trace()
-    if step % config.log_every_steps == 0 or step == config.num_train_steps:
-      host = jax.device_get(metrics)
-      if skip:
-        host['skipped_steps'] = skipped + float(host.pop('skipped'))
-      else:
-        _check_finite(step, host)
-      last = reporter.write(step, host)
-    if (
-      config.data.eval
-      and config.eval_every_steps
-      and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
-    ):
-      evaluated = reporter.write(step, evaluate(), prefix='eval_')
-      last.update(evaluated)
-      if config.best_metric in evaluated:
-        ckpt.save_best(step, state['params'], {**meta, 'step': step}, evaluated[config.best_metric])
-    stop = _agree(preempted['flag'])
-    if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-      if not skip:
-        _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
-      ckpt.save(step, state, {**meta, 'step': step}, train_iter)
-    if stop:
-      print(f'SIGTERM: saved the checkpoint of step {step}; exiting', flush=True)
-      break
-  if pending is not None and not skip:
-    _check_finite(*pending)
-  ckpt.close()
-  signal.signal(signal.SIGTERM, previous_handler)
-  reporter.close()
+  try:
+    while step < config.num_train_steps:
+      if step == config.profile_start_step:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      batch = to_global(next(train_iter))
+      state, metrics = step_fn(state, batch)
+      step += 1
+      if step == start + 1:  # Throughput is measured from here, without the compile.
+        jax.block_until_ready(metrics)
+        reporter.start(step)
+      # The previous step's loss is fetched while this one runs: the host never stalls the device.
+      if pending is not None:
+        if skip:
+          skipped += float(np.asarray(pending[1]['skipped']))
+        else:
+          _check_finite(*pending)
+      if pretrain.Stats.undecodable > undecodable:
+        undecodable = pretrain.Stats.undecodable
+        print(f'warning: {undecodable} text(s) with undecodable bytes so far (replaced by U+FFFD)', flush=True)
+      pending = (step, metrics)
+      if step == config.profile_start_step + config.profile_num_steps and config.profile_start_step >= 0:
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        host = jax.device_get(metrics)
+        if skip:
+          host['skipped_steps'] = skipped + float(host.pop('skipped'))
+        else:
+          _check_finite(step, host)
+        last = reporter.write(step, host)
+      if (
+        config.data.eval
+        and config.eval_every_steps
+        and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
+      ):
+        evaluated = reporter.write(step, evaluate(), prefix='eval_')
+        last.update(evaluated)
+        if config.best_metric in evaluated:
+          ckpt.save_best(step, state['params'], {**meta, 'step': step}, evaluated[config.best_metric])
+      stop = _agree(preempted['flag'])
+      if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+        if not skip:
+          _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
+        ckpt.save(step, state, {**meta, 'step': step}, train_iter)
+      if stop:
+        print(f'SIGTERM: saved the checkpoint of step {step}; exiting', flush=True)
+        break
+    if pending is not None and not skip:
+      _check_finite(*pending)
+  finally:  # Even when a NaN stops the run, saves already started are completed.
+    ckpt.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    reporter.close()
   return last
 
 
