@@ -12,6 +12,7 @@ from jaxlm import optim
 from jaxlm.errors import UsageError
 from jaxlm.model import ACTIVATIONS, PRESETS, REMAT_POLICIES
 
+TASKS = ('mlm', 'classification', 'regression')
 SOURCE_KINDS = ('builtin', 'text', 'jsonl', 'csv', 'tsv', 'tfrecord', 'tfds')
 
 
@@ -26,6 +27,9 @@ def split_spec(spec: str, key: str) -> tuple[str, str]:
 def base() -> ml_collections.ConfigDict:
   """The full schema with defaults; a config file may change values but not add keys."""
   c = ml_collections.ConfigDict()
+  c.task = 'mlm'  # 'mlm' (masked-LM pretraining), 'classification' or 'regression' (fine-tuning).
+  c.task_name = ''  # A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): sets task,
+  #   data.* and the metrics (configs/finetune_glue.py).
   c.seed = 0  # Seeds parameters, dropout and the data order.
   c.num_train_steps = 1000  # Optimizer updates in the whole run.
   c.global_batch_size = 256  # Sequences per update, summed over all devices and hosts.
@@ -54,14 +58,23 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # Orbax checkpoint interval (also saved at the end and on SIGTERM).
   c.keep_checkpoints = 3  # Newest checkpoints kept in WORKDIR/checkpoints.
   c.best_metric = 'eval_loss'  # Keep the parameters of the best evaluation in checkpoints/best
-  #   ('' = off); any logged eval_* key.
-  c.best_mode = 'min'  # 'min' or 'max' of best_metric.
+  #   ('' = off); any logged eval_* key, or 'auto': the task's main metric (e.g. eval_matthews).
+  c.best_mode = 'min'  # 'min' or 'max' of best_metric (ignored for 'auto').
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
 
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.mode = 'full'  # What trains: 'full', 'head' (pooler + classifier on a frozen
+  #   encoder) or 'lora' (low-rank adapters + the head). Frozen weights get no optimizer state.
+  c.finetune.lora_rank = 8  # r of the LoRA adapters.
+  c.finetune.lora_alpha = 16.0  # The adapters' update is scaled by alpha / r.
+  c.finetune.lora_targets = 'q,k,v,o,wi,wo'  # Matrices with adapters: attention q, k, v, o and
+  #   feed-forward wi (in), wo (out). Merged into the dense weights on export.
+
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'base'  # tiny, mini, small, medium, base or large.
-  c.model.init_from = ''  # Hugging Face BERT directory to start from ('' = random init).
+  c.model.init_from = ''  # Hugging Face BERT directory or jaxlm run / export to start from
+  #   ('' = random init). Parameters it lacks (e.g. a new classifier) are initialised fresh.
   c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU. Parameters stay float32.
   c.model.scan_layers = True  # lax.scan over layers: compile time independent of depth.
   c.model.remat = 'none'  # Rematerialisation: none, full, save_dots, save_dots_no_batch.
@@ -76,7 +89,8 @@ def base() -> ml_collections.ConfigDict:
   #   tsv:GLOB, tfrecord:GLOB (tools/prepare_data.py) or tfds:NAME. gs:// paths work.
   c.data.eval = ''  # Same form; read once and in full at every evaluation; '' = no evaluation.
   c.data.train_split = 'train'  # TFDS split of data.train.
-  c.data.eval_split = 'validation'  # TFDS split of data.eval.
+  c.data.eval_split = 'validation'  # TFDS split(s) of data.eval, comma-separated; the first is
+  #   reported as eval_*, others as eval_<split without "validation_">_* (MNLI mismatched).
   c.data.tfds_data_dir = ''  # TFDS data_dir ('' = the TFDS default; gs:// works).
   c.data.text_field = 'text'  # Field / column holding the text (jsonl, csv, tsv, tfds).
   c.data.text_pair_field = ''  # Field of the second text of a pair ('' = single texts).
@@ -129,7 +143,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       if not (isinstance(v, float) and isinstance(flat[k], int)):
         raise UsageError(f'{k}={flat[k]!r}: expected a {type(v).__name__}')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
-  _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints')
+  _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
+  if flat['task'] not in TASKS:
+    raise UsageError(f'task={flat["task"]!r}: expected one of {TASKS}')
+  if flat['task'] != 'mlm' and not (flat['model.init_from'] or flat['data.tokenizer']):
+    raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
+  if flat['task'] != 'mlm' and flat['data.nsp']:
+    raise UsageError(f'data.nsp=True is for pretraining; task={flat["task"]!r}')
+  from jaxlm import peft
+
+  if flat['finetune.mode'] not in peft.MODES:
+    raise UsageError(f'finetune.mode={flat["finetune.mode"]!r}: expected one of {peft.MODES}')
+  peft.parse_targets(flat['finetune.lora_targets'])
   if flat['data.text_docs'] not in ('line', 'blank_line'):
     raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
   if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
@@ -138,6 +163,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
   if flat['optimizer.name'] not in optim.OPTIMIZERS:
     raise UsageError(f'optimizer.name={flat["optimizer.name"]!r}: expected one of {optim.OPTIMIZERS}')
+  if flat['best_metric'] not in ('', 'auto') and not flat['best_metric'].startswith('eval_'):
+    raise UsageError(f'best_metric={flat["best_metric"]!r}: expected an eval_* metric, "auto" or ""')
   if flat['best_mode'] not in ('min', 'max'):
     raise UsageError(f'best_mode={flat["best_mode"]!r}: expected min or max')
   if flat['nan_policy'] not in ('stop', 'skip'):
@@ -192,4 +219,26 @@ def pretraining(preset: str) -> ml_collections.ConfigDict:
   c.data.train_tokenizer_vocab = 30522  # Train a BERT-sized vocabulary on data.train unless
   #   data.tokenizer names one (e.g. the directory of a Hugging Face BERT).
   c.data.shuffle_buffer = 10_000  # Sequences in the shuffle buffer.
+  return c
+
+
+def finetuning() -> ml_collections.ConfigDict:
+  """The BERT fine-tuning recipe (Devlin et al. 2019, section 4): batch 32, sequences of 128,
+  AdamW at 2e-5 with 10% warmup and linear decay, evaluation and the best checkpoint by the
+  task's main metric."""
+  c = base()
+  c.task = 'classification'  # Or 'regression' for a float target.
+  c.num_train_steps = 2000  # About 1 epoch of SST-2 at batch 32; set it for your data size.
+  c.global_batch_size = 32  # Examples per update.
+  c.learning_rate = 2e-5  # Peak AdamW learning rate (1e-3 suits finetune.mode=head or lora).
+  c.warmup_steps = 200  # 10% warmup.
+  c.weight_decay = 0.01  # Decoupled weight decay.
+  c.log_every_steps = 50  # Console / metrics.jsonl / TensorBoard.
+  c.eval_every_steps = 500  # Whole eval set; also writes WORKDIR/eval_results.json.
+  c.checkpoint_every_steps = 500  # Checkpoint interval.
+  c.best_metric = 'auto'  # Keep the best checkpoint by the task's main metric.
+  c.model.dtype = 'float32'  # 'bfloat16' on TPU / GPU.
+  c.model.hidden_dropout = 0.1  # BERT's dropout, also before the classifier.
+  c.data.seq_len = 128  # Tokens per example (text pairs share them).
+  c.data.shuffle_buffer = 10_000  # Examples in the shuffle buffer.
   return c

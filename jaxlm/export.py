@@ -50,14 +50,25 @@ def is_jaxlm_dir(path: str) -> bool:
   )
 
 
-def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str):
-  graphdef, params = model_lib.abstract(cfg)
+def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str, missing: list | None = None, seed: int = 0):
+  """The model's parameters from a nested dict of arrays. A parameter the dict lacks is an error,
+  or, given a `missing` list, initialised fresh (seeded) and its path appended to the list."""
+  if missing is None:
+    graphdef, params = model_lib.abstract(cfg)
+  else:
+    graphdef, params = model_lib.init(cfg, seed)
   for path, var in nnx.to_flat_state(params):
     node = raw
     for k in path:
       if not isinstance(node, dict) or str(k) not in node:
-        raise UsageError(f'{source}: no parameter {"/".join(map(str, path))}')
+        if missing is None:
+          raise UsageError(f'{source}: no parameter {"/".join(map(str, path))}')
+        missing.append('/'.join(map(str, path)))
+        node = None
+        break
       node = node[str(k)]
+    if node is None:
+      continue
     if tuple(node.shape) != tuple(var.shape):
       raise UsageError(
         f'{source}: parameter {"/".join(map(str, path))} has shape {tuple(node.shape)}, the model expects {tuple(var.shape)}'
@@ -68,6 +79,32 @@ def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str):
 
 def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
   """(graphdef, params, tokenizer directory, labels) from a workdir, a step directory or a jaxlm export."""
+  return _load(path, overrides)[:4]
+
+
+def load_for_init(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State, list[str]]:
+  """(graphdef, params, new parameter paths) to start a run from: parameters the checkpoint lacks
+  (a new classifier head, say) are initialised fresh from `seed`."""
+  graphdef, params, _, _, new = _load(path, overrides, missing=[], seed=seed)
+  return graphdef, params, new
+
+
+def _merge_adapters(raw: dict, meta: dict) -> dict:
+  """Folds LoRA adapters saved in a training checkpoint into the dense kernels (numpy)."""
+  from jaxlm import peft
+
+  ft = meta.get('config', {}).get('finetune', {})
+  scale = ft['lora_alpha'] / ft['lora_rank']
+  params = raw['params']
+  for name, ab in raw['adapters'].items():
+    kernel = peft.LORA_TARGETS[name][0]
+    w = np.asarray(params['layers'][kernel])
+    delta = np.einsum('lir,lro->lio', np.asarray(ab['a']), np.asarray(ab['b'])) * scale
+    params['layers'][kernel] = w + delta.reshape(w.shape).astype(w.dtype)
+  return params
+
+
+def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0):
   import orbax.checkpoint as ocp
 
   p = os.path.abspath(path)
@@ -77,18 +114,20 @@ def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, st
     raw = ocp.StandardCheckpointer().restore(os.path.join(p, 'params'))
     labels_path = os.path.join(p, 'labels.json')
     labels = json.load(open(labels_path)) if os.path.exists(labels_path) else None
-    return (*_fill(cfg, raw, os.path.join(p, 'params')), os.path.join(p, 'tokenizer'), labels)
+    filled = _fill(cfg, raw, os.path.join(p, 'params'), missing, seed)
+    return (*filled, os.path.join(p, 'tokenizer'), labels, missing)
   step_dir, workdir = _step_dir(p)
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
   cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
-  raw = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))['params']
-  graphdef, params = _fill(cfg, raw, os.path.join(step_dir, 'state'))
+  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
+  raw = _merge_adapters(saved, meta) if 'adapters' in saved else saved['params']
+  graphdef, params = _fill(cfg, raw, os.path.join(step_dir, 'state'), missing, seed)
   data = meta.get('config', {}).get('data', {})
   tok = os.path.join(workdir, 'tokenizer')
   if not os.path.exists(tok):
     tok = data.get('tokenizer') or meta.get('config', {}).get('model', {}).get('init_from') or tok
-  return graphdef, params, tok, meta.get('labels')
+  return graphdef, params, tok, meta.get('labels'), missing
 
 
 def main(argv=None) -> int:

@@ -122,6 +122,8 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict = RULES):
 
   def one(x):
     if isinstance(x, nnx.Variable):
+      if not hasattr(x.get_value(), 'shape'):  # An empty placeholder (optax.MaskedNode of a frozen parameter).
+        return x
       axes = x.get_metadata().get('axes')
       ok = axes is not None and len(axes) == len(x.shape)
       spec = logical_to_spec(axes, rules, mesh) if ok else PartitionSpec()

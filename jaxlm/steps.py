@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from jaxlm import model as model_lib
-from jaxlm import tasks
+from jaxlm import peft, tasks
 
 
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
@@ -31,11 +31,6 @@ def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
   )
 
 
-def init_state(params, tx: optax.GradientTransformation) -> dict:
-  """The train state for fresh parameters."""
-  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
-
-
 def make_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
@@ -43,6 +38,8 @@ def make_train_step(
   grad_accum_steps: int = 1,
   schedule: Callable | None = None,
   skip_nonfinite: bool = False,
+  frozen=None,
+  lora_scale: float = 1.0,
 ) -> Callable:
   """A pure `(state, batch, rng) -> (state, metrics)` for one optimizer update.
 
@@ -51,17 +48,29 @@ def make_train_step(
   denominators (tasks.normalizers), so the result equals one step on the whole batch.
   With `skip_nonfinite`, a step whose loss or gradient is not finite changes nothing and
   reports `skipped` = 1.
+
+  Fine-tuning (peft.py): `frozen` marks parameters whose gradient is stopped (the optimizer
+  gives them zero updates); when the state holds `adapters`, the optimizer's target is
+  {'params', 'adapters'} and the model runs on peft.merge(params, adapters, lora_scale).
   """
+
+  def model_params(trainable):
+    p = trainable['params'] if isinstance(trainable, dict) and 'adapters' in trainable else trainable
+    if frozen is not None:
+      p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
+    if isinstance(trainable, dict) and 'adapters' in trainable:
+      p = peft.merge(p, trainable['adapters'], lora_scale)
+    return p
 
   def grads_of(params, micro, norm, rng):
     def loss(p):
-      return loss_fn(forward(graphdef, p, micro, rng), micro, norm)
+      return loss_fn(forward(graphdef, model_params(p), micro, rng), micro, norm)
 
     (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return grads, metrics
 
   def step(state, batch, rng):
-    params = state['params']
+    params = trainable_of(state)
     norm = tasks.normalizers(batch)
     if grad_accum_steps == 1:
       grads, metrics = grads_of(params, batch, norm, rng)
@@ -81,17 +90,36 @@ def make_train_step(
     metrics['grad_norm'] = optax.global_norm(grads)
     if schedule is not None:
       metrics['learning_rate'] = schedule(state['step'])
-    new_state = {'params': optax.apply_updates(params, updates), 'opt_state': opt_state, 'step': state['step'] + 1}
+    new_params = optax.apply_updates(params, updates)
     if skip_nonfinite:
       # A NaN / Inf loss or gradient leaves parameters and optimizer state as they were.
       ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
       keep = lambda new, old: jnp.where(ok, new, old)
-      new_state['params'] = jax.tree.map(keep, new_state['params'], params)
-      new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
+      new_params = jax.tree.map(keep, new_params, params)
+      opt_state = jax.tree.map(keep, opt_state, state['opt_state'])
       metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+    new_state = {**state, 'opt_state': opt_state, 'step': state['step'] + 1}
+    if 'adapters' in state:
+      new_state['params'], new_state['adapters'] = new_params['params'], new_params['adapters']
+    else:
+      new_state['params'] = new_params
     return new_state, metrics
 
   return step
+
+
+def trainable_of(state: dict):
+  """What the optimizer updates: the parameters, or {'params', 'adapters'} under LoRA."""
+  return {'params': state['params'], 'adapters': state['adapters']} if 'adapters' in state else state['params']
+
+
+def init_state(params, tx: optax.GradientTransformation, adapters: dict | None = None) -> dict:
+  """The train state for fresh parameters (and LoRA adapters)."""
+  state = {'params': params, 'step': jnp.zeros((), jnp.int32)}
+  if adapters is not None:
+    state['adapters'] = adapters
+  state['opt_state'] = tx.init(trainable_of(state))
+  return state
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: Callable) -> Callable:

@@ -64,7 +64,12 @@ def vocab_parallel_xent(logits, labels, weights, mesh):
 def normalizers(batch: dict) -> dict:
   """Denominators of the batch's losses. Computed once over a whole batch and passed to the
   loss of each microbatch, so that summed microbatch losses equal the whole-batch loss."""
-  norm = {'mlm': jnp.maximum(batch['masked_weights'].astype(jnp.float32).sum(), 1.0)}
+  norm = {}
+  if 'masked_weights' in batch:
+    norm['mlm'] = jnp.maximum(batch['masked_weights'].astype(jnp.float32).sum(), 1.0)
+  if 'labels' in batch:
+    w = batch.get('weights')
+    norm['cls'] = jnp.maximum(w.astype(jnp.float32).sum(), 1.0) if w is not None else jnp.float32(batch['labels'].size)
   if 'nsp_labels' in batch:
     w = batch.get('nsp_weights')
     norm['nsp'] = (
@@ -97,12 +102,13 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
 
 
 def classification_loss(out: dict, batch: dict, norm: dict | None = None):
-  """Cross-entropy (num_labels > 1) or squared error (num_labels == 1) over `labels`."""
+  """Cross-entropy (num_labels > 1) or squared error (num_labels == 1) over `labels`,
+  weighted by `weights` (0 for padding rows)."""
   logits = out['logits'].astype(jnp.float32)
   w = batch.get('weights', jnp.ones(logits.shape[0], jnp.float32)).astype(jnp.float32)
-  n = jnp.maximum(w.sum(), 1.0)
+  n = (normalizers(batch) if norm is None else norm)['cls']
   if logits.shape[-1] == 1:
-    loss = ((logits[:, 0] - batch['labels']) ** 2 * w).sum() / n
+    loss = ((logits[:, 0] - batch['labels'].astype(jnp.float32)) ** 2 * w).sum() / n
     return loss, {'loss': loss}
   nll, correct, _ = weighted_xent(logits, batch['labels'].astype(jnp.int32), w)
   return nll / n, {'loss': nll / n, 'accuracy': correct / n}

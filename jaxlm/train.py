@@ -89,16 +89,18 @@ def build_tokenizer(config, workdir: str):
   return tok
 
 
-def model_config(config, vocab_size: int):
-  """The ModelConfig for this run: the preset, the config's overrides and the tokenizer's vocabulary."""
+def model_config(config, vocab_size: int, num_labels: int = 0):
+  """The ModelConfig for this run: the preset, the config's overrides, the tokenizer's vocabulary
+  and the heads of the task (MLM [+ NSP] for pretraining, a classifier for fine-tuning)."""
   from jaxlm import model
 
   m = config.model
+  mlm = config.task == 'mlm'
   kw = dict(
     vocab_size=vocab_size, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
     attention_impl=m.attention_impl or None, hidden_dropout=m.hidden_dropout,
     attention_dropout=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
-    mlm_head=True, nsp_head=config.data.nsp, pooler=config.data.nsp,
+    mlm_head=mlm, nsp_head=mlm and config.data.nsp, pooler=not mlm or config.data.nsp, num_labels=num_labels,
   )  # fmt: skip
   if m.hidden_act:
     kw['hidden_act'] = m.hidden_act
@@ -106,17 +108,19 @@ def model_config(config, vocab_size: int):
 
 
 def train(config, workdir: str) -> dict:
-  """Runs the whole training; returns the last logged metrics."""
+  """Runs the whole training (pretraining or fine-tuning); returns the last logged metrics."""
   import jax
   from flax import nnx
 
-  from jaxlm import checkpoint, hf, model, optim, perf, report, sharding, steps, tasks
+  from jaxlm import checkpoint, glue, model, optim, peft, perf, report, sharding, steps, tasks
   from jaxlm import config as config_lib
   from jaxlm.data import pretrain
   from jaxlm.errors import UsageError
 
   # ---- config and mesh
+  glue_task = glue.resolve(config)
   config_lib.validate(config, jax.device_count())
+  finetune = config.task != 'mlm'
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   is_main = jax.process_index() == 0
   if is_main:
@@ -127,43 +131,69 @@ def train(config, workdir: str) -> dict:
   # ---- input
   tokenizer = build_tokenizer(config, workdir)
   B, T, P = config.global_batch_size, config.data.seq_len, config.data.max_predictions
-  data_kw = dict(
-    seq_len=T, max_predictions=P, global_batch_size=B, mask_prob=config.data.mask_prob, nsp=config.data.nsp,
-    process_index=jax.process_index(), process_count=jax.process_count(),
-  )  # fmt: skip
-  data_kw['whole_word'] = config.data.whole_word_masking
   data_cfg = config.data.to_dict()
-  train_ds = pretrain.pretrain_dataset(
-    config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
-    **data_kw,
-  )  # fmt: skip
-  eval_data = None  # Read once, in full, at the first evaluation.
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  label_values = label_names = None
+  if finetune:
+    from jaxlm.data import classify
+
+    if config.task == 'classification':
+      if glue_task is not None:  # TFDS gives class ids; the names are the task's.
+        label_values, label_names = [str(i) for i in range(len(glue_task.labels))], list(glue_task.labels)
+      else:  # The label set of the training file, saved with every checkpoint.
+        label_values = label_names = classify.label_set(config.data.train, data_cfg)
+      print(f'{len(label_names)} labels: {label_names[:20]}', flush=True)
+    train_ds = classify.classify_dataset(
+      config.data.train, tokenizer, labels=label_values, seq_len=T, global_batch_size=B, data_cfg=data_cfg,
+      seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, repeat=True, **shard,
+    )  # fmt: skip
+  else:
+    data_kw = dict(
+      seq_len=T, max_predictions=P, global_batch_size=B, mask_prob=config.data.mask_prob, nsp=config.data.nsp,
+      whole_word=config.data.whole_word_masking, **shard,
+    )  # fmt: skip
+    train_ds = pretrain.pretrain_dataset(
+      config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
+      **data_kw,
+    )  # fmt: skip
+  eval_data = {}  # Read once, in full, at the first evaluation.
 
   # ---- model and sharded state
-  mcfg = model_config(config, tokenizer.vocab_size)
+  num_labels = (len(label_values) if label_values else 1) if finetune else 0
+  mcfg = model_config(config, tokenizer.vocab_size, num_labels)
   if config.model.init_from:
-    knobs = ('mlm_head', 'nsp_head', 'pooler', 'dtype', 'scan_layers', 'remat', 'attention_impl', 'hidden_dropout',
-             'attention_dropout')  # fmt: skip
-    from jaxlm import export
-
+    knobs = ('mlm_head', 'nsp_head', 'pooler', 'num_labels', 'dtype', 'scan_layers', 'remat', 'attention_impl',
+             'hidden_dropout', 'attention_dropout')  # fmt: skip
     overrides = {k: getattr(mcfg, k) for k in knobs}
-    if export.is_jaxlm_dir(config.model.init_from):  # A jaxlm run or export: parameters only, any mesh.
-      g, loaded, _, _ = export.load_checkpoint(config.model.init_from, **overrides)
-      load_report = hf.LoadReport()
-    else:
-      g, loaded, _, load_report = hf.load(config.model.init_from, **overrides)
-    mcfg = nnx.merge(g, loaded).cfg
+    loaded, new = _load_init(config.model.init_from, overrides, config.seed)
+    mcfg = nnx.merge(*loaded).cfg
     if tokenizer.vocab_size > mcfg.vocab_size:
       raise UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.init_from has {mcfg.vocab_size}')
-    print(f'init from {config.model.init_from}; newly initialised: {load_report.missing or "none"}', flush=True)
+    names = ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(loaded[1])]
+    print(
+      f'init from {config.model.init_from}: loaded {len(names) - len(new)} parameters'
+      f' ({", ".join(n for n in names if n not in new)}); new: {", ".join(new) or "none"}',
+      flush=True,
+    )
   graphdef, abstract_params = model.abstract(mcfg)
   param_sh = sharding.param_shardings(abstract_params, mesh)
   schedule = optim.make_schedule(config.learning_rate, config.warmup_steps, config.num_train_steps, config.lr_schedule)
-  o = config.optimizer
+  o, ft = config.optimizer, config.finetune
   tx = optim.make_optimizer(o.name, schedule, config.weight_decay, o.b1, o.b2, o.eps, config.clip_grad_norm or None)
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
+  mode = ft.mode if finetune else 'full'
+  labels_tree = peft.labels(abstract_params, mode)
+  frozen, lora = None, mode == 'lora'
+  if mode != 'full':
+    tx, frozen = peft.wrap_optimizer(tx, labels_tree, lora), peft.frozen_mask(labels_tree)
+  targets, lora_scale = peft.parse_targets(ft.lora_targets), ft.lora_alpha / ft.lora_rank
+
+  def fresh_state(params):
+    adapters = peft.init_adapters(params, targets, ft.lora_rank, config.seed) if lora else None
+    return steps.init_state(params, tx, adapters)
+
+  abstract_state = jax.eval_shape(fresh_state, abstract_params)
   state_sh = sharding.state_shardings(abstract_state, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints, best_mode=config.best_mode)
+  ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints, best_mode=_best(config, glue_task)[1])
   train_iter = pretrain.Iterator(train_ds)
   restored = ckpt.restore(abstract_state, state_sh, train_iter) if ckpt.steps() else None
   start = 0
@@ -177,44 +207,106 @@ def train(config, workdir: str) -> dict:
       ckpt.close()
       return {}
   elif config.model.init_from:
-    params = jax.device_put(loaded, param_sh)
-    state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(params)
+    params = jax.device_put(loaded[1], param_sh)
+    state = jax.jit(fresh_state, out_shardings=state_sh)(params)
   else:
     seed = config.seed
-    state = jax.jit(
-      lambda: steps.init_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1], tx), out_shardings=state_sh
-    )()
+    state = jax.jit(lambda: fresh_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=state_sh)()
   if is_main:
     with open(os.path.join(workdir, 'model_config.json'), 'w') as f:
       json.dump(dataclasses.asdict(mcfg), f, indent=2)
+    if label_names:
+      with open(os.path.join(workdir, 'labels.json'), 'w') as f:
+        json.dump(label_names, f)
   n_params = model.count_params(state['params'])
   print(
     f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, mesh'
-    f' {dict(mesh.shape)}; {n_params / 1e6:.1f}M parameters ({config.model.preset}, vocab {mcfg.vocab_size})',
+    f' {dict(mesh.shape)}; {n_params / 1e6:.1f}M parameters (layers {mcfg.num_layers}, hidden {mcfg.hidden_size},'
+    f' vocab {mcfg.vocab_size})',
     flush=True,
   )
+  if finetune:
+    trainable, total = peft.count(abstract_params, labels_tree, state.get('adapters'))
+    print(
+      f'fine-tuning ({mode}): {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})', flush=True
+    )
 
   # ---- step functions
   batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in train_ds.element_spec.items()}
   root_rng = jax.random.key(config.seed)
-  loss_fn = functools.partial(tasks.mlm_loss, mesh=mesh)  # Vocabulary-parallel when mesh.tensor > 1.
+  # MLM: vocabulary-parallel cross-entropy when mesh.tensor > 1.
+  loss_fn = tasks.classification_loss if finetune else functools.partial(tasks.mlm_loss, mesh=mesh)
   skip = config.nan_policy == 'skip'
-  train_step = steps.make_train_step(graphdef, tx, loss_fn, config.grad_accum_steps, schedule, skip_nonfinite=skip)
+  train_step = steps.make_train_step(
+    graphdef, tx, loss_fn, config.grad_accum_steps, schedule, skip_nonfinite=skip, frozen=frozen,
+    lora_scale=lora_scale,
+  )  # fmt: skip
   step_fn = jax.jit(
     lambda s, b: train_step(s, b, jax.random.fold_in(root_rng, s['step'])),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0,
   )  # fmt: skip
-  eval_fn = jax.jit(steps.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh['params'], batch_sh))
+
+  def model_params(s):  # What leaves the run: LoRA adapters folded into the dense weights.
+    return peft.merge(s['params'], s['adapters'], lora_scale) if 'adapters' in s else s['params']
+
+  export_params = jax.jit(model_params, out_shardings=state_sh['params'])
 
   def to_global(local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
 
+  if finetune:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def predict_batch(s, batch):
+      out = steps.forward(graphdef, model_params(s), batch)
+      logits = out['logits'].astype(jax.numpy.float32)
+      y = batch['labels']
+      if num_labels == 1:
+        return {'pred': logits[:, 0], 'label': y, 'loss': (logits[:, 0] - y) ** 2, 'weight': batch['weights']}
+      logp = jax.nn.log_softmax(logits, -1)
+      nll = -jax.numpy.take_along_axis(logp, y[:, None].astype(int), -1)[:, 0]
+      return {'pred': logits.argmax(-1), 'label': y, 'loss': nll, 'weight': batch['weights']}
+
+    eval_fn = jax.jit(predict_batch, in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+  else:
+    eval_fn = jax.jit(steps.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh['params'], batch_sh))
+
   def evaluate() -> dict:
-    nonlocal eval_data
-    if eval_data is None:
-      eval_data = pretrain.eval_batches(config.data.eval, tokenizer, seed=config.seed + 1, data_cfg=data_cfg, **data_kw)
+    return _evaluate_classifier() if finetune else _evaluate_mlm()
+
+  def _evaluate_classifier() -> dict:
+    from jaxlm import metrics
+    from jaxlm.data import classify
+
+    splits = tuple(s.strip() for s in config.data.eval_split.split(',') if s.strip())
+    names = glue_task.metrics if glue_task else _file_metrics(config.task, label_names)
+    out = {}
+    for split in splits:
+      if split not in eval_data:
+        eval_data[split] = classify.eval_batches(
+          config.data.eval, tokenizer, labels=label_values, seq_len=T, global_batch_size=B, data_cfg=data_cfg,
+          split=split, **shard,
+        )  # fmt: skip
+      batches, n = eval_data[split]
+      rows = []
+      for local in batches:  # Outputs are replicated: every process sees the whole global batch.
+        rows.append(jax.device_get(eval_fn(state, to_global(local))))
+      r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
+      real = r['weight'] > 0  # Padding rows (weight 0) count nowhere.
+      assert real.sum() == n, (real.sum(), n)
+      prefix = glue.eval_prefix(split, splits)
+      for k, v in metrics.compute(names, r['pred'][real], r['label'][real]).items():
+        out[prefix + k] = v
+      out[prefix + 'loss'] = float(r['loss'][real].mean())
+    return out
+
+  def _evaluate_mlm() -> dict:
+    if 'mlm' not in eval_data:
+      eval_data['mlm'] = pretrain.eval_batches(
+        config.data.eval, tokenizer, seed=config.seed + 1, data_cfg=data_cfg, **data_kw
+      )
     sums = {}
-    for local in eval_data:
+    for local in eval_data['mlm']:
       batch = to_global(local)
       norm = jax.device_get(tasks.normalizers(batch))
       m = jax.device_get(eval_fn(state['params'], batch))
@@ -229,10 +321,13 @@ def train(config, workdir: str) -> dict:
 
   # ---- loop
   peak, _ = perf.peak_tflops()
-  flops = perf.train_flops_per_step(mcfg, B, T, P)
+  flops = perf.train_flops_per_step(mcfg, B, T, 0 if finetune else P)
   reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, peak)
   step, last, pending, undecodable, skipped = start, {}, None, 0, 0.0
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': dataclasses.asdict(mcfg)}
+  if label_names:
+    meta['labels'] = label_names
+  best_metric, _ = _best(config, glue_task)
   preempted = {'flag': False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   try:
@@ -272,8 +367,12 @@ def train(config, workdir: str) -> dict:
       ):
         evaluated = reporter.write(step, evaluate(), prefix='eval_')
         last.update(evaluated)
-        if config.best_metric in evaluated:
-          ckpt.save_best(step, state['params'], {**meta, 'step': step}, evaluated[config.best_metric])
+        if is_main:
+          results = {k.removeprefix('eval_'): v for k, v in evaluated.items() if k.startswith('eval_')}
+          with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+            json.dump({**results, 'step': step}, f, indent=2)
+        if best_metric in evaluated:
+          ckpt.save_best(step, export_params(state), {**meta, 'step': step}, evaluated[best_metric])
       stop = _agree(preempted['flag'])
       if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         if not skip:
@@ -289,6 +388,35 @@ def train(config, workdir: str) -> dict:
     signal.signal(signal.SIGTERM, previous_handler)
     reporter.close()
   return last
+
+
+def _load_init(path: str, overrides: dict, seed: int):
+  """((graphdef, params), new parameter paths) from model.init_from: an HF directory or a jaxlm
+  run / export. Parameters the source lacks (a new head) are initialised fresh."""
+  from jaxlm import export, hf
+
+  if export.is_jaxlm_dir(path):  # A jaxlm run or export: parameters only, any mesh.
+    g, params, new = export.load_for_init(path, seed=seed, **overrides)
+    return (g, params), new
+  g, params, _, load_report = hf.load(path, seed=seed, **overrides)
+  return (g, params), list(load_report.missing)
+
+
+def _best(config, glue_task) -> tuple[str, str]:
+  """(metrics key, 'min' | 'max') of the best checkpoint; 'auto' is the task's main metric."""
+  if config.best_metric != 'auto':
+    return config.best_metric, config.best_mode
+  if config.task == 'mlm':
+    return 'eval_loss', 'min'
+  names = glue_task.metrics if glue_task else _file_metrics(config.task, None)
+  return f'eval_{names[0]}', 'max'
+
+
+def _file_metrics(task: str, label_names) -> tuple[str, ...]:
+  """Metrics of a fine-tuning task on the user's files: the first is the main one."""
+  if task == 'regression':
+    return ('pearson', 'spearman')
+  return ('accuracy', 'f1') if label_names is not None and len(label_names) == 2 else ('accuracy',)
 
 
 def _agree(flag: bool) -> bool:

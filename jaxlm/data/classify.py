@@ -26,8 +26,8 @@ def _fields(data_cfg: dict) -> sources.Fields:
   )
 
 
-def _records(spec: str, data_cfg: dict, key: str) -> tf.data.Dataset:
-  split = data_cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train')
+def _records(spec: str, data_cfg: dict, key: str, split: str | None = None) -> tf.data.Dataset:
+  split = split or data_cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train')
   return sources.records(
     spec, key, _fields(data_cfg), tfds_split=split, tfds_data_dir=data_cfg.get('tfds_data_dir') or None
   )
@@ -57,10 +57,11 @@ def classify_dataset(
   repeat: bool = False,
   process_index: int = 0,
   process_count: int = 1,
+  split: str | None = None,
 ) -> tf.data.Dataset:
   """This process's share of padded classification batches; `labels=None` means regression."""
   fields = _fields(data_cfg)
-  recs = _records(spec, data_cfg, key)
+  recs = _records(spec, data_cfg, key, split)
   backend, pad = tokenizer.fresh_backend(truncation=seq_len), tokenizer.pad_id
   label_ids = {s: i for i, s in enumerate(labels or [])}
   where = f'{key}={spec!r}, field {fields.label!r}'
@@ -105,3 +106,34 @@ def classify_dataset(
   recs = recs.shard(process_count, process_index)
   local = global_batch_size // process_count
   return recs.batch(local, drop_remainder=repeat).map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def eval_batches(
+  spec: str, tokenizer: Tokenizer, *, labels: list[str] | None, seq_len: int, global_batch_size: int,
+  data_cfg: dict, process_index: int, process_count: int, split: str | None = None, key: str = 'data.eval',
+) -> tuple[list[dict], int]:  # fmt: skip
+  """(this process's batches of the whole eval set, number of real examples), read once.
+
+  Every host reads the set and keeps its rows of each global batch, so all hosts run the same
+  number of batches; the rows that pad the last one have weight 0 and count nowhere.
+  """
+  ds = classify_dataset(
+    spec, tokenizer, labels=labels, seq_len=seq_len, global_batch_size=256, data_cfg=data_cfg, key=key, split=split,
+  )  # fmt: skip
+  from jaxlm.data.pretrain import Iterator
+
+  parts = list(Iterator(ds))
+  if not parts:
+    raise UsageError(f'{key}={spec!r}: no examples' + (f' in split {split!r}' if split else ''))
+  rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  n = len(rows['labels'])
+  total = -(-n // global_batch_size) * global_batch_size
+  for k, v in rows.items():  # Padding rows repeat the first example (a valid input) with weight 0.
+    rows[k] = np.concatenate([v, np.repeat(v[:1], total - n, axis=0)])
+  rows['weights'][n:] = 0.0
+  local = global_batch_size // process_count
+  batches = []
+  for start in range(0, total, global_batch_size):
+    lo = start + process_index * local
+    batches.append({k: v[lo : lo + local] for k, v in rows.items()})
+  return batches, n

@@ -1,0 +1,121 @@
+"""Parameter-efficient fine-tuning: train the head only, or LoRA adapters on a frozen encoder.
+
+  full   every parameter trains (the default)
+  head   only the pooler and the classifier train; the encoder is frozen
+  lora   low-rank adapters (Hu et al. 2021) on the chosen dense matrices, plus the head
+
+A LoRA adapter of a kernel W [L, in..., out...] is a pair A [L, in, r], B [L, r, out]; the
+layer uses W + (alpha / r) * A @ B. B starts at zero, so training starts from the pretrained
+model. `merge` folds the adapters into the kernels (used inside the step, and for every
+checkpoint that leaves the run: the best checkpoint and exports hold plain dense weights).
+
+Frozen parameters are labelled 'freeze' for `optax.multi_transform`, whose `set_to_zero`
+branch keeps no optimizer state, so they cost no Adam moments and stay bitwise unchanged.
+This module imports no optax at import time (the inference path loads it to merge adapters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.errors import UsageError
+
+MODES = ('full', 'head', 'lora')
+# Adapter name -> (stacked kernel in model.Layers, number of input axes after the layer axis).
+LORA_TARGETS = {
+  'q': ('q_kernel', 1), 'k': ('k_kernel', 1), 'v': ('v_kernel', 1), 'o': ('o_kernel', 2),
+  'wi': ('wi_kernel', 1), 'wo': ('wo_kernel', 1),
+}  # fmt: skip
+HEAD_PREFIXES = ('pooler/', 'classifier/')
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+  """'q,v' -> ('q', 'v'); an error naming finetune.lora_targets for an unknown matrix."""
+  names = tuple(s.strip() for s in spec.split(',') if s.strip())
+  bad = [n for n in names if n not in LORA_TARGETS]
+  if bad or not names:
+    raise UsageError(f'finetune.lora_targets={spec!r}: expected a comma-separated subset of {sorted(LORA_TARGETS)}')
+  return names
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def init_adapters(params: nnx.State, targets: tuple[str, ...], rank: int, seed: int = 0) -> dict:
+  """{name: {'a': [L, in, r], 'b': [L, r, out]}}: A uniform in +-1/sqrt(in) (as in PEFT), B zero."""
+  flat = {'/'.join(map(str, p)): v for p, v in nnx.to_flat_state(params)}
+  out, key = {}, jax.random.key(seed)
+  for i, name in enumerate(targets):
+    kernel, n_in = LORA_TARGETS[name]
+    shape = flat[f'layers/{kernel}'].shape
+    L, d_in, d_out = shape[0], math.prod(shape[1 : 1 + n_in]), math.prod(shape[1 + n_in :])
+    bound = 1.0 / math.sqrt(d_in)
+    a = jax.random.uniform(jax.random.fold_in(key, i), (L, d_in, rank), jnp.float32, -bound, bound)
+    out[name] = {'a': a, 'b': jnp.zeros((L, rank, d_out), jnp.float32)}
+  return out
+
+
+def merge(params: nnx.State, adapters: dict, scale: float) -> nnx.State:
+  """The parameters with every adapter folded in: W + scale * A @ B (same tree, same dtypes)."""
+  by_kernel = {f'layers/{LORA_TARGETS[n][0]}': ab for n, ab in adapters.items()}
+
+  def fold(path, w):
+    ab = by_kernel.get(_path_str(path))
+    if ab is None:
+      return w
+    delta = jnp.einsum('lir,lro->lio', ab['a'], ab['b']) * scale
+    return w + delta.reshape(w.shape).astype(w.dtype)
+
+  return jax.tree_util.tree_map_with_path(fold, params)
+
+
+def labels(params: nnx.State, mode: str):
+  """'train' / 'freeze' per parameter (same tree as `params`) for optax.multi_transform."""
+  if mode not in MODES:
+    raise UsageError(f'finetune.mode={mode!r}: expected one of {MODES}')
+
+  def label(path, _):
+    name = _path_str(path)
+    return 'train' if mode == 'full' or name.startswith(HEAD_PREFIXES) else 'freeze'
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def wrap_optimizer(tx, params_labels, with_adapters: bool):
+  """tx on the trainable parameters (and the adapters), set_to_zero (no state) on the rest.
+
+  The optimizer's target is `params`, or {'params': params, 'adapters': adapters} for LoRA."""
+  import optax
+
+  if with_adapters:
+    params_labels = {'params': params_labels, 'adapters': 'train'}
+  label_fn = lambda tree: _broadcast_labels(params_labels, tree)
+  return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, label_fn)
+
+
+def _broadcast_labels(labels_tree, tree):
+  """Expands a label given for a whole subtree (e.g. 'train' for all adapters) to its leaves."""
+  if isinstance(labels_tree, str):
+    return jax.tree.map(lambda _: labels_tree, tree)
+  if isinstance(labels_tree, dict) and not isinstance(labels_tree, nnx.State):
+    return {k: _broadcast_labels(labels_tree[k], tree[k]) for k in tree}
+  return labels_tree
+
+
+def frozen_mask(params_labels):
+  """True where a parameter is frozen (its gradient is stopped in the step)."""
+  return jax.tree.map(lambda s: s == 'freeze', params_labels)
+
+
+def count(params, params_labels, adapters=None) -> tuple[int, int]:
+  """(trainable, total) parameter counts; adapters count as trainable and in the total."""
+  sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+  marks = jax.tree.leaves(params_labels)
+  extra = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters or {}))
+  trainable = sum(s for s, m in zip(sizes, marks) if m == 'train') + extra
+  return trainable, sum(sizes) + extra

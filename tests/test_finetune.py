@@ -1,0 +1,289 @@
+"""Fine-tuning: metrics against scikit-learn / scipy, the real MiniLM on a learnable task through
+the CLI, GLUE through TFDS (mock data), head-only and LoRA runs, eval padding, HF export parity."""
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POS = ['great', 'wonderful', 'excellent', 'delightful', 'superb', 'lovely', 'fantastic', 'brilliant']
+NEG = ['terrible', 'awful', 'boring', 'dreadful', 'horrible', 'dull', 'disappointing', 'poor']
+SUBJ = ['the movie', 'this book', 'the meal', 'our trip', 'the concert', 'that show', 'the hotel', 'the game']
+FILL = ['honestly', 'really', 'overall', 'i think', 'for me', 'in the end', 'frankly', 'to be fair']
+
+
+def _sentiment(n: int, seed: int) -> list[dict]:
+  """A small learnable task: the sentence's adjective decides the label."""
+  r = random.Random(seed)
+  out = []
+  for _ in range(n):
+    pos = r.random() < 0.5
+    text = f'{r.choice(FILL)} {r.choice(SUBJ)} was {r.choice(POS if pos else NEG)}'
+    out.append({'text': text, 'label': 'positive' if pos else 'negative'})
+  return out
+
+
+def _write_jsonl(path, rows):
+  with open(path, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  return str(path)
+
+
+def _config(name: str, **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in overrides.items():
+    node, *path = key.split('.')
+    target = c
+    for k in [node, *path][:-1]:
+      target = target[k]
+    target[[node, *path][-1]] = value
+  return c
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_agree_with_sklearn_and_scipy():
+  from scipy import stats
+  from sklearn import metrics as skm
+
+  from jaxlm import metrics
+
+  rng = np.random.default_rng(0)
+  y2, p2 = rng.integers(0, 2, 300), rng.integers(0, 2, 300)
+  y3, p3 = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+  p3[:150] = y3[:150]  # Correlated, so Matthews is far from 0.
+  assert metrics.accuracy(p3, y3) == pytest.approx(skm.accuracy_score(y3, p3), abs=1e-12)
+  assert metrics.f1(p2, y2) == pytest.approx(skm.f1_score(y2, p2), abs=1e-12)
+  assert metrics.matthews(p2, y2) == pytest.approx(skm.matthews_corrcoef(y2, p2), abs=1e-12)
+  assert metrics.matthews(p3, y3) == pytest.approx(skm.matthews_corrcoef(y3, p3), abs=1e-12)
+  assert metrics.matthews(np.ones(5, int), np.ones(5, int)) == skm.matthews_corrcoef(np.ones(5), np.ones(5))
+  x = rng.normal(size=200)
+  y = x + rng.normal(size=200)
+  ties = np.round(x * 2) / 2  # Many ties: Spearman's average ranks matter.
+  assert metrics.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+  assert metrics.spearman(ties, y) == pytest.approx(stats.spearmanr(ties, y)[0], abs=1e-12)
+  w = (rng.random(300) > 0.3).astype(np.float32)  # Weight-0 rows are left out.
+  keep = w > 0
+  assert metrics.accuracy(p3, y3, w) == pytest.approx(skm.accuracy_score(y3[keep], p3[keep]))
+  assert metrics.f1(p2, y2, w) == pytest.approx(skm.f1_score(y2[keep], p2[keep]))
+
+
+def test_eval_batches_pad_and_split_across_processes(tmp_path, minilm_dir):
+  from jaxlm import tokenizer as tokenizer_lib
+  from jaxlm.data import classify
+
+  path = _write_jsonl(tmp_path / 'dev.jsonl', _sentiment(21, 3))
+  tok = tokenizer_lib.load(minilm_dir)
+  cfg = {'text_field': 'text', 'label_field': 'label'}
+  labels = ['negative', 'positive']
+  whole, n = classify.eval_batches(f'jsonl:{path}', tok, labels=labels, seq_len=16, global_batch_size=8,
+                                   data_cfg=cfg, process_index=0, process_count=1)  # fmt: skip
+  assert n == 21 and len(whole) == 3 and sum(b['weights'].sum() for b in whole) == 21
+  assert whole[-1]['weights'].tolist() == [1.0] * 5 + [0.0] * 3
+  halves = [
+    classify.eval_batches(f'jsonl:{path}', tok, labels=labels, seq_len=16, global_batch_size=8, data_cfg=cfg,
+                          process_index=i, process_count=2)[0]
+    for i in range(2)
+  ]  # fmt: skip
+  assert len(halves[0]) == len(halves[1]) == 3  # Every process runs the same number of batches.
+  for b, (h0, h1) in enumerate(zip(*halves)):
+    np.testing.assert_array_equal(np.concatenate([h0['input_ids'], h1['input_ids']]), whole[b]['input_ids'])
+    np.testing.assert_array_equal(np.concatenate([h0['weights'], h1['weights']]), whole[b]['weights'])
+
+
+# ----------------------------------------------------------------------------- the real MiniLM, CLI
+
+
+@pytest.fixture(scope='module')
+def minilm_run(tmp_path_factory, minilm_dir):
+  """`python -m jaxlm.train --config configs/finetune_files.py` on the real MiniLM, 30 steps."""
+  d = tmp_path_factory.mktemp('ft_minilm')
+  train = _write_jsonl(d / 'train.jsonl', _sentiment(480, 0))
+  dev = _write_jsonl(d / 'dev.jsonl', _sentiment(100, 1))
+  workdir = d / 'run'
+  args = [
+    '--config', 'configs/finetune_files.py', '--workdir', str(workdir),
+    f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train}', f'--config.data.eval=jsonl:{dev}',
+    '--config.num_train_steps=30', '--config.global_batch_size=16', '--config.data.seq_len=32',
+    '--config.learning_rate=1e-4', '--config.warmup_steps=3', '--config.eval_every_steps=30',
+    '--config.log_every_steps=10', '--config.checkpoint_every_steps=30', '--config.model.hidden_dropout=0.0',
+  ]  # fmt: skip
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
+  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  return workdir, res.stdout, dev
+
+
+def test_finetune_minilm_learns_the_task(minilm_run):
+  workdir, stdout, _ = minilm_run
+  assert 'new: classifier/kernel, classifier/bias' in stdout
+  assert 'loaded 23 parameters' in stdout and 'layers/q_kernel' in stdout
+  results = json.load(open(workdir / 'eval_results.json'))
+  assert results['step'] == 30
+  assert results['accuracy'] >= 0.9, results  # Chance is about 0.5.
+  assert set(results) == {'accuracy', 'f1', 'loss', 'step'}
+  assert json.load(open(workdir / 'labels.json')) == ['negative', 'positive']
+  assert (workdir / 'checkpoints' / 'best' / '30').is_dir()  # Kept by eval_accuracy.
+
+
+def test_finetuned_checkpoint_predicts_and_hf_export_matches(minilm_run, tmp_path):
+  import torch
+  import transformers
+
+  import jaxlm
+  from jaxlm import export
+
+  workdir, _, dev = minilm_run
+  rows = [json.loads(line) for line in open(dev)][:24]
+  texts = [r['text'] for r in rows]
+  pred = jaxlm.load(str(workdir)).predict(texts)
+  assert np.mean([p['label'] == r['label'] for p, r in zip(pred, rows)]) >= 0.9
+  out = tmp_path / 'hf'
+  assert export.main(['--checkpoint', str(workdir), '--out', str(out), '--format', 'hf']) == 0
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  with torch.no_grad():
+    logits = model(**tok(texts, padding=True, return_tensors='pt')).logits
+  probs = torch.softmax(logits, -1).numpy()
+  assert [model.config.id2label[i] for i in probs.argmax(-1)] == [p['label'] for p in pred]
+  ours = np.array([[p['probabilities'][name] for name in ('negative', 'positive')] for p in pred])
+  np.testing.assert_allclose(ours, probs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- parameter-efficient
+
+
+@pytest.fixture(scope='module')
+def task_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp('ft_files')
+  return _write_jsonl(d / 'train.jsonl', _sentiment(64, 5)), _write_jsonl(d / 'dev.jsonl', _sentiment(20, 6))
+
+
+def _nested(tree) -> dict:
+  from jaxlm import export
+
+  return {'/'.join(k): v for k, v in _flat(export._nested(tree))}
+
+
+def _flat(d, prefix=()):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flat(v, prefix + (k,))
+    else:
+      yield prefix + (k,), np.asarray(v)
+
+
+@pytest.mark.parametrize('mode', ['head', 'lora'])
+def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_path, hf_mlm_dir, task_files, capsys):
+  import jax
+  import orbax.checkpoint as ocp
+
+  from jaxlm import export, hf, peft, train
+
+  train_path, dev_path = task_files
+  config = _config(
+    'finetune_files', **{
+      'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
+      'num_train_steps': 6, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
+      'eval_every_steps': 6, 'log_every_steps': 3, 'checkpoint_every_steps': 6, 'finetune.mode': mode,
+      'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4,
+    })  # fmt: skip
+  workdir = str(tmp_path / mode)
+  train.train(config, workdir)
+  log = capsys.readouterr().out
+  _, original, _, _ = hf.load(hf_mlm_dir)
+  before = _nested(original)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '6', 'state'))
+  after = dict(_flat(saved['params']))
+  after = {'/'.join(k): v for k, v in after.items()}
+  head = [k for k in after if k.startswith(('pooler/', 'classifier/'))]
+  assert sorted(head) == ['classifier/bias', 'classifier/kernel', 'pooler/bias', 'pooler/kernel']
+  frozen = [k for k in after if k not in head]
+  for k in frozen:
+    assert np.array_equal(after[k], before[k]), k  # Bitwise: no update ever touched them.
+  assert not np.array_equal(after['classifier/kernel'], np.zeros_like(after['classifier/kernel']))
+  trainable = int(log.split(f'fine-tuning ({mode}): ')[1].split(' trainable')[0].replace(',', ''))
+  opt_floats = sum(np.size(x) for x in jax.tree.leaves(saved['opt_state']))
+  assert opt_floats < 2 * trainable + 16  # Adam moments for the trainable parameters only.
+  if mode == 'head':
+    assert trainable == sum(after[k].size for k in head)
+    return
+  adapters = saved['adapters']
+  assert sorted(adapters) == ['o', 'q', 'v', 'wi', 'wo']
+  assert all(np.abs(adapters[n]['b']).max() > 0 for n in adapters)  # The adapters trained.
+  # What leaves the run has the adapters merged into the dense kernels.
+  _, merged, _, _ = export.load_checkpoint(workdir)
+  merged = _nested(merged)
+  scale = config.finetune.lora_alpha / config.finetune.lora_rank
+  for name in ('q', 'wi'):
+    kernel = f'layers/{peft.LORA_TARGETS[name][0]}'
+    a, b = np.asarray(adapters[name]['a']), np.asarray(adapters[name]['b'])
+    want = before[kernel] + (np.einsum('lir,lro->lio', a, b) * scale).reshape(before[kernel].shape)
+    np.testing.assert_allclose(merged[kernel], want, atol=1e-6)
+    assert not np.allclose(merged[kernel], before[kernel])
+  np.testing.assert_array_equal(merged['layers/k_kernel'], before['layers/k_kernel'])  # No adapter on k.
+
+
+# ----------------------------------------------------------------------------- GLUE via TFDS
+
+
+@pytest.mark.parametrize(
+  'task,keys',
+  [('sst2', {'accuracy'}), ('stsb', {'pearson', 'spearman'}), ('mnli', {'accuracy', 'mismatched_accuracy'})],
+)
+def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir):
+  import tensorflow_datasets as tfds
+
+  from jaxlm import train
+
+  config = _config(
+    'finetune_glue', **{
+      'task_name': task, 'model.init_from': hf_mlm_dir, 'num_train_steps': 4, 'global_batch_size': 8,
+      'data.seq_len': 16, 'warmup_steps': 1, 'eval_every_steps': 4, 'log_every_steps': 2,
+      'checkpoint_every_steps': 4, 'data.shuffle_buffer': 16,
+    })  # fmt: skip
+  workdir = tmp_path / task
+  with tfds.testing.mock_data(num_examples=21):  # 21 eval examples: the last batch of 8 is padded.
+    last = train.train(config, str(workdir))
+  results = json.load(open(workdir / 'eval_results.json'))
+  assert keys <= set(results) and results['step'] == 4
+  assert {f'eval_{k}' for k in keys} <= set(last)
+  for k in keys:
+    assert -1.0 <= results[k] <= 1.0
+  main = {'sst2': 'accuracy', 'stsb': 'pearson', 'mnli': 'accuracy'}[task]
+  assert (workdir / 'checkpoints' / 'best' / '4').is_dir(), main
+  if task == 'mnli':
+    assert json.load(open(workdir / 'labels.json')) == ['entailment', 'neutral', 'contradiction']
+  if task == 'stsb':
+    assert not (workdir / 'labels.json').exists()  # Regression: one output, no label set.
+
+
+def test_finetune_config_errors(tmp_path):
+  from jaxlm import config as config_lib
+  from jaxlm import glue
+  from jaxlm.errors import UsageError
+
+  c = _config('finetune_files', **{'data.train': 'jsonl:x.jsonl'})
+  with pytest.raises(UsageError, match='model.init_from'):
+    config_lib.validate(c, 1)
+  c = _config('finetune_glue', **{'task_name': 'sst3', 'model.init_from': '/x'})
+  with pytest.raises(UsageError, match="task_name='sst3'"):
+    glue.resolve(c)
+  c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.lora_targets': 'q,z'})
+  with pytest.raises(UsageError, match='finetune.lora_targets'):
+    config_lib.validate(c, 1)
+  c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.mode': 'adapters'})
+  with pytest.raises(UsageError, match='finetune.mode'):
+    config_lib.validate(c, 1)
