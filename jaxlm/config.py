@@ -71,6 +71,13 @@ def base() -> ml_collections.ConfigDict:
   c.finetune.lora_targets = 'q,k,v,o,wi,wo'  # Matrices with adapters: attention q, k, v, o and
   #   feed-forward wi (in), wo (out). Merged into the dense weights on export.
 
+  c.prune = ml_collections.ConfigDict()
+  c.prune.sparsity = 0.0  # Gradual magnitude pruning of the encoder's dense kernels to this
+  #   final sparsity (0 = off; finetune.mode=full only). Pruned weights stay exactly zero.
+  c.prune.begin_step = 0  # The cubic schedule (Zhu & Gupta 2017) starts here ...
+  c.prune.end_step = -1  # ... and reaches prune.sparsity here (-1: at 3/4 of num_train_steps).
+  c.prune.frequency = 10  # Masks are recomputed every this many steps in between.
+
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'base'  # tiny, mini, small, medium, base or large.
   c.model.init_from = ''  # Hugging Face BERT directory or jaxlm run / export to start from
@@ -155,6 +162,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if flat['finetune.mode'] not in peft.MODES:
     raise UsageError(f'finetune.mode={flat["finetune.mode"]!r}: expected one of {peft.MODES}')
   peft.parse_targets(flat['finetune.lora_targets'])
+  if not 0.0 <= flat['prune.sparsity'] < 1.0:
+    raise UsageError(f'prune.sparsity={flat["prune.sparsity"]}: must be in [0, 1)')
+  if flat['prune.sparsity'] and flat['task'] != 'mlm' and flat['finetune.mode'] != 'full':
+    raise UsageError(f'prune.sparsity needs finetune.mode=full (the kernels are frozen under {flat["finetune.mode"]!r})')
+  if flat['prune.sparsity']:
+    end = prune_end_step(flat['prune.end_step'], flat['num_train_steps'])
+    if not 0 <= flat['prune.begin_step'] < end or flat['prune.frequency'] < 1:
+      raise UsageError(
+        f'prune: need 0 <= prune.begin_step ({flat["prune.begin_step"]}) < prune.end_step ({end}) and'
+        f' prune.frequency >= 1'
+      )
   if flat['data.text_docs'] not in ('line', 'blank_line'):
     raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
   if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
@@ -198,6 +216,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       f'global_batch_size={batch} is not divisible by the data-parallel size'
       f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
     )
+
+
+def prune_end_step(end_step: int, num_train_steps: int) -> int:
+  """prune.end_step, with -1 meaning 3/4 of the run (the rest fine-tunes at the final sparsity)."""
+  return end_step if end_step >= 0 else max(1, (3 * num_train_steps) // 4)
 
 
 def pretraining(preset: str) -> ml_collections.ConfigDict:

@@ -185,6 +185,12 @@ def train(config, workdir: str) -> dict:
   frozen, lora = None, mode == 'lora'
   if mode != 'full':
     tx, frozen = peft.wrap_optimizer(tx, labels_tree, lora), peft.frozen_mask(labels_tree)
+  pr = config.prune
+  if pr.sparsity:  # Gradual magnitude pruning: masks in the optimizer state, pruned weights exactly 0.
+    from jaxlm import prune
+
+    end = config_lib.prune_end_step(pr.end_step, config.num_train_steps)
+    tx = prune.magnitude_pruning(tx, prune.cubic_schedule(pr.sparsity, pr.begin_step, end, pr.frequency))
   targets, lora_scale = peft.parse_targets(ft.lora_targets), ft.lora_alpha / ft.lora_rank
 
   def fresh_state(params):
@@ -250,6 +256,11 @@ def train(config, workdir: str) -> dict:
     return peft.merge(s['params'], s['adapters'], lora_scale) if 'adapters' in s else s['params']
 
   export_params = jax.jit(model_params, out_shardings=state_sh['params'])
+
+  if pr.sparsity:
+    from jaxlm import prune
+
+    sparsity_fn = jax.jit(lambda p: prune.sparsity_fraction(p))
 
   def to_global(local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sh[k], v) for k, v in local.items()}
@@ -355,6 +366,8 @@ def train(config, workdir: str) -> dict:
         jax.profiler.stop_trace()
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         host = jax.device_get(metrics)
+        if pr.sparsity:
+          host['sparsity'] = float(sparsity_fn(state['params']))
         if skip:
           host['skipped_steps'] = skipped + float(host.pop('skipped'))
         else:
