@@ -68,13 +68,13 @@ def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str):
 
 def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
   """(graphdef, params, tokenizer directory, labels) from a workdir, a step directory or a jaxlm export."""
-  import orbax.checkpoint as ocp
+  from jaxlm.checkpoint import read_arrays  # Whatever number of processes saved it.
 
   p = os.path.abspath(path)
   if os.path.isdir(os.path.join(p, 'params')):  # A --format jaxlm export.
     with open(os.path.join(p, 'model_config.json')) as f:
       cfg = model_lib.ModelConfig(**{**json.load(f), **overrides})
-    raw = ocp.StandardCheckpointer().restore(os.path.join(p, 'params'))
+    raw = read_arrays(os.path.join(p, 'params'))
     labels_path = os.path.join(p, 'labels.json')
     labels = json.load(open(labels_path)) if os.path.exists(labels_path) else None
     return (*_fill(cfg, raw, os.path.join(p, 'params')), os.path.join(p, 'tokenizer'), labels)
@@ -82,7 +82,7 @@ def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, st
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
   cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
-  raw = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))['params']
+  raw = read_arrays(os.path.join(step_dir, 'state'))['params']
   graphdef, params = _fill(cfg, raw, os.path.join(step_dir, 'state'))
   data = meta.get('config', {}).get('data', {})
   tok = os.path.join(workdir, 'tokenizer')

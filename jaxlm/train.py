@@ -133,10 +133,11 @@ def train(config, workdir: str) -> dict:
   )  # fmt: skip
   data_kw['whole_word'] = config.data.whole_word_masking
   data_cfg = config.data.to_dict()
-  train_ds = pretrain.pretrain_dataset(
-    config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
+  make_train_ds = lambda seed: pretrain.pretrain_dataset(
+    config.data.train, tokenizer, seed=seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
     **data_kw,
   )  # fmt: skip
+  train_ds = make_train_ds(config.seed)
   eval_data = None  # Read once, in full, at the first evaluation.
 
   # ---- model and sharded state
@@ -169,13 +170,21 @@ def train(config, workdir: str) -> dict:
   start = 0
   if restored is not None:
     state, _, start = restored
-    print(f'resumed from the checkpoint of step {start}', flush=True)
+    print(f'resumed from the checkpoint of step {start} (checksum {checkpoint.checksum(state):08x})', flush=True)
     if start >= config.num_train_steps:
       print(
         f'nothing to do: the checkpoint is at step {start} and num_train_steps={config.num_train_steps}', flush=True
       )
       ckpt.close()
       return {}
+    if ckpt.restored_process_count != jax.process_count():  # The tf.data position is per process.
+      print(
+        f'warning: step {start} was saved by {ckpt.restored_process_count} process(es) and this run has'
+        f' {jax.process_count()}; the input position cannot move to another process count, so the input'
+        f' stream restarts, shuffled and masked with data seed {config.seed + start} (seed + step)',
+        flush=True,
+      )
+      train_iter = pretrain.Iterator(make_train_ds(config.seed + start))
   elif config.model.init_from:
     params = jax.device_put(loaded, param_sh)
     state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(params)

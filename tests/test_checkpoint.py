@@ -1,15 +1,16 @@
-"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes and sizes."""
+"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes, sizes and process counts."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -52,7 +53,7 @@ def _losses(workdir):
 
 
 def _arrays(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return checkpoint.read_arrays(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
 def _assert_same_params(a, b):
@@ -120,6 +121,69 @@ def test_sigkill_during_saves_and_a_damaged_latest_step(vocab_dir, straight, tmp
   assert f'checkpoint {done[-1]} could not be read' in res.stderr
   assert f'resumed from the checkpoint of step {done[-2]}' in res.stdout
   _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(args, cache_dir):
+  """Starts `python -m jaxlm.train ARGS` as processes 0 and 1 of one run (gloo), 2 CPU devices each."""
+  port = _free_port()
+  env = {**_env(2), 'JAX_COMPILATION_CACHE_DIR': str(cache_dir), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  return [
+    subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *args, f'--coordinator_address=127.0.0.1:{port}',
+                      '--num_processes=2', f'--process_id={i}'],
+                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(2)
+  ]  # fmt: skip
+
+
+def _last_step(workdir):
+  lines = open(os.path.join(workdir, 'metrics.jsonl')).read().split('\n')[:-1]  # Complete lines only.
+  return json.loads(lines[-1])['step'] if lines else 0
+
+
+def _finish(procs):
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
+
+
+def test_resume_on_two_processes_and_sigterm_one_of_them(vocab_dir, tmp_path):
+  # A constant rate after warmup: the step does not depend on num_train_steps, so the last run finds it compiled.
+  mesh = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.lr_schedule=constant')
+  # One process with 4 devices saves steps 2 and 4.
+  _run(_flags(vocab_dir, tmp_path, 4, every=2, extra=mesh), devices=4)
+  saved4 = checkpoint.checksum(_arrays(tmp_path, 4))
+  # Two processes with 2 devices each take it over; process 1 alone gets SIGTERM mid-run.
+  cache = tmp_path / 'jax_cache'
+  procs = _two_processes(_flags(vocab_dir, tmp_path, 2000, every=1000, extra=mesh), cache)
+  deadline = time.time() + 120
+  while time.time() < deadline and _last_step(tmp_path) < 7 and all(p.poll() is None for p in procs):
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs)
+  for out in outs:
+    assert f'resumed from the checkpoint of step 4 (checksum {saved4:08x})' in out, out[-2000:]
+    assert 'step 4 was saved by 1 process(es) and this run has 2' in out and 'data seed 4' in out
+  stopped = [int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', out).group(1)) for out in outs]
+  s = stopped[0]
+  assert stopped == [s, s] and 7 <= s < 2000, stopped
+  ckdir = os.path.join(tmp_path, 'checkpoints')
+  assert {'process_0.index', 'process_1.index'} <= set(os.listdir(os.path.join(ckdir, 'data', str(s))))
+  assert json.load(open(os.path.join(ckdir, str(s), 'meta', 'metadata')))['process_count'] == 2
+  saved = checkpoint.checksum(_arrays(tmp_path, s))
+  # Two processes again: the input position of step s continues exactly, and the run completes.
+  outs = _finish(_two_processes(_flags(vocab_dir, tmp_path, s + 2, every=1000, extra=mesh), cache))
+  for out in outs:
+    assert f'resumed from the checkpoint of step {s} (checksum {saved:08x})' in out, out[-2000:]
+    assert 'was saved by' not in out
+  assert max(_losses(tmp_path)) == s + 2
+  assert os.path.isdir(os.path.join(ckdir, str(s + 2), 'state'))
 
 
 def _state(cfg, mesh, tx):
