@@ -46,6 +46,7 @@ def init_distributed() -> None:
 def build_tokenizer(config, workdir: str):
   """data.tokenizer, else the tokenizer of model.init_from, else one trained on data.train."""
   import numpy as np
+  from etils import epath
 
   from jaxlm import tokenizer as tokenizer_lib
 
@@ -57,8 +58,8 @@ def build_tokenizer(config, workdir: str):
     if export.is_jaxlm_dir(config.model.init_from):
       return tokenizer_lib.load(export.load_checkpoint(config.model.init_from)[2])
     return tokenizer_lib.load(config.model.init_from)
-  saved = os.path.join(workdir, 'tokenizer')
-  if os.path.exists(os.path.join(saved, 'tokenizer.json')):
+  saved = str(epath.Path(workdir) / 'tokenizer')  # Local or remote (gs://).
+  if epath.Path(saved, 'tokenizer.json').exists():
     return tokenizer_lib.load(saved)
   if not config.data.train_tokenizer_vocab:
     from jaxlm.errors import UsageError
@@ -108,6 +109,7 @@ def model_config(config, vocab_size: int):
 def train(config, workdir: str) -> dict:
   """Runs the whole training; returns the last logged metrics."""
   import jax
+  from etils import epath
   from flax import nnx
 
   from jaxlm import checkpoint, hf, model, optim, perf, report, sharding, steps, tasks
@@ -120,9 +122,8 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or remote (gs://).
+    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   # ---- input
   tokenizer = build_tokenizer(config, workdir)
@@ -194,8 +195,7 @@ def train(config, workdir: str) -> dict:
       lambda: steps.init_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1], tx), out_shardings=state_sh
     )()
   if is_main:
-    with open(os.path.join(workdir, 'model_config.json'), 'w') as f:
-      json.dump(dataclasses.asdict(mcfg), f, indent=2)
+    epath.Path(workdir, 'model_config.json').write_text(json.dumps(dataclasses.asdict(mcfg), indent=2))
   n_params = model.count_params(state['params'])
   print(
     f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, mesh'

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -278,3 +279,70 @@ def test_best_checkpoint_by_eval_metric(vocab_dir, tmp_path):
   import jaxlm
 
   assert jaxlm.load(os.path.join(best_dir, str(kept[0]))).fill_mask('a [MASK] b', top_k=2)
+
+
+@pytest.fixture
+def ram_workdir(monkeypatch):
+  """A workdir on TensorFlow's in-memory filesystem, through epath's tf.io.gfile backend (the one it uses
+  for gs:// when TensorFlow is installed): nothing here may go through os.path, open or shutil."""
+  from etils.epath import backend, gpath, register
+
+  monkeypatch.setattr(gpath, '_URI_PREFIXES', (*gpath._URI_PREFIXES, 'ram://'))
+  monkeypatch.setattr(gpath, '_URI_SCHEMES', gpath._URI_SCHEMES | {'ram'})
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, 'ram://', '/ram/')
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'ram', backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, 'ram://', gpath.PosixGPath)
+  return f'ram://{uuid.uuid4().hex}/run'
+
+
+def test_workdir_files_on_a_remote_filesystem(ram_workdir):
+  import tensorflow as tf
+  from etils import epath
+
+  from jaxlm import config as config_lib
+  from jaxlm import export, report, train
+
+  gfile = tf.io.gfile
+  assert not os.path.exists('ram:')  # A local directory named after the scheme would mean a wrong path.
+  # The tokenizer a run trains is saved into the workdir, and the next start loads it from there.
+  config = config_lib.base()
+  config.data.train_tokenizer_vocab = 300
+  tok = train.build_tokenizer(config, ram_workdir)
+  assert gfile.exists(f'{ram_workdir}/tokenizer/tokenizer.json') and gfile.exists(f'{ram_workdir}/tokenizer/vocab.txt')
+  config.data.train_tokenizer_vocab = 0  # Training again would fail: it must be read back.
+  again = train.build_tokenizer(config, ram_workdir)
+  assert again.source == f'{ram_workdir}/tokenizer/tokenizer.json' and again.encode(['a b'], 8) == tok.encode(
+    ['a b'], 8
+  )
+  assert tokenizer.load(f'{ram_workdir}/tokenizer/tokenizer.json').vocab_size == tok.vocab_size
+  # metrics.jsonl and TensorBoard events.
+  reporter = report.Reporter(ram_workdir, 10, 64, 1e9, 1.0)
+  reporter.start(0)
+  for step in (1, 2):
+    reporter.write(step, {'loss': 3.0 - step})
+  reporter.close()
+  with gfile.GFile(f'{ram_workdir}/metrics.jsonl') as f:
+    assert [json.loads(line)['loss'] for line in f] == [2.0, 1.0]
+  assert gfile.listdir(f'{ram_workdir}/tensorboard')
+  # Iterator positions: written, found, restored and pruned in checkpoints/data.
+  ck = checkpoint.Checkpointer.__new__(checkpoint.Checkpointer)  # Without Orbax managers (no arrays here).
+  ck.directory = checkpoint.workdir_path(ram_workdir) / 'checkpoints'
+  ck.data_dir = ck.directory / 'data'
+  assert str(ck.data_dir) == f'{ram_workdir}/checkpoints/data'
+  it = pretrain.Iterator(tf.data.Dataset.range(100).map(lambda i: {'x': i}))
+  for step in (3, 5):
+    next(it)
+    it.save(str(ck._data_path(step)))
+  assert epath.Path(f'{ck._data_path(5)}.index').exists()
+  resumed = pretrain.Iterator(tf.data.Dataset.range(100).map(lambda i: {'x': i}))
+  resumed.restore(str(ck._data_path(5)))
+  assert next(resumed)['x'] == 2
+  checkpoint.prune_data(ck.data_dir, [5])
+  assert gfile.listdir(str(ck.data_dir)) in (['5'], ['5/'])
+  # A workdir's newest finished step, for jaxlm.load and export.
+  for d in ('checkpoints/5/state', 'checkpoints/7'):  # 7: a save that never finished.
+    gfile.makedirs(f'{ram_workdir}/{d}')
+  assert export.is_jaxlm_dir(ram_workdir) and not export.is_jaxlm_dir(f'{ram_workdir}/tokenizer')
+  assert export._step_dir(ram_workdir) == (f'{ram_workdir}/checkpoints/5', ram_workdir)
+  assert export._step_dir(f'{ram_workdir}/checkpoints/5') == (f'{ram_workdir}/checkpoints/5', ram_workdir)
+  assert not os.path.exists('ram:')
