@@ -165,7 +165,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if not 0.0 <= flat['prune.sparsity'] < 1.0:
     raise UsageError(f'prune.sparsity={flat["prune.sparsity"]}: must be in [0, 1)')
   if flat['prune.sparsity'] and flat['task'] != 'mlm' and flat['finetune.mode'] != 'full':
-    raise UsageError(f'prune.sparsity needs finetune.mode=full (the kernels are frozen under {flat["finetune.mode"]!r})')
+    raise UsageError(
+      f'prune.sparsity needs finetune.mode=full (the kernels are frozen under {flat["finetune.mode"]!r})'
+    )
   if flat['prune.sparsity']:
     end = prune_end_step(flat['prune.end_step'], flat['num_train_steps'])
     if not 0 <= flat['prune.begin_step'] < end or flat['prune.frequency'] < 1:

@@ -20,33 +20,40 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm.errors import UsageError
 
 
+def _path(path) -> epath.Path:
+  """An absolute local path, or a remote one (gs://...) as given; no TensorFlow for local paths."""
+  path = os.fspath(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
 def _step_dir(path: str) -> tuple[str, str]:
   """(step directory, workdir) for a workdir or a step directory."""
-  path = os.path.abspath(path)
-  ck = os.path.join(path, 'checkpoints')
-  if os.path.isdir(ck):
-    steps = sorted(int(d) for d in os.listdir(ck) if d.isdigit() and os.path.exists(os.path.join(ck, d, 'state')))
+  path = _path(path)
+  ck = path / 'checkpoints'
+  if ck.is_dir():
+    steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / 'state').exists())
     if not steps:
       raise UsageError(f'{ck}: no finished checkpoint')
-    return os.path.join(ck, str(steps[-1])), path
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path, os.path.dirname(os.path.dirname(path))
+    return str(ck / str(steps[-1])), str(path)
+  if (path / 'state').is_dir():
+    return str(path), str(path.parent.parent)
   raise UsageError(f'{path}: not a training workdir, a checkpoint step or an exported directory')
 
 
 def is_jaxlm_dir(path: str) -> bool:
-  """True for a training workdir, a checkpoint step directory or a `--format jaxlm` export."""
-  p = os.path.abspath(path)
+  """True for a training workdir, a checkpoint step directory or a `--format jaxlm` export (local or gs://)."""
+  p = _path(path)
   return (
-    os.path.isdir(os.path.join(p, 'checkpoints'))
-    or os.path.isdir(os.path.join(p, 'state'))
-    or (os.path.exists(os.path.join(p, 'model_config.json')) and os.path.isdir(os.path.join(p, 'params')))
+    (p / 'checkpoints').is_dir()
+    or (p / 'state').is_dir()
+    or ((p / 'model_config.json').exists() and (p / 'params').is_dir())
   )
 
 
@@ -105,27 +112,25 @@ def _merge_adapters(raw: dict, meta: dict) -> dict:
 
 
 def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0):
-  import orbax.checkpoint as ocp
+  from jaxlm.checkpoint import read_arrays  # Whatever number of processes saved it.
 
-  p = os.path.abspath(path)
-  if os.path.isdir(os.path.join(p, 'params')):  # A --format jaxlm export.
-    with open(os.path.join(p, 'model_config.json')) as f:
-      cfg = model_lib.ModelConfig(**{**json.load(f), **overrides})
-    raw = ocp.StandardCheckpointer().restore(os.path.join(p, 'params'))
-    labels_path = os.path.join(p, 'labels.json')
-    labels = json.load(open(labels_path)) if os.path.exists(labels_path) else None
-    filled = _fill(cfg, raw, os.path.join(p, 'params'), missing, seed)
-    return (*filled, os.path.join(p, 'tokenizer'), labels, missing)
-  step_dir, workdir = _step_dir(p)
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
+  p = _path(path)
+  if (p / 'params').is_dir():  # A --format jaxlm export.
+    cfg = model_lib.ModelConfig(**{**json.loads((p / 'model_config.json').read_text()), **overrides})
+    raw = read_arrays(p / 'params')
+    labels_path = p / 'labels.json'
+    labels = json.loads(labels_path.read_text()) if labels_path.exists() else None
+    filled = _fill(cfg, raw, str(p / 'params'), missing, seed)
+    return (*filled, str(p / 'tokenizer'), labels, missing)
+  step_dir, workdir = map(epath.Path, _step_dir(p))
+  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
   cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
-  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, 'state'))
+  saved = read_arrays(step_dir / 'state')
   raw = _merge_adapters(saved, meta) if 'adapters' in saved else saved['params']
-  graphdef, params = _fill(cfg, raw, os.path.join(step_dir, 'state'), missing, seed)
+  graphdef, params = _fill(cfg, raw, str(step_dir / 'state'), missing, seed)
   data = meta.get('config', {}).get('data', {})
-  tok = os.path.join(workdir, 'tokenizer')
-  if not os.path.exists(tok):
+  tok = str(workdir / 'tokenizer')
+  if not epath.Path(tok).exists():
     tok = data.get('tokenizer') or meta.get('config', {}).get('model', {}).get('init_from') or tok
   return graphdef, params, tok, meta.get('labels'), missing
 

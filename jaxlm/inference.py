@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from jaxlm import hf
@@ -175,7 +176,7 @@ def load(path: str, dtype: str | None = None, batch_size: int = 32, **overrides)
   a checkpoint step directory or a `python -m jaxlm.export` directory; the compute dtype is
   chosen for the platform unless given."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():  # Local, or a remote (gs://) training workdir or export.
     raise UsageError(f'{path}: no such file or directory')
   from jaxlm import export
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
+from etils import epath
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -34,8 +34,10 @@ class Reporter:
     if self.is_main:
       from clu import metric_writers
 
-      self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115 (kept open for the run)
+      self._writer = metric_writers.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+      self._jsonl = epath.Path(workdir) / 'metrics.jsonl'  # Local or remote (gs://): appended to per log step.
+      with self._jsonl.open('a'):
+        pass
 
   def start(self, step: int) -> None:
     self._last = (step, time.perf_counter())
@@ -61,13 +63,12 @@ class Reporter:
       print(f'step {step:>7d}  ' + '  '.join(f'{k} {v:.4f}' for k, v in row.items()), flush=True)
     if self.is_main:
       self._writer.write_scalars(step, row)
-      self._jsonl.write(json.dumps({'step': step, **row}) + '\n')
-      self._jsonl.flush()
+      with self._jsonl.open('a') as f:
+        f.write(json.dumps({'step': step, **row}) + '\n')
     return row
 
   def close(self) -> None:
     if self.is_main:
       self._writer.flush()
       self._writer.close()
-      self._jsonl.close()
     sys.stdout.flush()

@@ -8,9 +8,9 @@ inference path stays light.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
+from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
 
 from jaxlm.errors import UsageError
@@ -81,36 +81,34 @@ class Tokenizer:
     return self._tok.id_to_token(i)
 
   def save(self, out_dir: str) -> None:
-    """Writes tokenizer.json, vocab.txt and tokenizer_config.json (readable by transformers)."""
-    os.makedirs(out_dir, exist_ok=True)
-    self._tok.save(os.path.join(out_dir, 'tokenizer.json'))
-    vocab = self._tok.get_vocab()
-    with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
-      f.writelines(t + '\n' for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
-    with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
-      json.dump(
-        {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case),
-         'pad_token': '[PAD]', 'cls_token': '[CLS]', 'sep_token': '[SEP]',
-         'mask_token': '[MASK]', 'unk_token': '[UNK]'}, f, indent=2)  # fmt: skip
+    """Writes tokenizer.json, vocab.txt and tokenizer_config.json (readable by transformers); local or gs://."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'tokenizer.json').write_bytes(self._tok.to_str(pretty=True).encode())
+    vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
+    (out / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
+    cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case), 'pad_token': '[PAD]',
+           'cls_token': '[CLS]', 'sep_token': '[SEP]', 'mask_token': '[MASK]', 'unk_token': '[UNK]'}  # fmt: skip
+    (out / 'tokenizer_config.json').write_text(json.dumps(cfg, indent=2))
 
 
 def load(path: str) -> Tokenizer:
-  """A tokenizer from a directory holding tokenizer.json or vocab.txt, or a tokenizer.json file."""
-  if os.path.isfile(path):
-    return Tokenizer(_HFTokenizer.from_file(path), path)
+  """A tokenizer from a directory holding tokenizer.json or vocab.txt, or a tokenizer.json file (local or gs://)."""
+  p = epath.Path(path)
+  if p.is_file():
+    return Tokenizer(_HFTokenizer.from_str(p.read_bytes().decode()), path)
   lower = None
-  cfg_path = os.path.join(path, 'tokenizer_config.json')
-  if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      lower = json.load(f).get('do_lower_case')
-  tj, vocab = os.path.join(path, 'tokenizer.json'), os.path.join(path, 'vocab.txt')
-  if os.path.exists(tj):
-    return Tokenizer(_HFTokenizer.from_file(tj), tj, lower)
-  if os.path.exists(vocab):
+  if (p / 'tokenizer_config.json').exists():
+    lower = json.loads((p / 'tokenizer_config.json').read_bytes()).get('do_lower_case')
+  tj, vocab = p / 'tokenizer.json', p / 'vocab.txt'
+  if tj.exists():
+    return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower)
+  if vocab.exists():
     from tokenizers.implementations import BertWordPieceTokenizer
 
     lower = True if lower is None else lower
-    return Tokenizer(BertWordPieceTokenizer(vocab, lowercase=lower)._tokenizer, vocab, lower)
+    words = {w.rstrip(): i for i, w in enumerate(vocab.read_bytes().decode().split('\n')) if w.rstrip()}
+    return Tokenizer(BertWordPieceTokenizer(words, lowercase=lower)._tokenizer, str(vocab), lower)
   raise UsageError(f'{path}: no tokenizer.json or vocab.txt')
 
 

@@ -46,6 +46,7 @@ def init_distributed() -> None:
 def build_tokenizer(config, workdir: str):
   """data.tokenizer, else the tokenizer of model.init_from, else one trained on data.train."""
   import numpy as np
+  from etils import epath
 
   from jaxlm import tokenizer as tokenizer_lib
 
@@ -57,8 +58,8 @@ def build_tokenizer(config, workdir: str):
     if export.is_jaxlm_dir(config.model.init_from):
       return tokenizer_lib.load(export.load_checkpoint(config.model.init_from)[2])
     return tokenizer_lib.load(config.model.init_from)
-  saved = os.path.join(workdir, 'tokenizer')
-  if os.path.exists(os.path.join(saved, 'tokenizer.json')):
+  saved = str(epath.Path(workdir) / 'tokenizer')  # Local or remote (gs://).
+  if epath.Path(saved, 'tokenizer.json').exists():
     return tokenizer_lib.load(saved)
   if not config.data.train_tokenizer_vocab:
     from jaxlm.errors import UsageError
@@ -110,6 +111,7 @@ def model_config(config, vocab_size: int, num_labels: int = 0):
 def train(config, workdir: str) -> dict:
   """Runs the whole training (pretraining or fine-tuning); returns the last logged metrics."""
   import jax
+  from etils import epath
   from flax import nnx
 
   from jaxlm import checkpoint, glue, model, optim, peft, perf, report, sharding, steps, tasks
@@ -124,9 +126,8 @@ def train(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or remote (gs://).
+    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   # ---- input
   tokenizer = build_tokenizer(config, workdir)
@@ -143,19 +144,20 @@ def train(config, workdir: str) -> dict:
       else:  # The label set of the training file, saved with every checkpoint.
         label_values = label_names = classify.label_set(config.data.train, data_cfg)
       print(f'{len(label_names)} labels: {label_names[:20]}', flush=True)
-    train_ds = classify.classify_dataset(
+    make_train_ds = lambda seed: classify.classify_dataset(
       config.data.train, tokenizer, labels=label_values, seq_len=T, global_batch_size=B, data_cfg=data_cfg,
-      seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, repeat=True, **shard,
+      seed=seed, shuffle_buffer=config.data.shuffle_buffer, repeat=True, **shard,
     )  # fmt: skip
   else:
     data_kw = dict(
       seq_len=T, max_predictions=P, global_batch_size=B, mask_prob=config.data.mask_prob, nsp=config.data.nsp,
       whole_word=config.data.whole_word_masking, **shard,
     )  # fmt: skip
-    train_ds = pretrain.pretrain_dataset(
-      config.data.train, tokenizer, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
+    make_train_ds = lambda seed: pretrain.pretrain_dataset(
+      config.data.train, tokenizer, seed=seed, shuffle_buffer=config.data.shuffle_buffer, data_cfg=data_cfg,
       **data_kw,
     )  # fmt: skip
+  train_ds = make_train_ds(config.seed)
   eval_data = {}  # Read once, in full, at the first evaluation.
 
   # ---- model and sharded state
@@ -205,13 +207,21 @@ def train(config, workdir: str) -> dict:
   start = 0
   if restored is not None:
     state, _, start = restored
-    print(f'resumed from the checkpoint of step {start}', flush=True)
+    print(f'resumed from the checkpoint of step {start} (checksum {checkpoint.checksum(state):08x})', flush=True)
     if start >= config.num_train_steps:
       print(
         f'nothing to do: the checkpoint is at step {start} and num_train_steps={config.num_train_steps}', flush=True
       )
       ckpt.close()
       return {}
+    if ckpt.restored_process_count != jax.process_count():  # The tf.data position is per process.
+      print(
+        f'warning: step {start} was saved by {ckpt.restored_process_count} process(es) and this run has'
+        f' {jax.process_count()}; the input position cannot move to another process count, so the input'
+        f' stream restarts, shuffled and masked with data seed {config.seed + start} (seed + step)',
+        flush=True,
+      )
+      train_iter = pretrain.Iterator(make_train_ds(config.seed + start))
   elif config.model.init_from:
     params = jax.device_put(loaded[1], param_sh)
     state = jax.jit(fresh_state, out_shardings=state_sh)(params)
@@ -219,11 +229,9 @@ def train(config, workdir: str) -> dict:
     seed = config.seed
     state = jax.jit(lambda: fresh_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=state_sh)()
   if is_main:
-    with open(os.path.join(workdir, 'model_config.json'), 'w') as f:
-      json.dump(dataclasses.asdict(mcfg), f, indent=2)
+    epath.Path(workdir, 'model_config.json').write_text(json.dumps(dataclasses.asdict(mcfg), indent=2))
     if label_names:
-      with open(os.path.join(workdir, 'labels.json'), 'w') as f:
-        json.dump(label_names, f)
+      epath.Path(workdir, 'labels.json').write_text(json.dumps(label_names))
   n_params = model.count_params(state['params'])
   print(
     f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, mesh'
@@ -382,8 +390,7 @@ def train(config, workdir: str) -> dict:
         last.update(evaluated)
         if is_main:
           results = {k.removeprefix('eval_'): v for k, v in evaluated.items() if k.startswith('eval_')}
-          with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-            json.dump({**results, 'step': step}, f, indent=2)
+          epath.Path(workdir, 'eval_results.json').write_text(json.dumps({**results, 'step': step}, indent=2))
         if best_metric in evaluated:
           ckpt.save_best(step, export_params(state), {**meta, 'step': step}, evaluated[best_metric])
       stop = _agree(preempted['flag'])

@@ -1,15 +1,17 @@
-"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes and sizes."""
+"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes, sizes and process counts."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -52,7 +54,7 @@ def _losses(workdir):
 
 
 def _arrays(workdir, step):
-  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return checkpoint.read_arrays(os.path.join(workdir, 'checkpoints', str(step), 'state'))
 
 
 def _assert_same_params(a, b):
@@ -120,6 +122,69 @@ def test_sigkill_during_saves_and_a_damaged_latest_step(vocab_dir, straight, tmp
   assert f'checkpoint {done[-1]} could not be read' in res.stderr
   assert f'resumed from the checkpoint of step {done[-2]}' in res.stdout
   _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(args, cache_dir):
+  """Starts `python -m jaxlm.train ARGS` as processes 0 and 1 of one run (gloo), 2 CPU devices each."""
+  port = _free_port()
+  env = {**_env(2), 'JAX_COMPILATION_CACHE_DIR': str(cache_dir), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  return [
+    subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *args, f'--coordinator_address=127.0.0.1:{port}',
+                      '--num_processes=2', f'--process_id={i}'],
+                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(2)
+  ]  # fmt: skip
+
+
+def _last_step(workdir):
+  lines = open(os.path.join(workdir, 'metrics.jsonl')).read().split('\n')[:-1]  # Complete lines only.
+  return json.loads(lines[-1])['step'] if lines else 0
+
+
+def _finish(procs):
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
+
+
+def test_resume_on_two_processes_and_sigterm_one_of_them(vocab_dir, tmp_path):
+  # A constant rate after warmup: the step does not depend on num_train_steps, so the last run finds it compiled.
+  mesh = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.lr_schedule=constant')
+  # One process with 4 devices saves steps 2 and 4.
+  _run(_flags(vocab_dir, tmp_path, 4, every=2, extra=mesh), devices=4)
+  saved4 = checkpoint.checksum(_arrays(tmp_path, 4))
+  # Two processes with 2 devices each take it over; process 1 alone gets SIGTERM mid-run.
+  cache = tmp_path / 'jax_cache'
+  procs = _two_processes(_flags(vocab_dir, tmp_path, 2000, every=1000, extra=mesh), cache)
+  deadline = time.time() + 120
+  while time.time() < deadline and _last_step(tmp_path) < 7 and all(p.poll() is None for p in procs):
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs)
+  for out in outs:
+    assert f'resumed from the checkpoint of step 4 (checksum {saved4:08x})' in out, out[-2000:]
+    assert 'step 4 was saved by 1 process(es) and this run has 2' in out and 'data seed 4' in out
+  stopped = [int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', out).group(1)) for out in outs]
+  s = stopped[0]
+  assert stopped == [s, s] and 7 <= s < 2000, stopped
+  ckdir = os.path.join(tmp_path, 'checkpoints')
+  assert {'process_0.index', 'process_1.index'} <= set(os.listdir(os.path.join(ckdir, 'data', str(s))))
+  assert json.load(open(os.path.join(ckdir, str(s), 'meta', 'metadata')))['process_count'] == 2
+  saved = checkpoint.checksum(_arrays(tmp_path, s))
+  # Two processes again: the input position of step s continues exactly, and the run completes.
+  outs = _finish(_two_processes(_flags(vocab_dir, tmp_path, s + 2, every=1000, extra=mesh), cache))
+  for out in outs:
+    assert f'resumed from the checkpoint of step {s} (checksum {saved:08x})' in out, out[-2000:]
+    assert 'was saved by' not in out
+  assert max(_losses(tmp_path)) == s + 2
+  assert os.path.isdir(os.path.join(ckdir, str(s + 2), 'state'))
 
 
 def _state(cfg, mesh, tx):
@@ -214,3 +279,70 @@ def test_best_checkpoint_by_eval_metric(vocab_dir, tmp_path):
   import jaxlm
 
   assert jaxlm.load(os.path.join(best_dir, str(kept[0]))).fill_mask('a [MASK] b', top_k=2)
+
+
+@pytest.fixture
+def ram_workdir(monkeypatch):
+  """A workdir on TensorFlow's in-memory filesystem, through epath's tf.io.gfile backend (the one it uses
+  for gs:// when TensorFlow is installed): nothing here may go through os.path, open or shutil."""
+  from etils.epath import backend, gpath, register
+
+  monkeypatch.setattr(gpath, '_URI_PREFIXES', (*gpath._URI_PREFIXES, 'ram://'))
+  monkeypatch.setattr(gpath, '_URI_SCHEMES', gpath._URI_SCHEMES | {'ram'})
+  monkeypatch.setitem(gpath._URI_MAP_ROOT, 'ram://', '/ram/')
+  monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, 'ram', backend.tf_backend)
+  monkeypatch.setitem(register._URI_PREFIXES_TO_CLS, 'ram://', gpath.PosixGPath)
+  return f'ram://{uuid.uuid4().hex}/run'
+
+
+def test_workdir_files_on_a_remote_filesystem(ram_workdir):
+  import tensorflow as tf
+  from etils import epath
+
+  from jaxlm import config as config_lib
+  from jaxlm import export, report, train
+
+  gfile = tf.io.gfile
+  assert not os.path.exists('ram:')  # A local directory named after the scheme would mean a wrong path.
+  # The tokenizer a run trains is saved into the workdir, and the next start loads it from there.
+  config = config_lib.base()
+  config.data.train_tokenizer_vocab = 300
+  tok = train.build_tokenizer(config, ram_workdir)
+  assert gfile.exists(f'{ram_workdir}/tokenizer/tokenizer.json') and gfile.exists(f'{ram_workdir}/tokenizer/vocab.txt')
+  config.data.train_tokenizer_vocab = 0  # Training again would fail: it must be read back.
+  again = train.build_tokenizer(config, ram_workdir)
+  assert again.source == f'{ram_workdir}/tokenizer/tokenizer.json' and again.encode(['a b'], 8) == tok.encode(
+    ['a b'], 8
+  )
+  assert tokenizer.load(f'{ram_workdir}/tokenizer/tokenizer.json').vocab_size == tok.vocab_size
+  # metrics.jsonl and TensorBoard events.
+  reporter = report.Reporter(ram_workdir, 10, 64, 1e9, 1.0)
+  reporter.start(0)
+  for step in (1, 2):
+    reporter.write(step, {'loss': 3.0 - step})
+  reporter.close()
+  with gfile.GFile(f'{ram_workdir}/metrics.jsonl') as f:
+    assert [json.loads(line)['loss'] for line in f] == [2.0, 1.0]
+  assert gfile.listdir(f'{ram_workdir}/tensorboard')
+  # Iterator positions: written, found, restored and pruned in checkpoints/data.
+  ck = checkpoint.Checkpointer.__new__(checkpoint.Checkpointer)  # Without Orbax managers (no arrays here).
+  ck.directory = checkpoint.workdir_path(ram_workdir) / 'checkpoints'
+  ck.data_dir = ck.directory / 'data'
+  assert str(ck.data_dir) == f'{ram_workdir}/checkpoints/data'
+  it = pretrain.Iterator(tf.data.Dataset.range(100).map(lambda i: {'x': i}))
+  for step in (3, 5):
+    next(it)
+    it.save(str(ck._data_path(step)))
+  assert epath.Path(f'{ck._data_path(5)}.index').exists()
+  resumed = pretrain.Iterator(tf.data.Dataset.range(100).map(lambda i: {'x': i}))
+  resumed.restore(str(ck._data_path(5)))
+  assert next(resumed)['x'] == 2
+  checkpoint.prune_data(ck.data_dir, [5])
+  assert gfile.listdir(str(ck.data_dir)) in (['5'], ['5/'])
+  # A workdir's newest finished step, for jaxlm.load and export.
+  for d in ('checkpoints/5/state', 'checkpoints/7'):  # 7: a save that never finished.
+    gfile.makedirs(f'{ram_workdir}/{d}')
+  assert export.is_jaxlm_dir(ram_workdir) and not export.is_jaxlm_dir(f'{ram_workdir}/tokenizer')
+  assert export._step_dir(ram_workdir) == (f'{ram_workdir}/checkpoints/5', ram_workdir)
+  assert export._step_dir(f'{ram_workdir}/checkpoints/5') == (f'{ram_workdir}/checkpoints/5', ram_workdir)
+  assert not os.path.exists('ram:')
