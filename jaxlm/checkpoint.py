@@ -49,6 +49,7 @@ class Checkpointer:
     self.directory = workdir_path(workdir) / 'checkpoints'
     self.data_dir = self.directory / 'data'
     self.restored_process_count: int | None = None  # How many processes saved the restored step.
+    self.input_restored = False  # Whether restore() put the data iterator back where it was.
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
     )
@@ -122,7 +123,14 @@ class Checkpointer:
         problem = f' could not be read ({type(e).__name__}: {e}); trying an older one'
       same = saved_by == jax.process_count()
       data_path = self._data_path(step)
-      if problem is None and data_iterator is not None and same and not epath.Path(f'{data_path}.index').exists():
+      unsaved = same and epath.Path(f'{data_path}.unsaved').exists()  # A source that cannot save its position.
+      if (
+        problem is None
+        and data_iterator is not None
+        and same
+        and not unsaved
+        and not epath.Path(f'{data_path}.index').exists()
+      ):
         problem = f': no input position for process {jax.process_index()}; using an older one'
       if problem is None:
         try:
@@ -134,7 +142,8 @@ class Checkpointer:
         problem = problem or ': another process cannot read it; using an older one'
         warnings.warn(f'checkpoint {step}{problem}', stacklevel=2)
         continue
-      if data_iterator is not None and same:
+      self.input_restored = data_iterator is not None and same and not unsaved
+      if self.input_restored:
         data_iterator.restore(str(data_path))
       self.restored_process_count = saved_by
       return from_arrays(abstract_state, out['state']), meta, step

@@ -214,11 +214,17 @@ def train(config, workdir: str) -> dict:
       )
       ckpt.close()
       return {}
-    if ckpt.restored_process_count != jax.process_count():  # The tf.data position is per process.
+    if not ckpt.input_restored:
+      if ckpt.restored_process_count != jax.process_count():  # The tf.data position is per process.
+        why = (
+          f'step {start} was saved by {ckpt.restored_process_count} process(es) and this run has'
+          f' {jax.process_count()}; the input position cannot move to another process count'
+        )
+      else:
+        why = f'the input position of step {start} could not be saved (see the warning of that run)'
       print(
-        f'warning: step {start} was saved by {ckpt.restored_process_count} process(es) and this run has'
-        f' {jax.process_count()}; the input position cannot move to another process count, so the input'
-        f' stream restarts, shuffled and masked with data seed {config.seed + start} (seed + step)',
+        f'warning: {why}, so the input stream restarts, shuffled and masked with data seed'
+        f' {config.seed + start} (seed + step)',
         flush=True,
       )
       train_iter = pretrain.Iterator(make_train_ds(config.seed + start))
