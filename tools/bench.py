@@ -146,7 +146,7 @@ def run_torch(args) -> dict:
 
 
 _SHAPE_FLAGS = ('preset', 'layers', 'hidden', 'heads', 'seq', 'batch', 'max_predictions', 'dtype', 'remat',
-  'steps', 'warmup', 'rng', 'mode', 'model_dir', 'repeats')  # fmt: skip
+  'steps', 'warmup', 'rng', 'mode', 'model_dir', 'repeats', 'torch_device')  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- finetune / infer
@@ -224,10 +224,11 @@ def finetune_torch(args) -> dict:
 
   transformers.logging.set_verbosity_error()
   torch.manual_seed(0)
-  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).train()
+  dev = torch.device(args.torch_device)
+  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).float().to(dev).train()
   opt = torch.optim.AdamW(m.parameters(), lr=2e-5, weight_decay=0.01)
   ids, labels = _cls_numpy(args, m.config.vocab_size)
-  ids_t, labels_t = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
+  ids_t, labels_t = torch.from_numpy(ids).long().to(dev), torch.from_numpy(labels).long().to(dev)
   mask_t = torch.ones_like(ids_t)
   box = {}
 
@@ -237,10 +238,10 @@ def finetune_torch(args) -> dict:
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    box['loss'] = float(loss)
+    box['loss'] = float(loss)  # Waits for the step.
 
   res = _timed(one, args)
-  return {'framework': 'torch', 'backend': 'cpu', 'threads': torch.get_num_threads(), 'loss': box['loss'],
+  return {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'loss': box['loss'],
           'peak_rss_gib': _peak_rss_gib(), **res}  # fmt: skip
 
 
@@ -271,17 +272,18 @@ def infer_torch(args) -> dict:
 
   transformers.logging.set_verbosity_error()
   torch.manual_seed(0)
-  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).eval()
+  dev = torch.device(args.torch_device)
+  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).float().to(dev).eval()
   ids, _ = _cls_numpy(args, m.config.vocab_size)
-  ids_t = torch.from_numpy(ids).long()
+  ids_t = torch.from_numpy(ids).long().to(dev)
   mask_t, types_t = torch.ones_like(ids_t), torch.zeros_like(ids_t)
 
   def one():
     with torch.no_grad():
-      m(input_ids=ids_t, attention_mask=mask_t, token_type_ids=types_t).logits.numpy()
+      m(input_ids=ids_t, attention_mask=mask_t, token_type_ids=types_t).logits.cpu().numpy()
 
   res = _timed(one, args)
-  return {'framework': 'torch', 'backend': 'cpu', 'threads': torch.get_num_threads(), 'float32': res,
+  return {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'float32': res,
           'peak_rss_gib': _peak_rss_gib()}  # fmt: skip
 
 
@@ -302,7 +304,7 @@ def run_compare(args) -> dict:
     print(f'jaxlm  [{j["backend"]}, {j["dtype"]}] {j["examples_per_s"]:9.1f} examples/s  compile {j["compile_s"]:.1f}s'
           f'  peak RSS {j["peak_rss_gib"]:.2f} GiB')  # fmt: skip
     print(
-      f'torch  [cpu, {t["threads"]} threads] {t["examples_per_s"]:9.1f} examples/s  peak RSS {t["peak_rss_gib"]:.2f} GiB'
+      f'torch  [{t["backend"]}, {t["threads"]} threads] {t["examples_per_s"]:9.1f} examples/s  peak RSS {t["peak_rss_gib"]:.2f} GiB'
     )
     print(
       f'ratio  jaxlm / torch examples/s = {summary["ratio"]:.2f}x  (train step, seq {args.seq}, batch {args.batch})'
@@ -313,7 +315,9 @@ def run_compare(args) -> dict:
   summary['torch_float32_examples_per_s'] = t['examples_per_s']
   summary['torch'] = {k: v for k, v in runs['torch'][0].items() if k != 'float32'} | {'float32': t}
   summary['jaxlm'] = {'backend': runs['jaxlm'][0]['backend']}
-  print(f'torch  float32   {t["examples_per_s"]:9.1f} examples/s  (no_grad, {runs["torch"][0]["threads"]} threads)')
+  print(
+    f'torch  float32   {t["examples_per_s"]:9.1f} examples/s  (no_grad, {runs["torch"][0]["backend"]}, {runs["torch"][0]["threads"]} threads)'
+  )
   for name in ('float32', 'bfloat16', 'int8'):
     j = best(runs['jaxlm'], name)
     summary['jaxlm'][name] = j
@@ -397,6 +401,7 @@ def main(argv=None) -> int:
     help='MLM train step, input pipeline, MiniLM classifier train step or forward',
   )  # fmt: skip
   p.add_argument('--model_dir', help='finetune / infer: HF BERT directory (default: the packaged MiniLM)')
+  p.add_argument('--torch_device', default='cpu', help='finetune / infer: where PyTorch runs (cpu, cuda)')
   p.add_argument('--data_seconds', type=float, default=20.0, help='data mode: seconds per source')
   p.add_argument(
     '--train_tokens_per_s',
