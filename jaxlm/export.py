@@ -1,12 +1,15 @@
 """Parameters out of a training run: `python -m jaxlm.export --checkpoint PATH --out DIR`.
 
   --checkpoint  a training workdir (its newest checkpoint), a step directory
-                WORKDIR/checkpoints/<step>, or a directory this tool wrote
+                WORKDIR/checkpoints/<step>, a directory this tool wrote, or a Hugging Face
+                BERT directory
   --format      jaxlm: model_config.json + params/ (Orbax) + tokenizer/   (default)
                 hf:    config.json + model.safetensors + tokenizer files, for transformers
+  --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
+                (quant.py), in a jaxlm export that `jaxlm.load` runs as it is
 
-Only parameters are written (no optimizer state). `load_checkpoint` is what `jaxlm.load`
-uses for the same paths; it imports no TensorFlow.
+Only parameters are written (no optimizer state). `load_model` is what `jaxlm.load` uses for
+the same paths; it imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -80,7 +83,13 @@ def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str, missing: list | No
       raise UsageError(
         f'{source}: parameter {"/".join(map(str, path))} has shape {tuple(node.shape)}, the model expects {tuple(var.shape)}'
       )
-    var.set_value(jnp.asarray(node, jnp.float32))
+    dtype = var.get_value().dtype
+    if (np.dtype(node.dtype) == np.int8) != (dtype == jnp.int8):
+      raise UsageError(
+        f'{source}: parameter {"/".join(map(str, path))} is {np.dtype(node.dtype)}, the model expects {dtype}'
+        f' (model.quantization={cfg.quantization!r})'
+      )
+    var.set_value(jnp.asarray(node, dtype))
   return graphdef, params
 
 
@@ -135,17 +144,44 @@ def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0
   return graphdef, params, tok, meta.get('labels'), missing
 
 
+def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
+  """(graphdef, params, tokenizer directory, labels) from any model path jaxlm reads: a training
+  workdir, a checkpoint step, a jaxlm export (float or int8) or a Hugging Face BERT directory."""
+  path = os.fspath(path)
+  if not epath.Path(path).exists():
+    raise UsageError(f'{path}: no such file or directory')
+  if is_jaxlm_dir(path):
+    return load_checkpoint(path, **overrides)
+  if (epath.Path(path) / 'config.json').exists():
+    from jaxlm import hf
+
+    graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
+    id2label = hf_cfg.get('id2label') or {}
+    labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    if labels is not None and len(labels) != nnx.merge(graphdef, params).cfg.num_labels:
+      labels = None
+    return graphdef, params, path, labels
+  raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--checkpoint', required=True, help='training workdir, checkpoint step dir or jaxlm export')
+  p.add_argument('--checkpoint', required=True, help='training workdir, checkpoint step dir, export or HF dir')
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--format', choices=['jaxlm', 'hf'], default='jaxlm', help='jaxlm (Orbax) or hf (transformers)')
+  p.add_argument('--quantize', choices=['none', 'int8'], default='none', help='int8: weight-only int8 kernels')
   args = p.parse_args(argv)
   try:
-    from jaxlm import hf
+    from jaxlm import hf, quant
     from jaxlm import tokenizer as tokenizer_lib
 
-    graphdef, params, tok_dir, labels = load_checkpoint(args.checkpoint)
+    if args.quantize != 'none' and args.format == 'hf':
+      raise UsageError('--quantize int8 writes a jaxlm export; a Hugging Face directory holds float tensors')
+    graphdef, params, tok_dir, labels = load_model(args.checkpoint)
+    if args.quantize == 'int8':
+      graphdef, params = quant.quantize(graphdef, params)
+    elif args.format == 'hf':
+      graphdef, params = quant.dequantize(graphdef, params)  # An int8 export back to float tensors.
     cfg = nnx.merge(graphdef, params).cfg
     tok = tokenizer_lib.load(tok_dir)
     os.makedirs(args.out, exist_ok=True)
@@ -170,7 +206,8 @@ def main(argv=None) -> int:
           json.dump(labels, f)
       tok.save(os.path.join(args.out, 'tokenizer'))
     n = model_lib.count_params(params)
-    print(f'exported {n / 1e6:.1f}M parameters ({args.format}) -> {args.out}')
+    kind = args.format if cfg.quantization == 'none' else f'{args.format}, {cfg.quantization} kernels'
+    print(f'exported {n / 1e6:.1f}M parameters ({kind}) -> {args.out}')
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -332,6 +332,8 @@ def load(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State
 
 def params_to_hf(params: nnx.State, cfg: model_lib.ModelConfig) -> dict[str, np.ndarray]:
   """HF tensor dict (names as the transformers class of `architecture(cfg)` saves them)."""
+  if cfg.quantization != 'none':
+    raise UsageError(f'model.quantization={cfg.quantization!r}: dequantize first (quant.dequantize)')
   flat = {path: np.asarray(v[...], np.float32) for path, v in nnx.to_flat_state(params)}
   prefix = 'bert.' if architecture(cfg) != 'BertModel' else ''
   out = {}

