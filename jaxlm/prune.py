@@ -145,3 +145,12 @@ def sparsity(params, mask_fn: Callable[[str], bool] = encoder_kernels) -> dict[s
       zeros, total = zeros + z, total + p.size
   out['total'] = zeros / max(total, 1)
   return out
+
+
+def sparsity_fraction(params, mask_fn: Callable[[str], bool] = encoder_kernels):
+  """Fraction of exact zeros over all target parameters, as a traceable scalar (for jit)."""
+  zeros, total = jnp.zeros((), jnp.float32), 0
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if mask_fn(_path_str(path)):
+      zeros, total = zeros + jnp.sum(p == 0).astype(jnp.float32), total + p.size
+  return zeros / max(total, 1)
