@@ -153,9 +153,14 @@ def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, li
   if is_jaxlm_dir(path):
     return load_checkpoint(path, **overrides)
   if (epath.Path(path) / 'config.json').exists():
-    from jaxlm import hf
+    from jaxlm import hf, quant
 
+    quantization = overrides.pop('quantization', 'none')
     graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
+    if quantization == 'int8':  # HF directories hold float tensors: quantize them here.
+      graphdef, params = quant.quantize(graphdef, params)
+    elif quantization != 'none':
+      raise UsageError(f'model.quantization={quantization!r}: expected "none" or "int8"')
     id2label = hf_cfg.get('id2label') or {}
     labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
     if labels is not None and len(labels) != nnx.merge(graphdef, params).cfg.num_labels:

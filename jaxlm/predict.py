@@ -134,7 +134,7 @@ def predict_file(predictor, args) -> int:
   records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field)
   mask = predictor.tokenizer.mask_token
   n = 0
-  out = sys.stdout if args.output == '-' else open(args.output, 'w', encoding='utf-8')  # noqa: SIM115
+  out = sys.stdout if args.output == '-' else open(args.output, 'w', encoding='utf-8')
   try:
     with tqdm(total=_count(args.input, fmt), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
       for window in _windows(records, args.batch_size * WINDOW_BATCHES):

@@ -73,8 +73,9 @@ def test_int8_classifier_agrees_with_float(exports, finetuned_cls_dir):
   assert same >= 0.99
   assert np.abs(p_got - p_ref).max() < 0.05
   # The same from the HF directory, quantized on loading.
-  onload = jaxlm.load(finetuned_cls_dir, quantize='int8').predict(texts[:16])
-  np.testing.assert_allclose([r['probabilities']['positive'] for r in onload], p_got[:16], atol=1e-6)
+  for kw in (dict(quantize='int8'), dict(quantization='int8')):
+    onload = jaxlm.load(finetuned_cls_dir, **kw).predict(texts[:16])
+    np.testing.assert_allclose([r['probabilities']['positive'] for r in onload], p_got[:16], atol=1e-6)
 
 
 def test_int8_stays_int8_inside_the_jitted_forward(exports):
