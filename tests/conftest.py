@@ -121,9 +121,7 @@ def finetuned_cls_dir(tmp_path_factory, minilm_dir):
     for r, (i, _) in enumerate(enc):
       ids[r, : len(i)], mask[r, : len(i)] = i, 1
     labels = np.array([y for _, y in examples], np.int32)
-    # make_train_step's normalizers read masked_weights; the classification loss does not.
-    return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': np.zeros_like(ids), 'labels': labels,
-            'masked_weights': np.ones((len(enc), 1), np.float32)}  # fmt: skip
+    return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': np.zeros_like(ids), 'labels': labels}
 
   tx = optim.make_optimizer('adamw', optim.make_schedule(1e-4, 5, n_steps, 'linear'), weight_decay=0.01)
   step = jax.jit(steps.make_train_step(graphdef, tx, tasks.classification_loss), donate_argnums=0)

@@ -99,6 +99,15 @@ def run_jax(args) -> dict:
   }  # fmt: skip
 
 
+def _autocast(torch, dev, dtype: str):
+  """bfloat16 autocast (PyTorch's mixed precision) when the jaxlm side computes in bfloat16."""
+  import contextlib
+
+  if dtype == 'bfloat16':
+    return torch.autocast(dev.type, dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
 def run_torch(args) -> dict:
   import torch
   from transformers import BertConfig, BertForMaskedLM
@@ -117,15 +126,18 @@ def run_torch(args) -> dict:
     vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
     num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
   )  # fmt: skip
-  m = BertForMaskedLM(hf_cfg).train()
+  dev = torch.device(args.torch_device)
+  m = BertForMaskedLM(hf_cfg).to(dev).train()
   opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01)
   ids, pos, labels = _batch_numpy(args, cfg.vocab_size)
   ids_t = torch.from_numpy(ids).long()
   lab = torch.full(ids_t.shape, -100, dtype=torch.long)
   lab.scatter_(1, torch.from_numpy(pos).long(), torch.from_numpy(labels).long())
+  ids_t, lab = ids_t.to(dev), lab.to(dev)
 
   def step():
-    loss = m(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), labels=lab).loss
+    with _autocast(torch, dev, args.dtype):
+      loss = m(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), labels=lab).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
@@ -133,13 +145,14 @@ def run_torch(args) -> dict:
     return loss
 
   for _ in range(args.warmup):
-    step()
+    float(step())
   t0 = time.perf_counter()
   for _ in range(args.steps):
     loss = step()
+  float(loss)  # Waits for the device.
   step_s = (time.perf_counter() - t0) / args.steps
   return {
-    'framework': 'torch', 'backend': 'cpu', 'threads': torch.get_num_threads(),
+    'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(),
     'tokens_per_s': ids.size / step_s, 'step_s': step_s, 'peak_rss_gib': _peak_rss_gib(),
     'loss': float(loss),
   }  # fmt: skip
@@ -197,7 +210,6 @@ def finetune_jax(args) -> dict:
   ids, labels = _cls_numpy(args, 30522)
   batch = {
     'input_ids': ids, 'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids), 'labels': labels,
-    'masked_weights': np.ones((args.batch, 1), np.float32),  # Read by make_train_step's normalizers only.
   }  # fmt: skip
   batch = jax.device_put(batch)
   step = jax.jit(steps.make_train_step(graphdef, tx, tasks.classification_loss), donate_argnums=0)
@@ -233,7 +245,8 @@ def finetune_torch(args) -> dict:
   box = {}
 
   def one():
-    loss = m(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss
+    with _autocast(torch, dev, args.dtype):
+      loss = m(input_ids=ids_t, attention_mask=mask_t, labels=labels_t).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step()
@@ -278,13 +291,15 @@ def infer_torch(args) -> dict:
   ids_t = torch.from_numpy(ids).long().to(dev)
   mask_t, types_t = torch.ones_like(ids_t), torch.zeros_like(ids_t)
 
-  def one():
-    with torch.no_grad():
-      m(input_ids=ids_t, attention_mask=mask_t, token_type_ids=types_t).logits.cpu().numpy()
+  def one(dtype='float32'):
+    with torch.no_grad(), _autocast(torch, dev, dtype):
+      m(input_ids=ids_t, attention_mask=mask_t, token_type_ids=types_t).logits.float().cpu().numpy()
 
-  res = _timed(one, args)
-  return {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'float32': res,
-          'peak_rss_gib': _peak_rss_gib()}  # fmt: skip
+  out = {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), 'float32': _timed(one, args)}
+  if dev.type == 'cuda':  # Mixed precision is what PyTorch users run on a GPU.
+    out['bfloat16_autocast'] = _timed(lambda: one('bfloat16'), args)
+  out['peak_rss_gib'] = _peak_rss_gib()
+  return out
 
 
 def run_compare(args) -> dict:
@@ -318,6 +333,11 @@ def run_compare(args) -> dict:
   print(
     f'torch  float32   {t["examples_per_s"]:9.1f} examples/s  (no_grad, {runs["torch"][0]["backend"]}, {runs["torch"][0]["threads"]} threads)'
   )
+  if 'bfloat16_autocast' in runs['torch'][0]:
+    tb = best(runs['torch'], 'bfloat16_autocast')
+    summary['torch']['bfloat16_autocast'] = tb
+    summary['torch_bfloat16_examples_per_s'] = tb['examples_per_s']
+    print(f'torch  bfloat16  {tb["examples_per_s"]:9.1f} examples/s  (no_grad, autocast)')
   for name in ('float32', 'bfloat16', 'int8'):
     j = best(runs['jaxlm'], name)
     summary['jaxlm'][name] = j
@@ -401,7 +421,7 @@ def main(argv=None) -> int:
     help='MLM train step, input pipeline, MiniLM classifier train step or forward',
   )  # fmt: skip
   p.add_argument('--model_dir', help='finetune / infer: HF BERT directory (default: the packaged MiniLM)')
-  p.add_argument('--torch_device', default='cpu', help='finetune / infer: where PyTorch runs (cpu, cuda)')
+  p.add_argument('--torch_device', default='cpu', help='where PyTorch runs (cpu, cuda); bfloat16 --dtype = autocast')
   p.add_argument('--data_seconds', type=float, default=20.0, help='data mode: seconds per source')
   p.add_argument(
     '--train_tokens_per_s',
@@ -475,7 +495,7 @@ def main(argv=None) -> int:
     t = results['torch'] = best['torch']
     results['ratio_tokens_per_s'] = j['tokens_per_s'] / t['tokens_per_s']
     print(
-      f'torch  [cpu, {t["threads"]} threads] {t["tokens_per_s"]:10.0f} tokens/s  peak RSS {t["peak_rss_gib"]:.2f} GiB'
+      f'torch  [{t["backend"]}, {t["threads"]} threads] {t["tokens_per_s"]:10.0f} tokens/s  peak RSS {t["peak_rss_gib"]:.2f} GiB'
     )
     print(f'ratio  jaxlm / torch tokens/s = {results["ratio_tokens_per_s"]:.2f}x')
   if args.json:
