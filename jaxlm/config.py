@@ -153,8 +153,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
   if flat['task'] not in TASKS:
     raise UsageError(f'task={flat["task"]!r}: expected one of {TASKS}')
-  if flat['task'] != 'mlm' and not (flat['model.init_from'] or flat['data.tokenizer']):
-    raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
   if flat['task'] != 'mlm' and flat['data.nsp']:
     raise UsageError(f'data.nsp=True is for pretraining; task={flat["task"]!r}')
   from jaxlm import peft
@@ -206,6 +204,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if flat['data.seq_len'] < 8:
     raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
   split_spec(flat['data.train'], 'data.train')  # Also catches the empty default of the pretraining configs.
+  if flat['task'] != 'mlm' and not (flat['model.init_from'] or flat['data.tokenizer']):
+    raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
   if flat['data.eval']:
     split_spec(flat['data.eval'], 'data.eval')
   mesh = sharding.mesh_shape(flat['mesh.data'], flat['mesh.fsdp'], flat['mesh.tensor'], num_devices)

@@ -243,20 +243,28 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   'task,keys',
   [('sst2', {'accuracy'}), ('stsb', {'pearson', 'spearman'}), ('mnli', {'accuracy', 'mismatched_accuracy'})],
 )
-def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir):
+def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
   import tensorflow_datasets as tfds
 
-  from jaxlm import train
+  from jaxlm import export, train
 
+  init = hf_mlm_dir
+  if task == 'sst2':  # Start from a jaxlm export (MLM head, no pooler or classifier) instead.
+    init = str(tmp_path / 'jaxlm_export')
+    assert export.main(['--checkpoint', hf_mlm_dir, '--out', init]) == 0
   config = _config(
     'finetune_glue', **{
-      'task_name': task, 'model.init_from': hf_mlm_dir, 'num_train_steps': 4, 'global_batch_size': 8,
+      'task_name': task, 'model.init_from': init, 'num_train_steps': 4, 'global_batch_size': 8,
       'data.seq_len': 16, 'warmup_steps': 1, 'eval_every_steps': 4, 'log_every_steps': 2,
       'checkpoint_every_steps': 4, 'data.shuffle_buffer': 16,
     })  # fmt: skip
   workdir = tmp_path / task
   with tfds.testing.mock_data(num_examples=21):  # 21 eval examples: the last batch of 8 is padded.
     last = train.train(config, str(workdir))
+  log = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('init from'))
+  new = set(log.split('; new: ')[1].split(', '))
+  assert new == {'pooler/kernel', 'pooler/bias', 'classifier/kernel', 'classifier/bias'}, log
+  assert 'loaded 21 parameters' in log  # Embeddings and layers; the MLM head is not used.
   results = json.load(open(workdir / 'eval_results.json'))
   assert keys <= set(results) and results['step'] == 4
   assert {f'eval_{k}' for k in keys} <= set(last)
@@ -297,20 +305,24 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
   keeps, the sparsity reached, and pruned weights exactly zero through later updates."""
   import orbax.checkpoint as ocp
 
-  from jaxlm import train
-
   train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(480, 0))
   dev_path = _write_jsonl(tmp_path / 'dev.jsonl', _sentiment(100, 1))
-  config = _config(
-    'finetune_files', **{
-      'model.init_from': minilm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
-      'num_train_steps': 24, 'global_batch_size': 16, 'data.seq_len': 32, 'learning_rate': 1e-4,
-      'warmup_steps': 3, 'eval_every_steps': 24, 'log_every_steps': 8, 'checkpoint_every_steps': 8,
-      'model.hidden_dropout': 0.0, 'prune.sparsity': 0.5, 'prune.begin_step': 0, 'prune.end_step': 16,
-      'prune.frequency': 4,
-    })  # fmt: skip
   workdir = tmp_path / 'run'
-  last = train.train(config, str(workdir))
+  args = [
+    '--config', 'configs/finetune_files.py', '--workdir', str(workdir),
+    f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train_path}',
+    f'--config.data.eval=jsonl:{dev_path}', '--config.num_train_steps=24', '--config.global_batch_size=16',
+    '--config.data.seq_len=32', '--config.learning_rate=1e-4', '--config.warmup_steps=3',
+    '--config.eval_every_steps=24', '--config.log_every_steps=8', '--config.checkpoint_every_steps=8',
+    '--config.model.hidden_dropout=0.0', '--config.prune.sparsity=0.5', '--config.prune.begin_step=0',
+    '--config.prune.end_step=16', '--config.prune.frequency=4',
+  ]  # fmt: skip
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
+  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  last = {k: v for m in logged if m['step'] == 24 for k, v in m.items()}
   kernels = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
   ckpt = lambda s: ocp.StandardCheckpointer().restore(str(workdir / 'checkpoints' / str(s) / 'state'))['params']
   at16, at24 = ckpt(16), ckpt(24)
@@ -320,6 +332,7 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
     np.testing.assert_allclose(per_layer, 0.5, atol=1e-3)  # Every layer slice at the target.
     assert np.all(w24[w16 == 0] == 0.0)  # Pruned at step 16, still exactly zero 8 updates later.
   assert np.any(np.asarray(at24['embeddings']['word']) != np.asarray(at16['embeddings']['word']))
+  assert [m['sparsity'] for m in logged if 'sparsity' in m][0] < 0.5  # Rising along the schedule.
   assert last['sparsity'] == pytest.approx(0.5, abs=1e-3)
   with capsys.disabled():
     print(f'\npruned MiniLM fine-tune: sparsity {last["sparsity"]:.3f}, eval accuracy {last["eval_accuracy"]:.3f}')

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import model, optim, steps, tasks, tokenizer
+from jaxlm import glue, model, optim, steps, tasks, tokenizer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
 
@@ -76,10 +76,15 @@ def test_shipped_configs_validate_and_document_their_command(name):
   mod = runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))
   assert f'python -m jaxlm.train --config configs/{name}.py' in mod['__doc__']
   c = mod['get_config']()
+  glue.resolve(c)  # finetune_glue: the task's TFDS sources.
   if not c.data.train:
     with pytest.raises(UsageError, match='data.train'):
       config_lib.validate(c, 8)
     c.data.train = 'text:/corpus/*.txt'
+  if c.task != 'mlm':
+    with pytest.raises(UsageError, match='model.init_from'):
+      config_lib.validate(c, 8)
+    c.model.init_from = '/models/bert'
   config_lib.validate(c, 8)
 
 
