@@ -114,9 +114,7 @@ def _merge_adapters(raw: dict, meta: dict) -> dict:
   params = raw['params']
   for name, ab in raw['adapters'].items():
     kernel = peft.LORA_TARGETS[name][0]
-    w = np.asarray(params['layers'][kernel])
-    delta = np.einsum('lir,lro->lio', np.asarray(ab['a']), np.asarray(ab['b'])) * scale
-    params['layers'][kernel] = w + delta.reshape(w.shape).astype(w.dtype)
+    params['layers'][kernel] = np.asarray(peft.fold(np.asarray(params['layers'][kernel]), ab, scale))
   return params
 
 

@@ -60,18 +60,21 @@ def init_adapters(params: nnx.State, targets: tuple[str, ...], rank: int, seed: 
   return out
 
 
+def fold(w, ab: dict, scale: float):
+  """One kernel with its adapter folded in: W + scale * A @ B, in W's shape and dtype."""
+  delta = jnp.einsum('lir,lro->lio', ab['a'], ab['b']) * scale
+  return w + delta.reshape(w.shape).astype(w.dtype)
+
+
 def merge(params: nnx.State, adapters: dict, scale: float) -> nnx.State:
-  """The parameters with every adapter folded in: W + scale * A @ B (same tree, same dtypes)."""
+  """The parameters with every adapter folded in (same tree, same dtypes)."""
   by_kernel = {f'layers/{LORA_TARGETS[n][0]}': ab for n, ab in adapters.items()}
 
-  def fold(path, w):
+  def one(path, w):
     ab = by_kernel.get(_path_str(path))
-    if ab is None:
-      return w
-    delta = jnp.einsum('lir,lro->lio', ab['a'], ab['b']) * scale
-    return w + delta.reshape(w.shape).astype(w.dtype)
+    return w if ab is None else fold(w, ab, scale)
 
-  return jax.tree_util.tree_map_with_path(fold, params)
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def labels(params: nnx.State, mode: str):

@@ -313,9 +313,8 @@ def train(config, workdir: str) -> dict:
           split=split, **shard,
         )  # fmt: skip
       batches, n = eval_data[split]
-      rows = []
-      for local in batches:  # Outputs are replicated: every process sees the whole global batch.
-        rows.append(jax.device_get(eval_fn(state, to_global(local))))
+      # Outputs are replicated (every process sees each whole global batch); fetched once, at the end.
+      rows = jax.device_get([eval_fn(state, to_global(local)) for local in batches])
       r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
       real = r['weight'] > 0  # Padding rows (weight 0) count nowhere.
       assert real.sum() == n, (real.sum(), n)

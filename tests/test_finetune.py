@@ -79,6 +79,21 @@ def test_metrics_agree_with_sklearn_and_scipy():
   assert metrics.f1(p2, y2, w) == pytest.approx(skm.f1_score(y2[keep], p2[keep]))
 
 
+def test_integer_labels_sort_numerically_and_map_to_ids(tmp_path, minilm_dir):
+  from jaxlm import tokenizer as tokenizer_lib
+  from jaxlm.data import classify
+  from jaxlm.data.pretrain import Iterator
+
+  rows = [('a', 10), ('b', 2), ('c', 1), ('d', 2)]
+  (tmp_path / 'train.csv').write_text('sentence,grade\n' + ''.join(f'{t},{y}\n' for t, y in rows))
+  cfg = {'text_field': 'sentence', 'label_field': 'grade'}
+  labels = classify.label_set(f'csv:{tmp_path}/train.csv', cfg)
+  assert labels == ['1', '2', '10']  # Numeric order, not '1', '10', '2'.
+  ds = classify.classify_dataset(f'csv:{tmp_path}/train.csv', tokenizer_lib.load(minilm_dir), labels=labels,
+                                 seq_len=8, global_batch_size=4, data_cfg=cfg)  # fmt: skip
+  assert next(Iterator(ds))['labels'].tolist() == [2, 1, 0, 1]
+
+
 def test_eval_batches_pad_and_split_across_processes(tmp_path, minilm_dir):
   from jaxlm import tokenizer as tokenizer_lib
   from jaxlm.data import classify
