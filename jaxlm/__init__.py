@@ -5,8 +5,18 @@ returns a ModelConfig of the published BERT family. Training is `python -m jaxlm
 """
 
 from jaxlm.errors import UsageError
-from jaxlm.inference import Predictor, load
-from jaxlm.model import PRESETS, ModelConfig, preset
 
 __all__ = ['PRESETS', 'ModelConfig', 'Predictor', 'UsageError', 'load', 'preset']
 __version__ = '0.1.0'
+
+_LAZY = {'Predictor': 'inference', 'load': 'inference', 'PRESETS': 'model', 'ModelConfig': 'model', 'preset': 'model'}
+
+
+def __getattr__(name: str):
+  # Imported on first use, so that `python -m jaxlm.train` starts (and re-executes itself,
+  # hostenv.py) before JAX is imported.
+  if name in _LAZY:
+    import importlib
+
+    return getattr(importlib.import_module(f'jaxlm.{_LAZY[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -18,6 +18,11 @@ field, a fill-mask text without [MASK], a mode the model has no head for) is one
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU buffers (hostenv.py).
+  from jaxlm import hostenv
+
+  hostenv.reexec_with_hugepages()
+
 import argparse
 import csv
 import json

@@ -11,6 +11,11 @@ metrics.jsonl and TensorBoard events (process 0 only).
 
 from __future__ import annotations
 
+if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU buffers (hostenv.py).
+  from jaxlm import hostenv
+
+  hostenv.reexec_with_hugepages()
+
 import dataclasses
 import functools
 import json

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from jaxlm import hostenv
+
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -390,11 +392,17 @@ def _worker(args, which: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--_worker', which]
   cmd += [f'--{k}={getattr(args, k)}' for k in _SHAPE_FLAGS if getattr(args, k) is not None]
   cmd += ['--unroll'] if args.unroll else []
-  res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  cmd += [f'--hugepages={args.hugepages}']
+  env = None  # Inherit ours.
+  if args.hugepages == 'both' or (args.hugepages == 'jaxlm' and which == 'jax'):
+    env = hostenv.hugepage_env()  # What `python -m jaxlm.train` runs with (jaxlm/hostenv.py).
+  res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if res.returncode:
     sys.stderr.write(res.stderr)
     raise SystemExit(f'bench: the {which} worker failed (exit {res.returncode})')
-  return json.loads(res.stdout.strip().splitlines()[-1])
+  result = json.loads(res.stdout.strip().splitlines()[-1])
+  result['hugepages'] = env is not None
+  return result
 
 
 def main(argv=None) -> int:
@@ -429,6 +437,10 @@ def main(argv=None) -> int:
     default=0.0,
     help='data mode: tokens/s the train step consumes (from train mode), for the ratio',
   )
+  p.add_argument(
+    '--hugepages', choices=['jaxlm', 'both', 'none'], default='jaxlm',
+    help='which workers run with glibc.malloc.hugetlb=1, as python -m jaxlm.train does (jaxlm/hostenv.py)',
+  )  # fmt: skip
   p.add_argument('--_worker', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   compare = args.mode in ('finetune', 'infer')
