@@ -83,7 +83,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.init_from = ''  # Hugging Face BERT directory or jaxlm run / export to start from
   #   ('' = random init). Parameters it lacks (e.g. a new classifier) are initialised fresh.
   c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU. Parameters stay float32.
-  c.model.scan_layers = True  # lax.scan over layers: compile time independent of depth.
+  c.model.scan_layers = ml_collections.config_dict.placeholder(bool)  # lax.scan over layers: compile time
+  #   independent of depth. None: scan above 6 layers, unroll up to 6 (faster steps).
   c.model.remat = 'none'  # Rematerialisation: none, full, save_dots, save_dots_no_batch.
   c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation ('' = auto, 'cudnn').
   c.model.hidden_act = ''  # '' keeps the preset's; or gelu, gelu_tanh, relu, silu.

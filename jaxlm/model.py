@@ -36,6 +36,10 @@ from jaxlm.errors import UsageError
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
 QUANTIZATIONS = ('none', 'int8')
+# scan_layers=None scans stacks deeper than this. Unrolled, each layer's saved activations are
+# buffers of their own: the scan's stacked residual buffers (zero-filled, written and read by
+# dynamic slices) cost the BERT-small CPU train step of tools/bench.py about 8%.
+SCAN_ABOVE = 6
 # The layers' kernels that `quantization='int8'` stores as int8 (also the pooler and MLM transform).
 INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
 
@@ -63,7 +67,8 @@ class ModelConfig:
   num_labels: int = 0  # Classifier outputs; 0 = no classifier, 1 = regression.
   classifier_dropout: float | None = None  # Dropout before the classifier; None = hidden_dropout.
   dtype: str = 'float32'  # Compute dtype ('bfloat16' on TPU); parameters stay float32.
-  scan_layers: bool = True  # Run the layer stack with lax.scan (one compiled layer).
+  scan_layers: bool | None = None  # lax.scan over the layers (one compiled layer); None: scan
+  #   stacks deeper than SCAN_ABOVE layers and unroll shallower ones (cheap to compile, faster steps).
   remat: str = 'none'  # Rematerialisation: 'none', 'full', 'save_dots', 'save_dots_no_batch'.
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation; None = auto.
   quantization: str = 'none'  # 'int8': weight-only int8 dense kernels with float32 scales (inference).
@@ -80,6 +85,11 @@ class ModelConfig:
     if self.pooler is False and (self.nsp_head or self.num_labels):
       raise UsageError('model.pooler=False but the next-sentence or classifier head needs it')
     jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
+
+  @property
+  def scanned(self) -> bool:
+    """Whether the layer stack runs as a lax.scan."""
+    return self.num_layers > SCAN_ABOVE if self.scan_layers is None else self.scan_layers
 
   @property
   def head_size(self) -> int:
@@ -164,14 +174,44 @@ def _layer_norm(x, scale, bias, eps):
   return y.astype(x.dtype)
 
 
+def _random_u16(rng, shape) -> jax.Array:
+  """Uniform uint16 values of `shape`, four per threefry2x32 evaluation.
+
+  `jax.random.bits(rng, shape, uint16)` spends one whole evaluation (64 random bits) on each
+  16-bit value. Here the counter is the row-major index over `shape` with its last axis cut to
+  a quarter, built from iotas as jax's partitionable threefry builds it (so the values do not
+  depend on how the array is sharded), and each evaluation's two 32-bit words give four values.
+  Other key types, a last axis not divisible by 4, or 2^32 evaluations or more fall back to
+  `jax.random.bits`.
+  """
+  *lead, last = shape
+  quarter = (*lead, last // 4)
+  if (
+    last % 4
+    or math.prod(quarter) >= 2**32
+    or not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    or str(jax.random.key_impl(rng)) != 'threefry2x32'
+  ):
+    return jax.random.bits(rng, shape, jnp.uint16)
+  from jax.extend.random import threefry2x32_p
+
+  index, stride = jnp.zeros(quarter, jnp.uint32), 1
+  for axis in reversed(range(len(quarter))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, quarter, axis) * jnp.uint32(stride)
+    stride *= quarter[axis]
+  k = jax.random.key_data(rng)
+  hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(index), index)
+  halves = [hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16]
+  return jnp.stack([h.astype(jnp.uint16) for h in halves], axis=-1).reshape(shape)
+
+
 def _dropout(x, rate: float, rng):
-  """Inverted dropout. The keep decision compares 16 random bits with round((1 - rate) * 2^16):
-  half the random bits of a float32 uniform draw (the keep rate is exact to 1e-5), and the
-  random-bit generator is a large share of a CPU step."""
+  """Inverted dropout. The keep decision compares 16 random bits with round((1 - rate) * 2^16)
+  (the keep rate is exact to 1e-5); the random bits are a large share of a CPU step, so they
+  come four to a threefry evaluation (_random_u16)."""
   if rng is None or rate == 0.0:
     return x
-  bits = jax.random.bits(rng, x.shape, jnp.uint16)
-  keep = bits < jnp.uint16(round((1.0 - rate) * 65536))
+  keep = _random_u16(rng, x.shape) < jnp.uint16(round((1.0 - rate) * 65536))
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -253,8 +293,8 @@ class Layers(nnx.Module):
         'save_dots': jax.checkpoint_policies.checkpoint_dots,
         'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
       }[cfg.remat]
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scanned)
+    if cfg.scanned:
       x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, rngs))
     else:
       for i in range(cfg.num_layers):

@@ -91,7 +91,8 @@ def test_scan_unroll_and_remat_agree(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
   ref_out = model.apply(graphdef, params, ids, mask, types)['hidden']
   ref_grad = jax.grad(_loss, argnums=1)(graphdef, params, ids, mask, types)
-  for variant in (dict(scan_layers=False), dict(remat='full'), dict(remat='save_dots', scan_layers=False)):
+  assert not cfg.scanned and model.preset('base').scanned  # Unrolled up to 6 layers by default.
+  for variant in (dict(scan_layers=True), dict(remat='full', scan_layers=True), dict(remat='save_dots')):
     g, _ = model.abstract(cfg.replace(**variant))
     np.testing.assert_allclose(model.apply(g, params, ids, mask, types)['hidden'], ref_out, atol=1e-5)
     grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(g, params, ids, mask, types)
@@ -132,3 +133,29 @@ def test_bad_configs_name_the_key():
     cfg = model.preset('tiny', max_position_embeddings=8, vocab_size=50)
     g, p = model.init(cfg)
     model.apply(g, p, np.ones((1, 9), np.int32))
+
+
+def test_dropout_bits_are_uniform_and_independent_of_sharding():
+  key = jax.random.key(7)
+  raw = model._random_u16(key, (16, 8, 128, 128))
+  assert raw.dtype == jnp.uint16 and raw.shape == (16, 8, 128, 128)
+  u = np.asarray(raw).astype(np.float64)
+  for lane in range(4):  # The four 16-bit parts of each threefry evaluation.
+    part = u[..., lane::4]
+    assert abs(part.mean() / 65535 - 0.5) < 0.002, lane
+    assert abs(np.mean(part < 0.9 * 65536) - 0.9) < 0.002, lane
+  flat = u.reshape(-1, 4)
+  assert np.abs(np.corrcoef(flat.T) - np.eye(4)).max() < 0.01
+  assert not np.array_equal(np.asarray(model._random_u16(jax.random.key(8), (4, 8))), u[0, 0, 0, :8])
+  # The same values whichever way the array is split across devices.
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((4, 2), ('a', 'b'))
+  one = model._random_u16(key, (8, 6, 32))
+  split = jax.jit(lambda k: model._random_u16(k, (8, 6, 32)), out_shardings=NamedSharding(mesh, P('a', None, 'b')))(key)
+  np.testing.assert_array_equal(np.asarray(split), np.asarray(one))
+  # Other key types and odd widths use jax.random.bits.
+  rbg = jax.random.key(7, impl='rbg')
+  np.testing.assert_array_equal(model._random_u16(rbg, (4, 8)), jax.random.bits(rbg, (4, 8), jnp.uint16))
+  np.testing.assert_array_equal(model._random_u16(key, (4, 7)), jax.random.bits(key, (4, 7), jnp.uint16))

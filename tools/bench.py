@@ -55,7 +55,8 @@ def run_jax(args) -> dict:
 
   from jaxlm import model, optim, perf, sharding, steps, tasks
 
-  cfg = model.preset(args.preset, dtype=args.dtype, scan_layers=not args.unroll, remat=args.remat)
+  scan = True if args.scan else False if args.unroll else None  # None: the model's default (model.SCAN_ABOVE)
+  cfg = model.preset(args.preset, dtype=args.dtype, scan_layers=scan, remat=args.remat)
   if args.layers:
     cfg = cfg.replace(num_layers=args.layers)
   if args.hidden:
@@ -93,7 +94,7 @@ def run_jax(args) -> dict:
   stats = dev.memory_stats() or {}
   tflops = flops / step_s / 1e12
   return {
-    'framework': 'jaxlm', 'backend': dev.platform, 'devices': jax.device_count(),
+    'framework': 'jaxlm', 'backend': dev.platform, 'devices': jax.device_count(), 'scan_layers': cfg.scanned,
     'tokens_per_s': B * T / step_s, 'step_s': step_s, 'model_tflops': tflops,
     'peak_tflops': peak, 'peak_name': peak_name, 'mfu': tflops / peak, 'compile_s': compile_s,
     'peak_device_gib': stats.get('peak_bytes_in_use', 0) / 2**30, 'peak_rss_gib': _peak_rss_gib(),
@@ -392,6 +393,7 @@ def _worker(args, which: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--_worker', which]
   cmd += [f'--{k}={getattr(args, k)}' for k in _SHAPE_FLAGS if getattr(args, k) is not None]
   cmd += ['--unroll'] if args.unroll else []
+  cmd += ['--scan'] if args.scan else []
   cmd += [f'--hugepages={args.hugepages}']
   env = None  # Inherit ours.
   if args.hugepages == 'both' or (args.hugepages == 'jaxlm' and which == 'jax'):
@@ -416,7 +418,8 @@ def main(argv=None) -> int:
   p.add_argument('--max_predictions', type=int, default=20, help='masked positions per sequence')
   p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on TPU/GPU)')
   p.add_argument('--remat', default='none', help='rematerialisation policy')
-  p.add_argument('--unroll', action='store_true', help='unroll the layers instead of lax.scan')
+  p.add_argument('--unroll', action='store_true', help='unroll the layers (default: scan only above 6 layers)')
+  p.add_argument('--scan', action='store_true', help='run the layers with lax.scan (default: only above 6 layers)')
   p.add_argument('--steps', type=int, default=None, help='timed steps (10; finetune / infer: 5 per round)')
   p.add_argument('--repeats', type=int, default=3, help='finetune / infer: timed rounds in each worker; best counts')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
