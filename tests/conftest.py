@@ -92,55 +92,71 @@ def sentiment_examples(seed: int, n: int, held_out: bool = False, mixed: bool = 
   return out
 
 
-@pytest.fixture(scope='session')
-def finetuned_cls_dir(tmp_path_factory, minilm_dir):
-  """The real MiniLM fine-tuned in-process (new 2-class head, AdamW, dropout on, 32 steps of 16)
-  on the sentiment task above, saved as a Hugging Face BertForSequenceClassification directory.
+_LABEL_NAMES = ('negative', 'positive')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-  Also in the directory: eval.jsonl ({text, label} per line: held-out words, seen ones, then
-  mixed sentences with label null) and finetune.json (steps, final loss, the float model's
-  accuracy on the labelled eval lines).
-  """
+
+def _write_jsonl(path, rows):
   import json
+
+  with open(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def minilm_finetune_run(tmp_path_factory, minilm_dir):
+  """`python -m jaxlm.train --config configs/finetune_files.py` on the real MiniLM: a new 2-class
+  head, 30 steps of 16 on the sentiment task above (JSONL, string labels), evaluated at step 30 on
+  192 labelled sentences, 128 of them with held-out words. Returns (workdir, stdout, dev.jsonl,
+  seconds)."""
+  import subprocess
+  import sys
   import time
 
-  import numpy as np
-  from flax import nnx
-
-  from jaxlm import hf, model, optim, steps, tasks
-  from jaxlm import tokenizer as tokenizer_lib
-
+  d = tmp_path_factory.mktemp('ft_minilm')
+  rows = lambda examples: [{'text': t, 'label': _LABEL_NAMES[y]} for t, y in examples]  # noqa: E731
+  train = _write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 480)))
+  dev = _write_jsonl(d / 'dev.jsonl', rows(sentiment_examples(1, 128, held_out=True) + sentiment_examples(2, 64)))
+  workdir = d / 'run'
+  args = [
+    '--config', 'configs/finetune_files.py', '--workdir', str(workdir),
+    f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train}', f'--config.data.eval=jsonl:{dev}',
+    '--config.num_train_steps=30', '--config.global_batch_size=16', '--config.data.seq_len=32',
+    '--config.learning_rate=1e-4', '--config.warmup_steps=3', '--config.eval_every_steps=30',
+    '--config.log_every_steps=10', '--config.checkpoint_every_steps=30',
+  ]  # fmt: skip
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
   t0 = time.perf_counter()
-  graphdef, params, _, _ = hf.load(minilm_dir, num_labels=2, mlm_head=False, pooler=True, dtype='float32')
-  tok = tokenizer_lib.load(minilm_dir)
-  T, B, n_steps = 32, 16, 32
+  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  return workdir, res.stdout, dev, time.perf_counter() - t0
 
-  def batch_of(examples):
-    enc = tok.encode([t for t, _ in examples], T)
-    ids, mask = np.zeros((len(enc), T), np.int32), np.zeros((len(enc), T), np.int32)
-    for r, (i, _) in enumerate(enc):
-      ids[r, : len(i)], mask[r, : len(i)] = i, 1
-    labels = np.array([y for _, y in examples], np.int32)
-    return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': np.zeros_like(ids), 'labels': labels}
 
-  tx = optim.make_optimizer('adamw', optim.make_schedule(1e-4, 5, n_steps, 'linear'), weight_decay=0.01)
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.classification_loss), donate_argnums=0)
-  state = steps.init_state(params, tx)
-  train = sentiment_examples(0, n_steps * B, held_out=False)
-  for i in range(n_steps):
-    state, metrics = step(state, batch_of(train[i * B : (i + 1) * B]), jax.random.key(i))
-  loss = float(metrics['loss'])
-  labelled = sentiment_examples(1, 128, held_out=True) + sentiment_examples(2, 64)
-  evaluation = labelled + sentiment_examples(3, 64, mixed=True)
-  ev = batch_of(labelled)
-  logits = np.asarray(model.apply(graphdef, state['params'], ev['input_ids'], ev['attention_mask'])['logits'])
-  accuracy = float((logits.argmax(-1) == ev['labels']).mean())
+@pytest.fixture(scope='session')
+def finetuned_cls_dir(tmp_path_factory, minilm_finetune_run):
+  """The MiniLM of minilm_finetune_run exported as a Hugging Face BertForSequenceClassification
+  directory (python -m jaxlm.export --format hf).
+
+  Also in the directory: eval.jsonl ({text, label} per line: held-out words, seen ones, then
+  mixed sentences with label null) and finetune.json (steps, final loss, the accuracy of the
+  run's own evaluation, seconds).
+  """
+  import json
+
+  from jaxlm import export
+
+  workdir, _, _, seconds = minilm_finetune_run
   out = tmp_path_factory.mktemp('finetuned_cls')
-  cfg = nnx.merge(graphdef, state['params']).cfg
-  hf.save(str(out), state['params'], cfg, tokenizer_dir=minilm_dir, id2label={0: 'negative', 1: 'positive'})
-  with open(out / 'eval.jsonl', 'w') as f:
-    f.writelines(json.dumps({'text': t, 'label': y}) + '\n' for t, y in evaluation)
+  assert export.main(['--checkpoint', str(workdir), '--out', str(out), '--format', 'hf']) == 0
+  evaluation = (
+    sentiment_examples(1, 128, held_out=True) + sentiment_examples(2, 64) + sentiment_examples(3, 64, mixed=True)
+  )
+  _write_jsonl(out / 'eval.jsonl', [{'text': t, 'label': y} for t, y in evaluation])
+  losses = [m['loss'] for m in map(json.loads, open(workdir / 'metrics.jsonl')) if 'loss' in m]
+  results = json.load(open(workdir / 'eval_results.json'))
   with open(out / 'finetune.json', 'w') as f:
-    json.dump({'steps': n_steps, 'batch': B, 'loss': loss, 'eval_accuracy': accuracy,
-               'seconds': time.perf_counter() - t0}, f)  # fmt: skip
+    json.dump({'steps': results['step'], 'batch': 16, 'loss': losses[-1],
+               'eval_accuracy': results['accuracy'], 'seconds': seconds}, f)  # fmt: skip
   return str(out)

@@ -121,24 +121,10 @@ def test_eval_batches_pad_and_split_across_processes(tmp_path, minilm_dir):
 
 
 @pytest.fixture(scope='module')
-def minilm_run(tmp_path_factory, minilm_dir):
-  """`python -m jaxlm.train --config configs/finetune_files.py` on the real MiniLM, 30 steps."""
-  d = tmp_path_factory.mktemp('ft_minilm')
-  train = _write_jsonl(d / 'train.jsonl', _sentiment(480, 0))
-  dev = _write_jsonl(d / 'dev.jsonl', _sentiment(100, 1))
-  workdir = d / 'run'
-  args = [
-    '--config', 'configs/finetune_files.py', '--workdir', str(workdir),
-    f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train}', f'--config.data.eval=jsonl:{dev}',
-    '--config.num_train_steps=30', '--config.global_batch_size=16', '--config.data.seq_len=32',
-    '--config.learning_rate=1e-4', '--config.warmup_steps=3', '--config.eval_every_steps=30',
-    '--config.log_every_steps=10', '--config.checkpoint_every_steps=30', '--config.model.hidden_dropout=0.0',
-  ]  # fmt: skip
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
-  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-  assert res.returncode == 0, res.stderr[-3000:]
-  return workdir, res.stdout, dev
+def minilm_run(minilm_finetune_run):
+  """conftest's CLI fine-tune of the real MiniLM (configs/finetune_files.py, 30 steps)."""
+  workdir, stdout, dev, _ = minilm_finetune_run
+  return workdir, stdout, dev
 
 
 def test_finetune_minilm_learns_the_task(minilm_run):
