@@ -8,9 +8,9 @@ kernel for transparent huge pages (2 MiB) on its mappings (madvise), which remov
 page faults per step of that benchmark and makes the step 10-15% faster on the 2-core CPU
 machine the README's figures come from.
 
-The tunable is read only when a process starts, so `python -m jaxlm.train` (and predict,
-export, tools/bench.py's jaxlm worker) re-execute themselves once, same argv and PID, with it
-added to GLIBC_TUNABLES. Nothing happens when it is set already, when the kernel's THP mode is
+The tunable is read only when a process starts, so `python -m jaxlm.train` and
+`python -m jaxlm.predict` re-execute themselves once, same argv and PID, with it added to
+GLIBC_TUNABLES (tools/bench.py starts its jaxlm workers with it). Nothing happens when it is set already, when the kernel's THP mode is
 not `madvise` (`always` gives huge pages anyway; `never` cannot), off Linux / glibc, or when
 JAXLM_HUGEPAGES=0.
 """

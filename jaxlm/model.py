@@ -38,7 +38,7 @@ REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
 QUANTIZATIONS = ('none', 'int8')
 # scan_layers=None scans stacks deeper than this. Unrolled, each layer's saved activations are
 # buffers of their own: the scan's stacked residual buffers (zero-filled, written and read by
-# dynamic slices) cost the BERT-small CPU train step of tools/bench.py about 8%.
+# dynamic slices) cost the BERT-small CPU train step of tools/bench.py about 10%.
 SCAN_ABOVE = 6
 # The layers' kernels that `quantization='int8'` stores as int8 (also the pooler and MLM transform).
 INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')

@@ -22,6 +22,12 @@ def test_bench_reports_all_figures(tmp_path):
     assert j[key] > 0, key
   assert r['torch']['tokens_per_s'] > 0 and r['ratio_tokens_per_s'] > 0
   assert j['loss'] == j['loss']  # Not NaN.
+  # The jaxlm worker runs as `python -m jaxlm.train` does (huge pages where the host allows them,
+  # jaxlm/hostenv.py), PyTorch with its default allocator; the tiny stack is unrolled.
+  from jaxlm import hostenv
+
+  assert j['hugepages'] == (hostenv.hugepage_env() is not None) and r['torch']['hugepages'] is False
+  assert j['scan_layers'] is False
 
 
 def test_bench_data_mode_reports_throughput(tmp_path):

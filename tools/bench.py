@@ -395,15 +395,19 @@ def _worker(args, which: str) -> dict:
   cmd += ['--unroll'] if args.unroll else []
   cmd += ['--scan'] if args.scan else []
   cmd += [f'--hugepages={args.hugepages}']
-  env = None  # Inherit ours.
+  # Ours, without the huge-page tunable; added back where asked (what `python -m jaxlm.train`
+  # runs with, jaxlm/hostenv.py).
+  env = dict(os.environ)
+  rest = [t for t in env.pop('GLIBC_TUNABLES', '').split(':') if t and not t.startswith('glibc.malloc.hugetlb')]
+  env.update({'GLIBC_TUNABLES': ':'.join(rest)} if rest else {})
   if args.hugepages == 'both' or (args.hugepages == 'jaxlm' and which == 'jax'):
-    env = hostenv.hugepage_env()  # What `python -m jaxlm.train` runs with (jaxlm/hostenv.py).
+    env = hostenv.hugepage_env(env) or env
   res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   if res.returncode:
     sys.stderr.write(res.stderr)
     raise SystemExit(f'bench: the {which} worker failed (exit {res.returncode})')
   result = json.loads(res.stdout.strip().splitlines()[-1])
-  result['hugepages'] = env is not None
+  result['hugepages'] = 'glibc.malloc.hugetlb' in env.get('GLIBC_TUNABLES', '')
   return result
 
 
