@@ -67,7 +67,7 @@ def test_unshardable_parameter_names_its_path():
     sharding.param_shardings(abstract, mesh)
 
 
-def _loss_and_grads(mesh, batch):
+def _loss_and_grads(mesh, batch, vocab_parallel=False, hlo=None):
   graphdef, abstract = model.abstract(CFG)
   shardings = sharding.param_shardings(abstract, mesh)
   _, params = model.init(CFG, 0, out_shardings=shardings)
@@ -75,9 +75,11 @@ def _loss_and_grads(mesh, batch):
 
   @jax.jit
   def f(params, batch):
-    loss = lambda p: tasks.mlm_loss(steps.forward(graphdef, p, batch), batch)[0]
+    loss = lambda p: tasks.mlm_loss(steps.forward(graphdef, p, batch), batch, mesh=mesh if vocab_parallel else None)[0]
     return jax.value_and_grad(loss)(params)
 
+  if hlo is not None:
+    hlo.append(f.lower(params, placed).as_text())
   loss, grads = f(params, placed)
   word = params['embeddings']['word'][...]
   return float(loss), jax.tree.map(np.asarray, grads), word.sharding
@@ -89,6 +91,17 @@ def test_sharded_forward_and_gradients_equal_one_device(shape, batch):
   loss, grads, word_sharding = _loss_and_grads(sharding.make_mesh(*shape), batch)
   if shape != (8, 1, 1):
     assert not word_sharding.is_fully_replicated  # The parameters really are split.
+  assert abs(loss - ref_loss) < 1e-5
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+
+
+def test_vocab_parallel_cross_entropy_equals_the_plain_one(batch):
+  mesh = sharding.make_mesh(2, 2, 2)
+  ref_loss, ref_grads, _ = _loss_and_grads(mesh, batch)
+  hlo = []
+  loss, grads, _ = _loss_and_grads(mesh, batch, vocab_parallel=True, hlo=hlo)
+  assert 'manual_computation' in hlo[0] or 'SPMDFullToShardShape' in hlo[0]  # It went through shard_map.
   assert abs(loss - ref_loss) < 1e-5
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
