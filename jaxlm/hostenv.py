@@ -5,7 +5,7 @@ train step that tools/bench.py times), and glibc serves an allocation that large
 mmap of 4 KiB pages. Every step then faults in and walks the page tables of that much fresh
 memory. With the glibc tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) malloc asks the
 kernel for transparent huge pages (2 MiB) on its mappings (madvise), which removes about 190,000
-page faults per step of that benchmark and makes the step 10-15% faster on the 2-core CPU
+page faults per step of that benchmark and makes the step about 9% faster on the 2-core CPU
 machine the README's figures come from.
 
 The tunable is read only when a process starts, so `python -m jaxlm.train` and
