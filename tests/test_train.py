@@ -176,6 +176,7 @@ def test_two_processes_match_one_process(vocab_dir, tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert '2 process(es), 4 cpu devices' in outs[0][0]
+  assert len(os.listdir(os.path.join(multi, 'tensorboard'))) == 1  # One event file: process 0 writes it.
   np.testing.assert_allclose([r['loss'] for r in _metrics(multi)], [r['loss'] for r in _metrics(single)], rtol=2e-4)
 
 
@@ -218,6 +219,37 @@ def test_optimizers_learn(opt):
     state, m = step(state, batch, jax.random.key(i))
     losses.append(float(m['loss']))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_schedule_warms_up_then_decays():
+  lin = optim.make_schedule(1e-3, 10, 110, 'linear')
+  cos = optim.make_schedule(1e-3, 10, 110, 'cosine')
+  np.testing.assert_allclose([float(lin(s)) for s in (0, 5, 10, 60, 110)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+  np.testing.assert_allclose([float(cos(s)) for s in (5, 10, 60, 110)], [5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+  assert float(cos(35)) > float(lin(35))  # Cosine stays higher early in the decay.
+  with pytest.raises(UsageError, match='schedule=.step.'):
+    optim.make_schedule(1e-3, 10, 110, 'step')
+
+
+def test_updates_follow_the_clipped_gradient():
+  import optax
+
+  params = {'w': np.zeros(4, np.float32)}
+  grads = [{'w': np.array([30.0, -40.0, 0.0, 0.0], np.float32)}, {'w': np.array([0.1, 0.0, 0.0, 0.2], np.float32)}]
+
+  def run(tx, gs):
+    state, out = tx.init(params), []
+    for g in gs:
+      u, state = tx.update(g, state, params)
+      out.append(np.asarray(u['w']))
+    return out
+
+  clipped = [jax.tree.map(lambda x: x * min(1.0, 1.0 / float(np.linalg.norm(g['w']))), g) for g in grads]
+  ours = run(optim.make_optimizer('adamw', 1e-2, weight_decay=0.0, clip_norm=1.0), grads)
+  plain = optax.adamw(1e-2, 0.9, 0.999, 1e-6, weight_decay=0.0)
+  for a, b in zip(ours, run(plain, clipped)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  assert not np.allclose(ours[1], run(plain, grads)[1], rtol=1e-3)  # Unclipped, the second step differs.
 
 
 def test_weight_decay_skips_biases_and_layernorm():
