@@ -6,6 +6,8 @@ before anything compiles and raises one UsageError naming the key at fault.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from jaxlm import optim
@@ -35,7 +37,8 @@ def base() -> ml_collections.ConfigDict:
   c.global_batch_size = 256  # Sequences per update, summed over all devices and hosts.
   c.grad_accum_steps = 1  # Microbatches per update (lax.scan); the batch is split k ways.
   c.learning_rate = 1e-4  # Peak learning rate, reached after warmup.
-  c.warmup_steps = 100  # Linear warmup from 0.
+  c.warmup_steps = 100  # Linear warmup from 0, in steps; when > 0 it overrides warmup_ratio.
+  c.warmup_ratio = 0.0  # Warmup as a fraction of num_train_steps (used when warmup_steps is 0).
   c.lr_schedule = 'linear'  # Decay after warmup: 'linear' or 'cosine' to 0, or 'constant'.
   c.weight_decay = 0.01  # Decoupled weight decay (not on biases or LayerNorm).
   c.clip_grad_norm = 1.0  # Global-norm clipping; 0 turns it off.
@@ -150,6 +153,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if v is not None and flat[k] is not None and type(v) is not type(flat[k]):
       if not (isinstance(v, float) and isinstance(flat[k], int)):
         raise UsageError(f'{k}={flat[k]!r}: expected a {type(v).__name__}')
+  for k, v in flat.items():
+    if isinstance(v, float) and not math.isfinite(v):
+      raise UsageError(f'{k}={v}: must be a finite number')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
   _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
   if flat['task'] not in TASKS:
@@ -178,6 +184,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
   if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
     raise UsageError('warmup_steps and eval_every_steps must be >= 0')
+  if not 0.0 <= flat['warmup_ratio'] <= 1.0:
+    raise UsageError(f'warmup_ratio={flat["warmup_ratio"]}: must be between 0 and 1')
   if flat['learning_rate'] <= 0:
     raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
   if flat['optimizer.name'] not in optim.OPTIMIZERS:
@@ -204,6 +212,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     )
   if flat['data.seq_len'] < 8:
     raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
+  if flat['task'] == 'mlm' and flat['data.max_predictions'] > flat['data.seq_len'] - 2:
+    raise UsageError(
+      f'data.max_predictions={flat["data.max_predictions"]} exceeds the maskable tokens of data.seq_len='
+      f'{flat["data.seq_len"]} ([CLS] and [SEP] are never masked): at most {flat["data.seq_len"] - 2}'
+    )
   split_spec(flat['data.train'], 'data.train')  # Also catches the empty default of the pretraining configs.
   if flat['task'] != 'mlm' and not (flat['model.init_from'] or flat['data.tokenizer']):
     raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
@@ -219,6 +232,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       f'global_batch_size={batch} is not divisible by the data-parallel size'
       f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
     )
+
+
+def warmup_steps(c: ml_collections.ConfigDict) -> int:
+  """Warmup in steps: warmup_steps when set, else warmup_ratio of num_train_steps."""
+  if c.warmup_steps > 0:
+    return c.warmup_steps
+  return round(c.warmup_ratio * c.num_train_steps)
 
 
 def prune_end_step(end_step: int, num_train_steps: int) -> int:
@@ -257,7 +277,8 @@ def finetuning() -> ml_collections.ConfigDict:
   c.num_train_steps = 2000  # About 1 epoch of SST-2 at batch 32; set it for your data size.
   c.global_batch_size = 32  # Examples per update.
   c.learning_rate = 2e-5  # Peak AdamW learning rate (1e-3 suits finetune.mode=head or lora).
-  c.warmup_steps = 200  # 10% warmup.
+  c.warmup_steps = 0  # Steps of warmup; 0: warmup_ratio decides.
+  c.warmup_ratio = 0.1  # 10% warmup, whatever num_train_steps is.
   c.weight_decay = 0.01  # Decoupled weight decay.
   c.log_every_steps = 50  # Console / metrics.jsonl / TensorBoard.
   c.eval_every_steps = 500  # Whole eval set; also writes WORKDIR/eval_results.json.

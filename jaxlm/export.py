@@ -135,11 +135,32 @@ def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0
   saved = read_arrays(step_dir / 'state')
   raw = _merge_adapters(saved, meta) if 'adapters' in saved else saved['params']
   graphdef, params = _fill(cfg, raw, str(step_dir / 'state'), missing, seed)
-  data = meta.get('config', {}).get('data', {})
-  tok = str(workdir / 'tokenizer')
-  if not epath.Path(tok).exists():
-    tok = data.get('tokenizer') or meta.get('config', {}).get('model', {}).get('init_from') or tok
-  return graphdef, params, tok, meta.get('labels'), missing
+  return graphdef, params, _run_tokenizer(workdir, meta.get('config', {})), meta.get('labels'), missing
+
+
+def _run_tokenizer(workdir: epath.Path, config: dict, seen: tuple = ()) -> str:
+  """The tokenizer directory of a training run: WORKDIR/tokenizer, else where the run took it from
+  (data.tokenizer, or model.init_from, followed through jaxlm runs and exports)."""
+  tok = workdir / 'tokenizer'
+  if tok.exists():
+    return str(tok)
+  source = config.get('data', {}).get('tokenizer') or config.get('model', {}).get('init_from')
+  if not source or str(source) in seen:
+    raise UsageError(f'{workdir}: no tokenizer/ and no data.tokenizer or model.init_from to take one from')
+  return tokenizer_dir(source, (*seen, str(workdir)))
+
+
+def tokenizer_dir(path: str, _seen: tuple = ()) -> str:
+  """The tokenizer directory of any model path: a workdir, a checkpoint step, an export or an HF directory."""
+  p = _path(path)
+  if (p / 'params').is_dir():  # A jaxlm export carries its tokenizer.
+    return str(p / 'tokenizer')
+  if not is_jaxlm_dir(str(p)):  # A Hugging Face directory (or a tokenizer directory).
+    return str(p)
+  _, workdir = map(epath.Path, _step_dir(p))
+  config_json = workdir / 'config.json'
+  config = json.loads(config_json.read_text()) if config_json.exists() else {}
+  return _run_tokenizer(workdir, config, _seen)
 
 
 def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:

@@ -31,6 +31,7 @@ class Reporter:
     self.is_main = jax.process_index() == 0
     self._writer = None
     self._last = None  # (step, time) of the previous log.
+    self._before_last = None  # (step, time) of the log before it.
     if self.is_main:
       from clu import metric_writers
 
@@ -39,19 +40,26 @@ class Reporter:
       with self._jsonl.open('a'):
         pass
 
-  def start(self, step: int) -> None:
+  def start(self, step: int, peak_tflops: float | None = None) -> None:
+    """Starts the throughput clock at `step` (after the compile); `peak_tflops` replaces the peak if given."""
     self._last = (step, time.perf_counter())
+    if peak_tflops is not None:
+      self.peak = peak_tflops
 
   def write(self, step: int, metrics: dict, prefix: str = '') -> dict:
     """Logs `metrics` (floats) at `step`, adding throughput for train metrics; returns what was logged."""
     row = {f'{prefix}{k}': float(v) for k, v in metrics.items()}
     if not prefix and self._last is not None and step > self._last[0]:
-      dt = (time.perf_counter() - self._last[1]) / (step - self._last[0])
+      since = self._last
+      if self._before_last is not None and step - since[0] < (since[0] - self._before_last[0]) / 2:
+        since = self._before_last  # A short final interval is timed with the one before it: less noise.
+      now = time.perf_counter()
+      dt = (now - since[1]) / (step - since[0])
+      self._before_last, self._last = self._last, (step, now)
       row['tokens_per_s'] = self.tokens_per_step / dt
       row['model_tflops'] = self.flops_per_step / dt / 1e12
       row['mfu'] = row['model_tflops'] / self.peak if self.peak else float('nan')
       row['step_time_s'] = dt
-      self._last = (step, time.perf_counter())
       eta = (self.total_steps - step) * dt
       print(
         f'step {step:>7d}/{self.total_steps}  loss {row.get("loss", float("nan")):.4f}'
@@ -63,8 +71,10 @@ class Reporter:
       print(f'step {step:>7d}  ' + '  '.join(f'{k} {v:.4f}' for k, v in row.items()), flush=True)
     if self.is_main:
       self._writer.write_scalars(step, row)
+      # NaN / Inf are not JSON: they are written as null (TensorBoard keeps the float).
+      finite = {k: v if math.isfinite(v) else None for k, v in row.items()}
       with self._jsonl.open('a') as f:
-        f.write(json.dumps({'step': step, **row}) + '\n')
+        f.write(json.dumps({'step': step, **finite}, allow_nan=False) + '\n')
     return row
 
   def close(self) -> None:

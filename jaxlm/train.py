@@ -12,8 +12,13 @@ metrics.jsonl and TensorBoard events (process 0 only).
 from __future__ import annotations
 
 if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU buffers (hostenv.py).
+  import os
+
   from jaxlm import hostenv
 
+  # TensorFlow only runs the input pipeline: its start-up banners (oneDNN, absl) would bury our lines.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   hostenv.reexec_with_hugepages()
 
 import dataclasses
@@ -163,7 +168,23 @@ def train(config, workdir: str) -> dict:
       **data_kw,
     )  # fmt: skip
   train_ds = make_train_ds(config.seed)
-  eval_data = {}  # Read once, in full, at the first evaluation.
+  # The eval set is read once, in full, here: a problem with it (an unseen label, an empty file)
+  # stops the run before any training time is spent.
+  eval_data, eval_splits = {}, ()
+  if config.data.eval and config.eval_every_steps:
+    if finetune:
+      from jaxlm.data import classify
+
+      eval_splits = tuple(s.strip() for s in config.data.eval_split.split(',') if s.strip())
+      for split in eval_splits:
+        eval_data[split] = classify.eval_batches(
+          config.data.eval, tokenizer, labels=label_values, seq_len=T, global_batch_size=B, data_cfg=data_cfg,
+          split=split, **shard,
+        )  # fmt: skip
+    else:
+      eval_data['mlm'] = pretrain.eval_batches(
+        config.data.eval, tokenizer, seed=config.seed + 1, data_cfg=data_cfg, **data_kw
+      )
 
   # ---- model and sharded state
   num_labels = (len(label_values) if label_values else 1) if finetune else 0
@@ -184,7 +205,14 @@ def train(config, workdir: str) -> dict:
     )
   graphdef, abstract_params = model.abstract(mcfg)
   param_sh = sharding.param_shardings(abstract_params, mesh)
-  schedule = optim.make_schedule(config.learning_rate, config.warmup_steps, config.num_train_steps, config.lr_schedule)
+  warmup = config_lib.warmup_steps(config)
+  if warmup > config.num_train_steps // 2:
+    print(
+      f'warning: warmup covers {warmup} of {config.num_train_steps} steps, so the learning rate barely decays;'
+      ' set warmup_ratio (e.g. 0.1) or a smaller warmup_steps',
+      flush=True,
+    )
+  schedule = optim.make_schedule(config.learning_rate, warmup, config.num_train_steps, config.lr_schedule)
   o, ft = config.optimizer, config.finetune
   tx = optim.make_optimizer(o.name, schedule, config.weight_decay, o.b1, o.b2, o.eps, config.clip_grad_norm or None)
   mode = ft.mode if finetune else 'full'
@@ -241,6 +269,8 @@ def train(config, workdir: str) -> dict:
     state = jax.jit(lambda: fresh_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=state_sh)()
   if is_main:
     epath.Path(workdir, 'model_config.json').write_text(json.dumps(dataclasses.asdict(mcfg), indent=2))
+    if not epath.Path(workdir, 'tokenizer', 'tokenizer.json').exists():  # The run is self-contained.
+      tokenizer.save(str(epath.Path(workdir, 'tokenizer')))
     if label_names:
       epath.Path(workdir, 'labels.json').write_text(json.dumps(label_names))
   n_params = model.count_params(state['params'])
@@ -306,34 +336,23 @@ def train(config, workdir: str) -> dict:
 
   def _evaluate_classifier() -> dict:
     from jaxlm import metrics
-    from jaxlm.data import classify
 
-    splits = tuple(s.strip() for s in config.data.eval_split.split(',') if s.strip())
     names = glue_task.metrics if glue_task else _file_metrics(config.task, label_names)
     out = {}
-    for split in splits:
-      if split not in eval_data:
-        eval_data[split] = classify.eval_batches(
-          config.data.eval, tokenizer, labels=label_values, seq_len=T, global_batch_size=B, data_cfg=data_cfg,
-          split=split, **shard,
-        )  # fmt: skip
+    for split in eval_splits:
       batches, n = eval_data[split]
       # Outputs are replicated (every process sees each whole global batch); fetched once, at the end.
       rows = jax.device_get([eval_fn(state, to_global(local)) for local in batches])
       r = {k: np.concatenate([x[k] for x in rows]) for k in rows[0]}
       real = r['weight'] > 0  # Padding rows (weight 0) count nowhere.
       assert real.sum() == n, (real.sum(), n)
-      prefix = glue.eval_prefix(split, splits)
+      prefix = glue.eval_prefix(split, eval_splits)
       for k, v in metrics.compute(names, r['pred'][real], r['label'][real]).items():
         out[prefix + k] = v
       out[prefix + 'loss'] = float(r['loss'][real].mean())
     return out
 
   def _evaluate_mlm() -> dict:
-    if 'mlm' not in eval_data:
-      eval_data['mlm'] = pretrain.eval_batches(
-        config.data.eval, tokenizer, seed=config.seed + 1, data_cfg=data_cfg, **data_kw
-      )
     sums = {}
     for local in eval_data['mlm']:
       batch = to_global(local)
@@ -349,9 +368,8 @@ def train(config, workdir: str) -> dict:
     return out
 
   # ---- loop
-  peak, _ = perf.peak_tflops()
   flops = perf.train_flops_per_step(mcfg, B, T, 0 if finetune else P)
-  reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, peak)
+  reporter = report.Reporter(workdir, config.num_train_steps, B * T, flops, float('nan'))
   step, last, pending, undecodable, skipped = start, {}, None, 0, 0.0
   meta = {'config': json.loads(config.to_json_best_effort()), 'model': dataclasses.asdict(mcfg)}
   if label_names:
@@ -368,7 +386,9 @@ def train(config, workdir: str) -> dict:
       step += 1
       if step == start + 1:  # Throughput is measured from here, without the compile.
         jax.block_until_ready(metrics)
-        reporter.start(step)
+        # The peak is measured here on CPU, once the input pipeline has filled its buffers and
+        # no longer competes with the measuring matmul.
+        reporter.start(step, perf.peak_tflops()[0])
       # The previous step's loss is fetched while this one runs: the host never stalls the device.
       if pending is not None:
         if skip:
@@ -423,10 +443,14 @@ def train(config, workdir: str) -> dict:
 def _load_init(path: str, overrides: dict, seed: int):
   """((graphdef, params), new parameter paths) from model.init_from: an HF directory or a jaxlm
   run / export. Parameters the source lacks (a new head) are initialised fresh."""
-  from jaxlm import export, hf
+  from flax import nnx
+
+  from jaxlm import export, hf, quant
 
   if export.is_jaxlm_dir(path):  # A jaxlm run or export: parameters only, any mesh.
     g, params, new = export.load_for_init(path, seed=seed, **overrides)
+    if nnx.merge(g, params).cfg.quantization != 'none':  # An int8 export trains from float kernels.
+      g, params = quant.dequantize(g, params)
     return (g, params), new
   g, params, _, load_report = hf.load(path, seed=seed, **overrides)
   return (g, params), list(load_report.missing)
@@ -475,19 +499,52 @@ def main(argv) -> int:
 
   if len(argv) > 1:
     return _usage(f'unexpected arguments: {" ".join(argv[1:])}')
-  if FLAGS.config is None:
+  try:
+    config = FLAGS.config  # A file that failed to load raises on first attribute access.
+    if config is not None:
+      config.task  # noqa: B018
+  except Exception as e:  # noqa: BLE001 (a missing file, a syntax error, a failing get_config)
+    return _usage(f'--config: {_config_error(e)}')
+  if config is None:
     return _usage('--config is required (e.g. --config configs/quickstart.py)')
   if not FLAGS.workdir:
     return _usage('--workdir is required')
   try:
+    make_workdir(FLAGS.workdir)
     init_distributed()
-    train(FLAGS.config, FLAGS.workdir)
+    train(config, FLAGS.workdir)
   except UsageError as e:
     return _usage(str(e))
   except FloatingPointError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 1
   return 0
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates the workdir (local or gs://), or raises one UsageError saying why it cannot be."""
+  from etils import epath
+
+  from jaxlm.errors import UsageError
+
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except (OSError, ValueError) as e:  # FileExistsError, NotADirectoryError, PermissionError, ...
+    why = getattr(e, 'strerror', None) or str(e)
+    raise UsageError(f'--workdir {workdir}: cannot create it ({why})') from None
+  if not path.is_dir():
+    raise UsageError(f'--workdir {workdir}: exists and is not a directory')
+
+
+def _config_error(e: Exception) -> str:
+  """One line for a config file that cannot be loaded: the innermost cause, not the loader's wrapper."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  if isinstance(e, SyntaxError):
+    return f'{e.filename}:{e.lineno}: SyntaxError: {e.msg}'
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return f'{type(e).__name__}: {lines[-1] if lines else ""}'.rstrip(': ')
 
 
 def _usage(msg: str) -> int:
@@ -502,6 +559,8 @@ def _parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     sys.exit(_usage(msg))
+  except Exception as e:  # noqa: BLE001 (a config file that does not load: missing, a syntax error, ...)
+    sys.exit(_usage(f'--config: {_config_error(e)}'))
 
 
 if __name__ == '__main__':

@@ -35,7 +35,8 @@ def _records(spec: str, data_cfg: dict, key: str, split: str | None = None) -> t
 
 def label_set(spec: str, data_cfg: dict, key: str = 'data.train') -> list[str]:
   """Every distinct label of a source, sorted (numerically when all are integers)."""
-  labels = {bytes(r).decode() for r in _records(spec, data_cfg, key).map(lambda r: r['label']).as_numpy_iterator()}
+  with sources.usage_errors():
+    labels = {bytes(r).decode() for r in _records(spec, data_cfg, key).map(lambda r: r['label']).as_numpy_iterator()}
   if not labels:
     raise UsageError(f'{key}={spec!r}: no examples')
   if all(s.lstrip('-').isdigit() for s in labels):

@@ -60,8 +60,9 @@ def iter_texts(spec: str, cfg: dict | None = None, key: str = 'data.train'):
     return
   if kind == 'tfrecord':
     raise UsageError(f'{key}={spec!r}: pre-tokenized records hold no text to train a tokenizer on')
-  for rec in text_records(spec, cfg, key).as_numpy_iterator():
-    yield _decode(rec['text'])
+  with sources.usage_errors():
+    for rec in text_records(spec, cfg, key).as_numpy_iterator():
+      yield _decode(rec['text'])
 
 
 def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
@@ -199,13 +200,8 @@ class Iterator:
     return self
 
   def __next__(self) -> dict:
-    try:
+    with sources.usage_errors():  # A UsageError raised inside a tokenizing map.
       return {k: v.numpy() for k, v in next(self._it).items()}
-    except tf.errors.InvalidArgumentError as e:  # A UsageError raised inside a tokenizing map.
-      msg = str(e)
-      if 'UsageError: ' in msg:
-        raise UsageError(msg.split('UsageError: ', 1)[1].split('\n')[0]) from None
-      raise
 
   def save(self, prefix: str) -> str | None:
     """Writes the iterator state under `prefix` (local or gs://); returns the checkpoint path.
@@ -262,7 +258,8 @@ def pretrain_dataset(
   recs = text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
   seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed)
   counted = Stats.undecodable
-  empty = next(iter(seqs.take(1)), None) is None
+  with sources.usage_errors():
+    empty = next(iter(seqs.take(1)), None) is None
   Stats.undecodable = counted  # The peek above is not a read of the data.
   if empty:
     raise UsageError(f'{key}={spec!r}: not one full sequence of {seq_len} tokens; is the corpus empty?')

@@ -17,6 +17,7 @@ Nothing here uses Python generators, so the iterators stay checkpointable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -60,15 +61,29 @@ def _column(header: list[str], name: str, path: str, key: str) -> int:
   return header.index(name)
 
 
-def _jsonl_fields(line: bytes, names: tuple[str, ...], path_hint: str) -> list[bytes]:
+@contextlib.contextmanager
+def usage_errors():
+  """Re-raises a UsageError raised inside a tf.data map (which TensorFlow wraps in an OpError) as itself."""
+  try:
+    yield
+  except tf.errors.OpError as e:
+    msg = str(e)
+    if 'UsageError: ' not in msg:
+      raise
+    raise UsageError(msg.split('UsageError: ', 1)[1].split('\n')[0].strip()) from None
+
+
+def _jsonl_fields(line: bytes, names: tuple[str, ...], where: str) -> list[bytes]:
   try:
     obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise UsageError(f'{path_hint}: a line is not valid JSON ({e}): {line[:80]!r}') from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UsageError(f'{where}: not valid JSON ({e}): {line[:80]!r}') from None
+  if not isinstance(obj, dict):
+    raise UsageError(f'{where}: expected a JSON object, got {type(obj).__name__}')
   out = []
   for n in names:
     if n not in obj:
-      raise UsageError(f'{path_hint}: a record has no field {n!r} (it has {sorted(obj)})')
+      raise UsageError(f'{where}: no field {n!r} (the record has {sorted(obj)})')
     v = obj[n]
     out.append(str(v).encode() if not isinstance(v, str) else v.encode('utf-8', errors='replace'))
   return out
@@ -122,14 +137,18 @@ def records(
     per_file = []
     for p in paths:
       with tf.io.gfile.GFile(p, 'rb') as f:  # The first record is checked here, for one clear error.
-        first = next((line for line in f if line.strip()), None)
+        first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), None)
       if first is not None:
-        _jsonl_fields(first, names, p)
-      lines = tf.data.TextLineDataset(p).filter(lambda s: tf.strings.length(tf.strings.strip(s)) > 0)
-      fn = lambda line, p=p: tf.numpy_function(
-        lambda b: _jsonl_fields(b, names, p), [line], [tf.string] * len(names), stateful=False
+        _jsonl_fields(first[1], names, f'{p}:{first[0]}')
+      # Numbered lines, so that a bad record later in the file is named by its line.
+      lines = tf.data.TextLineDataset(p).enumerate(start=1)
+      lines = lines.filter(lambda n, s: tf.strings.length(tf.strings.strip(s)) > 0)
+      fn = lambda n, line, p=p: tf.numpy_function(
+        lambda n, b: _jsonl_fields(b, names, f'{p}:{n}'), [n, line], [tf.string] * len(names), stateful=False
       )
-      per_file.append(lines.map(lambda line, fn=fn: dict(zip(out_keys, [tf.ensure_shape(x, []) for x in fn(line)]))))
+      per_file.append(
+        lines.map(lambda n, line, fn=fn: dict(zip(out_keys, [tf.ensure_shape(x, []) for x in fn(n, line)])))
+      )
     ds = per_file[0]
     for d in per_file[1:]:
       ds = ds.concatenate(d)
