@@ -204,8 +204,17 @@ def test_bad_input_is_one_clear_error(corpus, tmp_path):
   (tmp_path / 'empty.txt').write_text('\n\n')
   with pytest.raises(UsageError, match='is the corpus empty'):
     _ds(f'text:{tmp_path}/empty.txt', tok)
-  with pytest.raises(UsageError, match="part0.jsonl: a record has no field 'text'"):
+  with pytest.raises(UsageError, match="part0.jsonl:1: no field 'text'"):
     _ds(f'jsonl:{root}/part0.jsonl', tok)
+  # A bad record deep in a file is named by its line, from inside tf.data, as one UsageError.
+  good = ''.join(json.dumps({'text': f'record {i} with a few words of text in it'}) + '\n' for i in range(300))
+  (tmp_path / 'late.jsonl').write_text(good + '\n{"text": "broken\n' + good)
+  with pytest.raises(UsageError, match=r'late.jsonl:302: not valid JSON'):
+    list(pretrain.iter_texts(f'jsonl:{tmp_path}/late.jsonl'))
+  with pytest.raises(UsageError, match=r'late.jsonl:302: not valid JSON'):
+    it = pretrain.Iterator(_ds(f'jsonl:{tmp_path}/late.jsonl', tok, global_batch_size=1, shuffle_buffer=0))
+    for _ in range(10_000):
+      next(it)
   with pytest.raises(UsageError, match=r"all.csv \(data.train\): no column 'text'"):
     _ds(f'csv:{root}/all.csv', tok)
   with pytest.raises(UsageError, match='expected KIND:SPEC'):

@@ -338,3 +338,23 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
   with capsys.disabled():
     print(f'\npruned MiniLM fine-tune: sparsity {last["sparsity"]:.3f}, eval accuracy {last["eval_accuracy"]:.3f}')
   assert last['eval_accuracy'] >= 0.9
+
+
+def test_eval_set_problems_stop_the_run_before_training(tmp_path, hf_mlm_dir):
+  from jaxlm import train
+  from jaxlm.errors import UsageError
+
+  train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(32, 0))
+  unseen = _write_jsonl(tmp_path / 'unseen.jsonl', _sentiment(8, 1) + [{'text': 'so so', 'label': 'mixed'}])
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('')
+  for dev, message in ((unseen, "label 'mixed' is not in the label set"), (empty, 'no examples')):
+    config = _config(
+      'finetune_files', **{
+        'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev}',
+        'num_train_steps': 4, 'global_batch_size': 8, 'data.seq_len': 16, 'eval_every_steps': 4,
+      })  # fmt: skip
+    workdir = tmp_path / f'run_{os.path.basename(str(dev))}'
+    with pytest.raises(UsageError, match=message):
+      train.train(config, str(workdir))
+    assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()

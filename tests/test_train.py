@@ -96,6 +96,9 @@ def test_shipped_configs_validate_and_document_their_command(name):
     ('--config.global_batch_size=12', 'global_batch_size=12 is not divisible by the data-parallel size'),
     ('--config.optimizer.name=sgd', "optimizer.name='sgd'"),
     ('--config.data.seq_len=1024', 'data.seq_len=1024 exceeds model.max_position_embeddings=128'),
+    ('--config.learning_rate=nan', 'learning_rate=nan: must be a finite number'),
+    ('--config.data.max_predictions=127', 'data.max_predictions=127 exceeds the maskable tokens of data.seq_len=128'),
+    ('--config.warmup_ratio=1.5', 'warmup_ratio=1.5: must be between 0 and 1'),
   ],
 )
 def test_bad_config_is_one_line_and_exit_2(flag, message, tmp_path):
@@ -104,6 +107,38 @@ def test_bad_config_is_one_line_and_exit_2(flag, message, tmp_path):
   lines = [ln for ln in res.stderr.splitlines() if ln.startswith('error:')]
   assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
   assert 'Traceback' not in res.stderr
+  assert not os.path.exists(tmp_path / 'tokenizer')  # Stopped before any work: no vocabulary trained.
+
+
+def test_config_file_and_workdir_problems_are_one_line(tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a directory\n')
+  syntax = tmp_path / 'syntax.py'
+  syntax.write_text('def get_config(:\n')
+  cases = [
+    (['--config', str(tmp_path / 'missing.py'), '--workdir', str(tmp_path / 'w')], 'No such file or directory'),
+    (['--config', str(syntax), '--workdir', str(tmp_path / 'w')], f'{syntax}:1: SyntaxError'),
+    (['--config', 'configs/quickstart.py', '--workdir', str(a_file / 'run')], f'--workdir {a_file / "run"}: cannot'),
+    (['--config', 'configs/quickstart.py', '--workdir', str(a_file)], f'--workdir {a_file}: cannot create it'),
+  ]
+  for args, message in cases:
+    res = _run(args, devices=1)
+    assert res.returncode == 2, (args, res.stderr[-2000:])
+    assert 'Traceback' not in res.stderr, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], (args, res.stderr[-2000:])
+  assert a_file.read_text() == 'not a directory\n'
+
+
+def test_warmup_ratio_scales_with_the_run():
+  c = config_lib.finetuning()
+  for steps, want in ((200, 20), (1000, 100), (7, 1)):
+    c.num_train_steps = steps
+    assert config_lib.warmup_steps(c) == want
+  c.warmup_steps = 30  # Steps, when given, win over the ratio.
+  assert config_lib.warmup_steps(c) == 30
+  schedule = optim.make_schedule(2e-5, config_lib.warmup_steps(config_lib.finetuning()), 2000)
+  assert float(schedule(200)) == pytest.approx(2e-5) and float(schedule(1100)) == pytest.approx(1e-5)
 
 
 def test_unknown_key_in_a_config_file(tmp_path):
@@ -279,3 +314,23 @@ def test_nan_skip_policy_leaves_bad_updates_out(vocab_dir, tmp_path):
 
   state = ocp.StandardCheckpointer().restore(os.path.join(str(tmp_path), 'checkpoints', '12', 'state'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))  # Never a NaN state on disk.
+
+
+def test_metrics_jsonl_is_json_and_a_short_last_interval_is_not_timed_alone(tmp_path):
+  import math
+  import time
+
+  from jaxlm import report
+
+  r = report.Reporter(str(tmp_path), total_steps=21, tokens_per_step=1000, flops_per_step=1e9, peak_tflops=1.0)
+  r.start(0)
+  time.sleep(0.2)
+  r.write(10, {'loss': 1.0})
+  time.sleep(0.2)
+  r.write(20, {'loss': float('nan'), 'grad_norm': float('inf')})
+  last = r.write(21, {'loss': 2.0})  # One step after the last log: timed together with the interval before.
+  r.close()
+  strict = lambda c: (_ for _ in ()).throw(ValueError(c))  # noqa: E731 (NaN / Infinity are not JSON)
+  rows = [json.loads(line, parse_constant=strict) for line in open(tmp_path / 'metrics.jsonl')]
+  assert rows[1]['loss'] is None and rows[1]['grad_norm'] is None and rows[2]['loss'] == 2.0
+  assert math.isclose(last['step_time_s'], 0.4 / 11, rel_tol=0.5), last  # Not the ~0 s of step 21 alone.
