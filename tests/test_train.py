@@ -132,8 +132,8 @@ def test_config_file_and_workdir_problems_are_one_line(tmp_path):
 
 def test_warmup_ratio_scales_with_the_run():
   c = config_lib.finetuning()
-  for steps, want in ((200, 20), (1000, 100), (7, 1)):
-    c.num_train_steps = steps
+  for n, want in ((200, 20), (1000, 100), (7, 1)):
+    c.num_train_steps = n
     assert config_lib.warmup_steps(c) == want
   c.warmup_steps = 30  # Steps, when given, win over the ratio.
   assert config_lib.warmup_steps(c) == 30
