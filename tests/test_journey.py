@@ -1,0 +1,111 @@
+"""A user's journey across stages, each stage a fresh process as a user runs it:
+
+pretrain (twice: the same tokenizer and losses) -> fine-tune from the workdir -> export int8 ->
+fine-tune again from that export -> predict -> export --format hf -> transformers loads it and
+agrees -> jaxlm.load agrees.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, _write_jsonl, sentiment_examples
+
+LABELS = ('negative', 'positive')
+
+
+def _cli(module, *args, devices=2, timeout=600):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
+  res = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)  # fmt: skip
+  assert res.returncode == 0, f'{module} {args}\n{res.stderr[-3000:]}'
+  assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+  return res
+
+
+def _losses(workdir):
+  return [r['loss'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in r]
+
+
+PRETRAIN = [
+  '--config', 'configs/quickstart.py', '--config.num_train_steps=4', '--config.log_every_steps=1',
+  '--config.eval_every_steps=0', '--config.global_batch_size=8', '--config.data.seq_len=32',
+  '--config.data.max_predictions=5', '--config.data.train_tokenizer_vocab=1200', '--config.checkpoint_every_steps=4',
+]  # fmt: skip
+
+
+def _finetune(init_from, workdir, data, steps=6):
+  train, dev = data
+  return [
+    '--config', 'configs/finetune_files.py', '--workdir', workdir, f'--config.model.init_from={init_from}',
+    f'--config.data.train=jsonl:{train}', f'--config.data.eval=jsonl:{dev}', f'--config.num_train_steps={steps}',
+    '--config.global_batch_size=8', '--config.data.seq_len=32', '--config.learning_rate=1e-3',
+    f'--config.eval_every_steps={steps}', '--config.log_every_steps=2', f'--config.checkpoint_every_steps={steps}',
+  ]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def journey(tmp_path_factory):
+  d = tmp_path_factory.mktemp('journey')
+  rows = lambda examples: [{'text': t, 'label': LABELS[y]} for t, y in examples]  # noqa: E731
+  data = (_write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 96))),
+          _write_jsonl(d / 'dev.jsonl', rows(sentiment_examples(1, 24))))  # fmt: skip
+  runs = {name: d / name for name in ('pre_a', 'pre_b', 'ft1', 'ft1_int8', 'ft2', 'ft2_hf')}
+  for name in ('pre_a', 'pre_b'):
+    _cli('jaxlm.train', *PRETRAIN, '--workdir', runs[name], devices=1)
+  _cli('jaxlm.train', *_finetune(runs['pre_a'], runs['ft1'], data))
+  _cli('jaxlm.export', '--checkpoint', runs['ft1'], '--out', runs['ft1_int8'], '--quantize', 'int8')
+  _cli('jaxlm.train', *_finetune(runs['ft1_int8'], runs['ft2'], data, steps=4))
+  texts = [t for t, _ in sentiment_examples(5, 20)]
+  _write_jsonl(d / 'inputs.jsonl', [{'text': t} for t in texts])
+  _cli('jaxlm.predict', '--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl')
+  _cli('jaxlm.export', '--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf')
+  return runs, texts, d / 'preds.jsonl'
+
+
+def test_the_same_command_twice_gives_the_same_tokenizer_and_losses(journey):
+  runs, _, _ = journey
+  a, b = (runs[n] / 'tokenizer' / 'tokenizer.json' for n in ('pre_a', 'pre_b'))
+  assert a.read_bytes() == b.read_bytes()
+  assert len(_losses(runs['pre_a'])) == 4
+  assert _losses(runs['pre_a']) == _losses(runs['pre_b'])
+
+
+def test_every_stage_is_self_contained(journey):
+  runs, _, _ = journey
+  pretrain_vocab = (runs['pre_a'] / 'tokenizer' / 'vocab.txt').read_bytes()
+  for name in ('ft1', 'ft2'):  # Fine-tuned runs hold their tokenizer and labels.
+    assert (runs[name] / 'tokenizer' / 'vocab.txt').read_bytes() == pretrain_vocab, name
+    assert json.loads((runs[name] / 'labels.json').read_text()) == list(LABELS)
+  assert (runs['ft1_int8'] / 'tokenizer' / 'vocab.txt').read_bytes() == pretrain_vocab
+  assert json.loads((runs['ft1_int8'] / 'model_config.json').read_text())['quantization'] == 'int8'
+  assert (runs['ft2_hf'] / 'vocab.txt').read_bytes() == pretrain_vocab
+  # The second fine-tune started from the int8 export's (dequantized) weights, not from scratch.
+  log = (runs['ft2'] / 'metrics.jsonl').read_text()
+  assert log and json.loads((runs['ft2'] / 'eval_results.json').read_text())['step'] == 4
+
+
+def test_predict_export_transformers_and_load_agree(journey):
+  import torch
+  import transformers
+
+  import jaxlm
+
+  runs, texts, preds_path = journey
+  preds = [json.loads(line) for line in open(preds_path)]
+  assert len(preds) == len(texts) and all(p['label'] in LABELS for p in preds)
+  m = jaxlm.load(runs['ft2'])
+  ours = m.predict(texts, return_logits=True)
+  assert [p['label'] for p in ours] == [p['label'] for p in preds]
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(runs['ft2_hf']).eval()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(runs['ft2_hf'])
+  assert hf_model.config.id2label == dict(enumerate(LABELS))
+  with torch.no_grad():
+    enc = hf_tok(texts, padding=True, return_tensors='pt')
+    theirs = hf_model(**enc).logits.numpy()
+  np.testing.assert_allclose(np.array([p['logits'] for p in ours]), theirs, atol=1e-4)
+  exported = jaxlm.load(runs['ft2_hf']).predict(texts, return_logits=True)
+  np.testing.assert_allclose([p['logits'] for p in exported], [p['logits'] for p in ours], atol=1e-5)
