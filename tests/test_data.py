@@ -211,6 +211,9 @@ def test_bad_input_is_one_clear_error(corpus, tmp_path):
   (tmp_path / 'late.jsonl').write_text(good + '\n{"text": "broken\n' + good)
   with pytest.raises(UsageError, match=r'late.jsonl:302: not valid JSON'):
     list(pretrain.iter_texts(f'jsonl:{tmp_path}/late.jsonl'))
+  (tmp_path / 'quote.csv').write_text('text,label\nfine,a\n"never closed,b\nnext,a\n')
+  with pytest.raises(UsageError, match=r"data.train='csv:.*quote.csv': a quoted CSV / TSV field is never closed"):
+    list(pretrain.iter_texts(f'csv:{tmp_path}/quote.csv'))
   with pytest.raises(UsageError, match=r'late.jsonl:302: not valid JSON'):
     it = pretrain.Iterator(_ds(f'jsonl:{tmp_path}/late.jsonl', tok, global_batch_size=1, shuffle_buffer=0))
     for _ in range(10_000):

@@ -35,7 +35,7 @@ def _records(spec: str, data_cfg: dict, key: str, split: str | None = None) -> t
 
 def label_set(spec: str, data_cfg: dict, key: str = 'data.train') -> list[str]:
   """Every distinct label of a source, sorted (numerically when all are integers)."""
-  with sources.usage_errors():
+  with sources.usage_errors(f'{key}={spec!r}'):
     labels = {bytes(r).decode() for r in _records(spec, data_cfg, key).map(lambda r: r['label']).as_numpy_iterator()}
   if not labels:
     raise UsageError(f'{key}={spec!r}: no examples')

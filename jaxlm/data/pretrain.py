@@ -60,7 +60,7 @@ def iter_texts(spec: str, cfg: dict | None = None, key: str = 'data.train'):
     return
   if kind == 'tfrecord':
     raise UsageError(f'{key}={spec!r}: pre-tokenized records hold no text to train a tokenizer on')
-  with sources.usage_errors():
+  with sources.usage_errors(f'{key}={spec!r}'):
     for rec in text_records(spec, cfg, key).as_numpy_iterator():
       yield _decode(rec['text'])
 
@@ -258,7 +258,7 @@ def pretrain_dataset(
   recs = text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
   seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed)
   counted = Stats.undecodable
-  with sources.usage_errors():
+  with sources.usage_errors(f'{key}={spec!r}'):
     empty = next(iter(seqs.take(1)), None) is None
   Stats.undecodable = counted  # The peek above is not a read of the data.
   if empty:

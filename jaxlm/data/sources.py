@@ -62,15 +62,21 @@ def _column(header: list[str], name: str, path: str, key: str) -> int:
 
 
 @contextlib.contextmanager
-def usage_errors():
-  """Re-raises a UsageError raised inside a tf.data map (which TensorFlow wraps in an OpError) as itself."""
+def usage_errors(where: str = 'the input'):
+  """Turns what TensorFlow raises for bad input data into one UsageError: a UsageError raised inside
+  a tf.data map (wrapped in an OpError) as itself, a CSV / TSV quote left open naming `where`."""
   try:
     yield
   except tf.errors.OpError as e:
     msg = str(e)
-    if 'UsageError: ' not in msg:
-      raise
-    raise UsageError(msg.split('UsageError: ', 1)[1].split('\n')[0].strip()) from None
+    if 'UsageError: ' in msg:
+      raise UsageError(msg.split('UsageError: ', 1)[1].split('\n')[0].strip()) from None
+    if isinstance(e, tf.errors.InvalidArgumentError) and 'quote' in msg:
+      detail = msg.split('}}', 1)[-1].split('[Op:')[0].strip()
+      raise UsageError(
+        f'{where}: a quoted CSV / TSV field is never closed (an unterminated quote?): {detail}'
+      ) from None
+    raise
 
 
 def _jsonl_fields(line: bytes, names: tuple[str, ...], where: str) -> list[bytes]:
