@@ -1,10 +1,15 @@
-"""python -m jaxlm.predict as files go: the output replaced only by a complete one, flags and inputs
-checked before the model loads, repaired input reported."""
+"""python -m jaxlm.predict and jaxlm.export as files go: outputs replaced only by complete ones, flags and
+inputs checked before the model loads, repaired input reported, no library noise."""
 
 import json
+import logging
 import os
+import subprocess
+import sys
 
-from jaxlm import predict
+from jaxlm import export, predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(capsys, *argv):
@@ -118,3 +123,48 @@ def test_undecodable_bytes_and_quoted_fields_over_lines_warn(hf_cls_dir, tmp_pat
   ], err
   assert len(_lines(out)) == 3
   assert [n for n, _ in predict.read_inputs(str(src), 'csv')] == [2, 3, 7]
+
+
+def test_export_out_is_checked_and_replaced_whole(hf_cls_dir, hf_mlm_dir, tmp_path, capsys):
+  afile = tmp_path / 'afile'
+  afile.write_text('keep')
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+  cases = [
+    (afile, f'--out {afile}: exists and is not a directory'),
+    (afile / 'sub', 'afile is a file)'),
+    (tmp_path / 'mine', 'a non-empty directory that is not an earlier export'),
+    (hf_cls_dir, 'is the --checkpoint'),
+  ]
+  for out, message in cases:
+    rc = export.main(['--checkpoint', hf_cls_dir, '--out', str(out)])
+    _one_error(rc, capsys.readouterr().err, message)
+  assert afile.read_text() == 'keep' and os.listdir(tmp_path / 'mine') == ['notes.txt']
+
+  out = tmp_path / 'model'
+  assert export.main(['--checkpoint', hf_cls_dir, '--out', str(out)]) == 0
+  assert 'labels.json' in os.listdir(out)
+  before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+  assert export.main(['--checkpoint', str(tmp_path / 'nothing'), '--out', str(out)]) == 2
+  assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+  # A new export replaces the earlier one whole: nothing of the classifier's (its labels) is left.
+  assert export.main(['--checkpoint', hf_mlm_dir, '--out', str(out)]) == 0
+  assert 'params' in os.listdir(out) and 'labels.json' not in os.listdir(out)
+  assert export.main(['--checkpoint', hf_mlm_dir, '--out', str(out), '--format', 'hf']) == 0
+  assert 'params' not in os.listdir(out) and 'model.safetensors' in os.listdir(out)
+  assert sorted(os.listdir(tmp_path)) == ['afile', 'mine', 'model']  # No temporary or set-aside directory left.
+
+
+def test_a_training_run_is_read_without_orbax_noise(minilm_finetune_run, tmp_path, caplog):
+  workdir = str(minilm_finetune_run[0])
+  (tmp_path / 'in.txt').write_text('what a great movie!\nthe meal was awful.\n')
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
+  args = ['--checkpoint', workdir, '--input', str(tmp_path / 'in.txt'), '--output', str(tmp_path / 'o.jsonl')]
+  res = subprocess.run([sys.executable, '-m', 'jaxlm.predict', *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert [set(r) for r in _lines(tmp_path / 'o.jsonl')] == [{'label', 'probabilities'}] * 2
+  assert 'Metadata file does not exist' not in res.stderr and 'Traceback' not in res.stderr, res.stderr[-3000:]
+  with caplog.at_level(logging.WARNING):
+    assert export.main(['--checkpoint', workdir, '--out', str(tmp_path / 'export')]) == 0
+  assert 'Metadata file does not exist' not in caplog.text
