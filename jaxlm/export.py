@@ -8,13 +8,16 @@
   --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
                 (quant.py), in a jaxlm export that `jaxlm.load` runs as it is
 
-Only parameters are written (no optimizer state). `load_model` is what `jaxlm.load` uses for
+Only parameters are written (no optimizer state), into a temporary directory next to --out that
+is renamed into place when complete: a failed export leaves --out as it was, and an earlier
+export there is replaced only by a finished one. `load_model` is what `jaxlm.load` uses for
 the same paths; it imports no TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -188,6 +191,76 @@ def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, li
   raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
 
 
+@contextlib.contextmanager
+def quiet_absl():
+  """absl logging (Orbax's) at ERROR inside the block: reading the arrays of a training step warns
+  'Metadata file does not exist' on every run (Orbax looks for its step metadata in state/), which
+  tells a user nothing and buries the output."""
+  import logging
+
+  from absl import logging as absl_logging
+
+  logger = absl_logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(logging.ERROR)  # The standard level: absl's own constants are offsets (ERROR = -2).
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+_EXPORT_FILES = ({'model_config.json', 'params'}, {'config.json', 'model.safetensors'})  # jaxlm, hf
+
+
+def _out_dirs(out: str, checkpoint: str) -> tuple[str, str]:
+  """(the directory --out names, an empty temporary one next to it to write the export into).
+  An --out that is a file, the checkpoint, a non-empty directory other than an earlier export,
+  or that cannot be created is a UsageError, raised before any work."""
+  dest = os.path.realpath(out)
+  if os.path.exists(dest) and not os.path.isdir(dest):
+    raise UsageError(f'--out {out}: exists and is not a directory')
+  if os.path.isdir(dest):
+    if os.path.exists(checkpoint) and os.path.samefile(dest, checkpoint):
+      raise UsageError(f'--out {out}: is the --checkpoint; export to another directory')
+    names = set(os.listdir(dest))
+    if names and ('checkpoints' in names or not any(files <= names for files in _EXPORT_FILES)):
+      raise UsageError(f'--out {out}: a non-empty directory that is not an earlier export; pass a new or empty one')
+  parent = os.path.dirname(dest)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f'--out {out}: cannot be created ({parent} is a file)')
+  tmp = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.tmp-{os.getpid()}')
+  try:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.isdir(tmp):  # Left by a failed export of this process.
+      shutil.rmtree(tmp)
+    os.mkdir(tmp)
+  except OSError as e:
+    raise UsageError(f'--out {out}: cannot be created ({e.strerror})') from None
+  return dest, tmp
+
+
+def _move_into_place(tmp: str, dest: str) -> None:
+  """Renames the finished export `tmp` to `dest`; an earlier export there is moved aside first and
+  deleted only once the new one is in place (restored if the rename fails)."""
+  old = None
+  if os.path.isdir(dest):
+    if os.listdir(dest):
+      old = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.old-{os.getpid()}')
+      os.rename(dest, old)
+    else:
+      os.rmdir(dest)
+  try:
+    os.rename(tmp, dest)
+  except OSError:
+    if old:
+      os.rename(old, dest)
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='training workdir, checkpoint step dir, export or HF dir')
@@ -201,34 +274,38 @@ def main(argv=None) -> int:
 
     if args.quantize != 'none' and args.format == 'hf':
       raise UsageError('--quantize int8 writes a jaxlm export; a Hugging Face directory holds float tensors')
-    graphdef, params, tok_dir, labels = load_model(args.checkpoint)
-    if args.quantize == 'int8':
-      graphdef, params = quant.quantize(graphdef, params)
-    elif args.format == 'hf':
-      graphdef, params = quant.dequantize(graphdef, params)  # An int8 export back to float tensors.
-    cfg = nnx.merge(graphdef, params).cfg
-    tok = tokenizer_lib.load(tok_dir)
-    os.makedirs(args.out, exist_ok=True)
-    if args.format == 'hf':
-      id2label = dict(enumerate(labels)) if labels else None
-      hf.save(args.out, params, cfg, id2label=id2label)
-      tok.save(args.out)
-    else:
-      import orbax.checkpoint as ocp
+    dest, tmp = _out_dirs(args.out, args.checkpoint)
+    try:
+      with quiet_absl():
+        graphdef, params, tok_dir, labels = load_model(args.checkpoint)
+      if args.quantize == 'int8':
+        graphdef, params = quant.quantize(graphdef, params)
+      elif args.format == 'hf':
+        graphdef, params = quant.dequantize(graphdef, params)  # An int8 export back to float tensors.
+      cfg = nnx.merge(graphdef, params).cfg
+      tok = tokenizer_lib.load(tok_dir)
+      try:
+        if args.format == 'hf':
+          id2label = dict(enumerate(labels)) if labels else None
+          hf.save(tmp, params, cfg, id2label=id2label)
+          tok.save(tmp)
+        else:
+          import orbax.checkpoint as ocp
 
-      target = os.path.join(os.path.abspath(args.out), 'params')
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      arrays = _nested(params)
-      ckptr = ocp.StandardCheckpointer()
-      ckptr.save(target, arrays)
-      ckptr.wait_until_finished()
-      with open(os.path.join(args.out, 'model_config.json'), 'w') as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-      if labels:
-        with open(os.path.join(args.out, 'labels.json'), 'w') as f:
-          json.dump(labels, f)
-      tok.save(os.path.join(args.out, 'tokenizer'))
+          ckptr = ocp.StandardCheckpointer()
+          ckptr.save(os.path.join(tmp, 'params'), _nested(params))
+          ckptr.wait_until_finished()
+          with open(os.path.join(tmp, 'model_config.json'), 'w') as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+          if labels:
+            with open(os.path.join(tmp, 'labels.json'), 'w') as f:
+              json.dump(labels, f)
+          tok.save(os.path.join(tmp, 'tokenizer'))
+        _move_into_place(tmp, dest)
+      except OSError as e:  # A full disk, say: the earlier export, if any, is still in place.
+        raise UsageError(f'--out {args.out}: cannot write the export ({e.strerror or e})') from None
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)  # Gone already when the export is in place.
     n = model_lib.count_params(params)
     kind = args.format if cfg.quantization == 'none' else f'{args.format}, {cfg.quantization} kernels'
     print(f'exported {n / 1e6:.1f}M parameters ({kind}) -> {args.out}')

@@ -197,7 +197,8 @@ def load(
     raise UsageError(f'{path}: no such file or directory')
 
   overrides['dtype'] = dtype or default_dtype()
-  graphdef, params, tok_dir, labels = export.load_model(path, **overrides)
+  with export.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
+    graphdef, params, tok_dir, labels = export.load_model(path, **overrides)
   if quantize not in (None, 'none', 'int8'):
     raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
   if quantize == 'int8':

@@ -11,9 +11,17 @@
 
 The input is read lazily, a window of a few batches at a time (sorted by length inside the
 window, so batches pad little), and one JSON line per input is written in input order as it
-goes, with a progress bar on stderr and the examples/s at the end. Bad input (a missing file or
-field, a fill-mask text without [MASK], a mode the model has no head for) is one line
-`error: ...` on stderr and exit code 2. Imports neither TensorFlow nor the training code.
+goes, with a progress bar on stderr and the examples/s at the end. The lines go to a temporary
+file next to --output that replaces it only when the whole input succeeded: a failed run leaves
+an existing --output as it was (`--output -` streams to stdout instead).
+
+The input's format and first record, the output's directory and the flags are checked before
+the model is loaded. Bad input (a missing file or field, --output naming the input, a fill-mask
+text without [MASK], a mode the model has no head for) is one line `error: ...` on stderr and
+exit code 2. Bytes that are not UTF-8 are replaced by U+FFFD and counted in one warning at the
+end; a CSV / TSV row whose quoted field runs over several lines (legitimate, or an unterminated
+quote swallowing the rows after it) is named in a warning. Imports neither TensorFlow nor the
+training code.
 """
 
 from __future__ import annotations
@@ -24,12 +32,16 @@ if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU b
   hostenv.reexec_with_hugepages()
 
 import argparse
+import contextlib
 import csv
+import dataclasses
+import itertools
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from jaxlm.errors import UsageError
 
@@ -56,16 +68,42 @@ def _text(value, where: str, field: str) -> str:
   return value
 
 
-def read_inputs(path: str, fmt: str, text_field: str = 'text', pair_field: str | None = None) -> Iterator:
-  """(line number, text or (text, pair)) per input, read lazily from `path`."""
+@dataclasses.dataclass
+class ReadStats:
+  """What reading an input noticed without stopping: undecodable bytes, CSV fields over several lines."""
+
+  undecodable: int = 0  # Inputs with bytes that are not UTF-8 (replaced by U+FFFD).
+  multiline: list = dataclasses.field(default_factory=list)  # (line, lines, column) per CSV / TSV row.
+
+
+def _decoded(f, bad: list) -> Iterator[str]:
+  """The lines of a binary file as text; a line that is not UTF-8 is decoded with U+FFFD and counted in bad[0]."""
+  for raw in f:  # Split on b'\n' only, like _count: the line numbers stay those of the file.
+    try:
+      yield raw.decode('utf-8')
+    except UnicodeDecodeError:
+      bad[0] += 1
+      yield raw.decode('utf-8', errors='replace')
+
+
+def read_inputs(
+  path: str, fmt: str, text_field: str = 'text', pair_field: str | None = None, stats: ReadStats | None = None
+) -> Iterator:
+  """(line number, text or (text, pair)) per input, read lazily from `path`; `stats` counts what was repaired."""
   if not os.path.isfile(path):
     raise UsageError(f'{path}: no such file')
-  with open(path, encoding='utf-8', newline='' if fmt in ('csv', 'tsv') else None) as f:
-    if fmt == 'txt':
-      for n, line in enumerate(f, 1):
-        yield n, line.rstrip('\r\n')
-    elif fmt == 'jsonl':
-      for n, line in enumerate(f, 1):
+  stats = stats if stats is not None else ReadStats()
+  bad = [0]
+  with open(path, 'rb') as f:
+    lines = _decoded(f, bad)
+    if fmt in ('txt', 'jsonl'):
+      for n, line in enumerate(lines, 1):
+        if bad[0]:  # This line had bytes that are not UTF-8.
+          stats.undecodable += 1
+          bad[0] = 0
+        if fmt == 'txt':
+          yield n, line.rstrip('\r\n')
+          continue
         if not line.strip():
           continue
         where = f'{path}:{n}'
@@ -81,17 +119,36 @@ def read_inputs(path: str, fmt: str, text_field: str = 'text', pair_field: str |
         text = _text(rec[text_field], where, text_field)
         yield n, (text, _text(rec[pair_field], where, pair_field)) if pair_field else text
     else:
-      reader = csv.DictReader(f, delimiter=',' if fmt == 'csv' else '\t')
-      columns = reader.fieldnames or []
+      yield from _csv_rows(path, lines, fmt, text_field, pair_field, stats, bad)
+
+
+def _csv_rows(path, lines: Iterable[str], fmt, text_field, pair_field, stats: ReadStats, bad: list) -> Iterator:
+  reader = csv.reader(lines, delimiter=',' if fmt == 'csv' else '\t')
+  try:
+    columns = next(reader, None) or []
+    for field in (text_field, pair_field):
+      if field and field not in columns:
+        raise UsageError(f'{path}: no column {field!r} (columns: {", ".join(map(repr, columns)) or "none"})')
+    bad[0], last = 0, reader.line_num
+    for row in reader:
+      n, last = last + 1, reader.line_num  # A row starts on the line after the previous one ended.
+      if not row:  # A blank line.
+        continue
+      if bad[0]:  # One of the row's lines had bytes that are not UTF-8.
+        stats.undecodable += 1
+        bad[0] = 0
+      if last > n:  # The python csv module joins lines inside quotes; an unterminated quote takes the rest.
+        split = [i for i, v in enumerate(row) if '\n' in v or '\r' in v]
+        if split:
+          column = columns[split[0]] if split[0] < len(columns) else f'#{split[0] + 1}'
+          stats.multiline.append((n, last - n + 1, column))
+      rec = dict(zip(columns, row))
       for field in (text_field, pair_field):
-        if field and field not in columns:
-          raise UsageError(f'{path}: no column {field!r} (columns: {", ".join(map(repr, columns)) or "none"})')
-      for rec in reader:
-        n = reader.line_num
-        for field in (text_field, pair_field):
-          if field and rec.get(field) is None:
-            raise UsageError(f'{path}:{n}: the row has no value for column {field!r}')
-        yield n, (rec[text_field], rec[pair_field]) if pair_field else rec[text_field]
+        if field and rec.get(field) is None:
+          raise UsageError(f'{path}:{n}: the row has no value for column {field!r}')
+      yield n, (rec[text_field], rec[pair_field]) if pair_field else rec[text_field]
+  except csv.Error as e:  # A NUL byte, or a field over csv's size limit (an unterminated quote, often).
+    raise UsageError(f'{path}:{reader.line_num}: not valid {fmt.upper()} ({e})') from None
 
 
 def _count(path: str, fmt: str) -> int | None:
@@ -131,18 +188,70 @@ def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
   return out
 
 
-def predict_file(predictor, args) -> int:
-  """Streams `args.input` through the predictor into `args.output`; returns the number of inputs."""
+@contextlib.contextmanager
+def output_file(path: str, input_path: str):
+  """A text file to write `path` through: a temporary file next to it, renamed over it when the block
+  succeeds and removed when it fails, so `path` is either the old file or the complete new one.
+  "-" is stdout. `path` naming the input, a directory or an unwritable place is a UsageError,
+  raised before anything is written."""
+  if path == '-':
+    yield sys.stdout
+    return
+  dest = os.path.realpath(path)  # Through a symlink: the file it points to is replaced, not the link.
+  if os.path.isdir(dest):
+    raise UsageError(f'--output {path}: is a directory')
+  if os.path.exists(dest) and os.path.exists(input_path) and os.path.samefile(dest, input_path):
+    raise UsageError(f'--output {path}: is the input file; write to another file')
+  tmp = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.tmp-{os.getpid()}')
+  try:
+    f = open(tmp, 'w', encoding='utf-8')
+  except OSError as e:
+    raise UsageError(f'--output {path}: cannot be written ({e.strerror})') from None
+  try:
+    yield f
+    try:  # Only now, with every line written: the new file replaces the old one.
+      f.flush()
+      os.fsync(f.fileno())  # On disk before the rename: a crash leaves the old file or the new one.
+      f.close()
+      if os.path.exists(dest):
+        shutil.copymode(dest, tmp)
+      os.replace(tmp, dest)
+    except OSError as e:
+      raise UsageError(f'--output {path}: cannot be written ({e.strerror or e})') from None
+  finally:
+    f.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _warn(message: str) -> None:
   from tqdm import tqdm
 
-  fmt = input_format(args.input, args.format)
-  records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field)
+  tqdm.write(f'warning: {message}', file=sys.stderr)  # Above the progress bar, not through it.
+
+
+def _report(path: str, stats: ReadStats, named: int) -> int:
+  """Warns about the rows of `stats.multiline` after the first `named`; returns how many are named now."""
+  if named == 0 and stats.multiline:
+    line, lines, column = stats.multiline[0]
+    _warn(f'{path}:{line}: the quoted field {column!r} runs over {lines} lines (an unterminated quote?)')
+    return 1
+  return named
+
+
+def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | None = None) -> int:
+  """Runs `records` (from read_inputs) through the predictor, one JSON line per input to `out`, in
+  input order; returns the number of inputs."""
+  from tqdm import tqdm
+
+  stats = stats if stats is not None else ReadStats()
   mask = predictor.tokenizer.mask_token
-  n = 0
-  out = sys.stdout if args.output == '-' else open(args.output, 'w', encoding='utf-8')
+  n, named = 0, 0
   try:
+    fmt = input_format(args.input, args.format)
     with tqdm(total=_count(args.input, fmt), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
       for window in _windows(records, args.batch_size * WINDOW_BATCHES):
+        named = _report(args.input, stats, named)
         if args.mode == 'fill-mask':
           for line, x in window:
             if not any(mask in t for t in ([x] if isinstance(x, str) else x)):
@@ -152,14 +261,29 @@ def predict_file(predictor, args) -> int:
         by_input = [None] * len(window)
         for i, res in zip(order, results):
           by_input[i] = res
-        out.writelines(json.dumps(r) + '\n' for r in by_input)
-        out.flush()
+        try:
+          out.writelines(json.dumps(r) + '\n' for r in by_input)
+          out.flush()
+        except OSError as e:
+          raise UsageError(f'--output {args.output}: cannot be written ({e.strerror or e})') from None
         n += len(window)
         bar.update(len(window))
-  finally:
-    if out is not sys.stdout:
-      out.close()
+  finally:  # Also when the run stops: what was repaired or suspicious so far.
+    named = _report(args.input, stats, named)
+    if len(stats.multiline) > named:
+      more = stats.multiline[named:]
+      lines = ', '.join(str(line) for line, _, _ in more[:5]) + (', ...' if len(more) > 5 else '')
+      _warn(f'{args.input}: {len(more)} more row(s) with a quoted field over several lines (lines {lines})')
+    if stats.undecodable:
+      _warn(f'{stats.undecodable} input(s) had undecodable bytes (replaced by U+FFFD)')
   return n
+
+
+def _check_flags(args) -> None:
+  for flag in ('batch_size', 'max_length', 'top_k'):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise UsageError(f'--{flag}={value}: must be at least 1')
 
 
 def main(argv=None) -> int:
@@ -180,23 +304,26 @@ def main(argv=None) -> int:
   p.add_argument('--quantize', choices=['none', 'int8'], default='none', help='int8: quantize kernels on loading')
   args = p.parse_args(argv)
   try:
-    if args.batch_size < 1:
-      raise UsageError(f'--batch_size={args.batch_size}: must be at least 1')
-    input_format(args.input, args.format)
-    if not os.path.isfile(args.input):
-      raise UsageError(f'{args.input}: no such file')
-    from jaxlm import inference
+    _check_flags(args)
+    fmt = input_format(args.input, args.format)
+    stats = ReadStats()
+    records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field, stats)
+    # The first record now: a wrong format or field stops the run before the model is loaded.
+    first = next(records, None)
+    records = itertools.chain([first] if first is not None else [], records)
+    with output_file(args.output, args.input) as out:
+      from jaxlm import inference
 
-    predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
-    if args.max_length:
-      predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)
-    if args.mode == 'classify' and not predictor.config.num_labels:
-      raise UsageError(f'{args.checkpoint}: --mode classify needs a classifier head; this model has none')
-    if args.mode == 'fill-mask' and not predictor.config.mlm_head:
-      raise UsageError(f'{args.checkpoint}: --mode fill-mask needs an MLM head; this model has none')
-    t0 = time.perf_counter()
-    n = predict_file(predictor, args)
-    seconds = time.perf_counter() - t0
+      predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
+      if args.max_length:
+        predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)
+      if args.mode == 'classify' and not predictor.config.num_labels:
+        raise UsageError(f'{args.checkpoint}: --mode classify needs a classifier head; this model has none')
+      if args.mode == 'fill-mask' and not predictor.config.mlm_head:
+        raise UsageError(f'{args.checkpoint}: --mode fill-mask needs an MLM head; this model has none')
+      t0 = time.perf_counter()
+      n = predict_file(predictor, records, out, args, stats)
+      seconds = time.perf_counter() - t0
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
