@@ -1,5 +1,6 @@
-"""WordPiece training: deterministic across processes, BERT-shaped, saved complete or not at all."""
+"""WordPiece training: deterministic across processes, BERT-shaped, saved by a run only when sound and matching."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from jaxlm import tokenizer
+from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,3 +122,130 @@ def test_train_tokenizer_cli_refuses_a_corpus_without_text(tmp_path, capsys):
     capsys.readouterr().err.strip() == f"error: --input='text:{tmp_path}/blank.txt': no text to train a tokenizer on"
   )
   assert sorted(os.listdir(tmp_path)) == ['blank.txt']
+
+
+# ---- a training run's tokenizer: WORKDIR/tokenizer
+
+
+def _config(spec, vocab=200, **data):
+  from jaxlm import config as config_lib
+
+  c = config_lib.base()
+  c.data.train, c.data.train_tokenizer_vocab = spec, vocab
+  c.data.update(data)
+  return c
+
+
+@pytest.fixture
+def corpora(docs, tmp_path):
+  """Two text corpora, text:.../a/*.txt and text:.../b/*.txt, of two files each."""
+  for name, part in (('a', docs[:100]), ('b', docs[100:200])):
+    (tmp_path / name).mkdir()
+    for i in range(2):
+      (tmp_path / name / f'part{i}.txt').write_text('\n'.join(part[i::2]) + '\n')
+  return f'text:{tmp_path}/a/*.txt', f'text:{tmp_path}/b/*.txt'
+
+
+def test_a_corpus_without_text_leaves_no_tokenizer(tmp_path):
+  from jaxlm import train
+
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  for content in ('', '\n \n'):
+    (tmp_path / 'empty.txt').write_text(content)
+    spec = f'text:{tmp_path}/empty.txt'
+    with pytest.raises(UsageError) as e:
+      train.build_tokenizer(_config(spec), str(workdir))
+    assert str(e.value) == f'data.train={spec!r}: no text to train a tokenizer on'
+    assert os.listdir(workdir) == []
+
+
+def test_a_saved_tokenizer_is_reused_only_for_the_same_data_and_settings(corpora, tmp_path, capsys):
+  from jaxlm import train
+
+  a, b = corpora
+  workdir = tmp_path / 'run'
+  saved = workdir / 'tokenizer'
+  tok = train.build_tokenizer(_config(a), str(workdir))
+  assert tok.vocab_size == 200 and sorted(os.listdir(workdir)) == ['tokenizer']
+  record = json.loads((saved / 'training.json').read_text())
+  assert record['data.train'] == a and record['data.train_tokenizer_vocab'] == 200 and record['data.lowercase']
+  assert [f[0] for f in record['files']] == [str(tmp_path / 'a' / f'part{i}.txt') for i in range(2)]
+  blob = (saved / 'tokenizer.json').read_bytes()
+  capsys.readouterr()
+  # The same settings: reused, and said so.
+  again = train.build_tokenizer(_config(a), str(workdir))
+  assert again.source == str(saved / 'tokenizer.json') and again.vocab_size == 200
+  assert f'using the tokenizer in {saved}' in capsys.readouterr().out
+  # A run that trains none takes it whatever its vocabulary size.
+  assert train.build_tokenizer(_config(a, vocab=0), str(workdir)).vocab_size == 200
+  # Other data or settings: one line naming the key, and the tokenizer is left alone.
+  fix = f'use another workdir or delete {saved}'
+  cases = [
+    (_config(b), f'{saved} was trained on data.train={a!r} (vocab 200) but this run has data.train={b!r}: {fix}'),
+    (_config(a, vocab=300), f'{saved} was trained with data.train_tokenizer_vocab=200 but this run has'
+                            f' data.train_tokenizer_vocab=300: {fix}'),
+    (_config(a, lowercase=False), f'{saved} was trained with data.lowercase=True but this run has'
+                                  f' data.lowercase=False: {fix}'),
+    (_config(a, text_docs='blank_line'), f"{saved} was trained with data.text_docs='line' but this run has"
+                                         f" data.text_docs='blank_line': {fix}"),
+  ]  # fmt: skip
+  with open(tmp_path / 'a' / 'part1.txt', 'a') as f:
+    f.write('one more document\n')
+  cases.append((_config(a), f'{saved} was trained on data.train={a!r} but its files have changed since'
+                            f' ({tmp_path}/a/part1.txt is new, gone, or of another size or time): {fix}'))  # fmt: skip
+  for config, msg in cases:
+    with pytest.raises(UsageError) as e:
+      train.build_tokenizer(config, str(workdir))
+    assert str(e.value) == msg
+  assert (saved / 'tokenizer.json').read_bytes() == blob and sorted(os.listdir(workdir)) == ['tokenizer']
+  # A tokenizer saved without a record (by an older run) is used, with a warning.
+  os.remove(saved / 'training.json')
+  assert train.build_tokenizer(_config(b), str(workdir)).vocab_size == 200
+  assert f'warning: {saved} has no record' in capsys.readouterr().out
+
+
+_TWO = """
+import hashlib
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from jaxlm import config, train
+from jaxlm.errors import UsageError
+c = config.base()
+c.data.train, c.data.train_tokenizer_vocab = sys.argv[3], 200
+print('SHA', hashlib.sha256(train.build_tokenizer(c, sys.argv[5]).backend.to_str().encode()).hexdigest(), flush=True)
+c.data.train = sys.argv[4]
+try:
+  train.build_tokenizer(c, sys.argv[6])
+except UsageError as e:
+  print('ERROR', e, flush=True)
+"""
+
+
+def test_processes_train_the_same_vocabulary_or_stop(corpora, tmp_path):
+  import hashlib
+  import socket
+
+  a, _ = corpora
+  (tmp_path / 'other.txt').write_text('zebra quartz jukebox\n' * 50)
+  other = f'text:{tmp_path}/other.txt'
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  # Both processes train on `a` into one workdir; then process 1 alone reads other data: both stop.
+  procs = [
+    subprocess.Popen([sys.executable, '-c', _TWO, f'127.0.0.1:{port}', str(i), a, [a, other][i],
+                      str(tmp_path / 'w1'), str(tmp_path / 'w2')],
+                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for i in range(2)
+  ]  # fmt: skip
+  outs = [p.communicate(timeout=300) for p in procs]
+  saved = hashlib.sha256(tokenizer.load(str(tmp_path / 'w1' / 'tokenizer')).backend.to_str().encode()).hexdigest()
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-3000:]
+    assert f'SHA {saved}' in out, out
+    assert f'ERROR data.train={[a, other][i]!r}: the processes trained different vocabularies' in out, out
+  assert os.listdir(tmp_path / 'w1') == ['tokenizer'] and not os.path.exists(tmp_path / 'w2' / 'tokenizer')
