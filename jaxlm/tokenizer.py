@@ -3,11 +3,19 @@
 A thin wrapper that gives the rest of jaxlm one interface: encode single texts or pairs with
 truncation, and know the special ids. It imports neither TensorFlow nor transformers, so the
 inference path stays light.
+
+`train_wordpiece` trains a vocabulary with the algorithm of Hugging Face's WordPiece trainer,
+in Python and deterministic: the same texts give a byte-identical tokenizer in every process
+and on every run (Hugging Face's trainer breaks ties between equally frequent pairs in hash
+order, which changes from process to process).
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from etils import epath
@@ -80,16 +88,37 @@ class Tokenizer:
   def id_to_token(self, i: int) -> str:
     return self._tok.id_to_token(i)
 
-  def save(self, out_dir: str) -> None:
-    """Writes tokenizer.json, vocab.txt and tokenizer_config.json (readable by transformers); local or gs://."""
+  def save(self, out_dir: str, extra_files: dict[str, str] | None = None) -> None:
+    """Writes tokenizer.json, vocab.txt, tokenizer_config.json (readable by transformers) and `extra_files`
+    (name -> text); local or gs://. A save killed half way leaves no tokenizer.json in `out_dir`."""
     out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'tokenizer.json').write_bytes(self._tok.to_str(pretty=True).encode())
+    tmp = out.parent / f'{out.name}.partial'  # Beside `out`, so the final rename stays on one filesystem.
+    if tmp.exists():  # Left by a save that was killed.
+      tmp.rmtree()
+    tmp.mkdir(parents=True)
+    (tmp / 'tokenizer.json').write_bytes(self._tok.to_str(pretty=True).encode())
     vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
-    (out / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
+    (tmp / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
     cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case), 'pad_token': '[PAD]',
            'cls_token': '[CLS]', 'sep_token': '[SEP]', 'mask_token': '[MASK]', 'unk_token': '[UNK]'}  # fmt: skip
-    (out / 'tokenizer_config.json').write_text(json.dumps(cfg, indent=2))
+    (tmp / 'tokenizer_config.json').write_text(json.dumps(cfg, indent=2))
+    for name, text in (extra_files or {}).items():
+      (tmp / name).write_text(text)
+    _publish(tmp, out)
+
+
+def _publish(tmp: epath.Path, out: epath.Path) -> None:
+  """Moves the files of directory `tmp` into `out`: one rename when `out` is a new local directory, else file by
+  file with tokenizer.json last (object stores rename no directory atomically), so its presence means complete."""
+  if '://' not in str(out) and not out.exists():
+    tmp.rename(out)
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  if (out / 'tokenizer.json').exists():  # Never an old tokenizer.json beside new files.
+    (out / 'tokenizer.json').unlink()
+  for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == 'tokenizer.json'):
+    (tmp / name).replace(out / name)
+  tmp.rmtree()
 
 
 def load(path: str) -> Tokenizer:
@@ -112,16 +141,133 @@ def load(path: str) -> Tokenizer:
   raise UsageError(f'{path}: no tokenizer.json or vocab.txt')
 
 
-def train_wordpiece(texts, vocab_size: int, lowercase: bool = True, show_progress: bool = False) -> Tokenizer:
-  """Trains a BERT WordPiece vocabulary (with [PAD] [UNK] [CLS] [SEP] [MASK]) on an iterable of texts."""
-  from tokenizers.implementations import BertWordPieceTokenizer
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # Ids 0-4 of every trained vocabulary.
+_PREFIX = '##'  # WordPiece's mark of a piece that continues a word.
 
-  tok = BertWordPieceTokenizer(lowercase=lowercase, clean_text=True, handle_chinese_chars=True)
-  tok.train_from_iterator(
-    texts,
-    vocab_size=vocab_size,
-    min_frequency=2,
-    special_tokens=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'],
-    show_progress=show_progress,
+
+def _bert_parts(lowercase: bool):
+  """BERT's normalizer and pre-tokenizer (clean text, CJK characters split, accents stripped when lowercasing)."""
+  from tokenizers import normalizers, pre_tokenizers
+
+  norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+  return norm, pre_tokenizers.BertPreTokenizer()
+
+
+def _word_counts(texts, lowercase: bool) -> dict[str, int]:
+  """How often each pre-tokenized word occurs in `texts`."""
+  norm, pre = _bert_parts(lowercase)
+  counts = Counter()
+  for text in texts:
+    counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+  return counts
+
+
+def _merged(a: str, b: str) -> str:
+  return a + b[len(_PREFIX) :] if b.startswith(_PREFIX) else a + b
+
+
+def _merge_word(syms: list[str], a: str, b: str, m: str) -> list[str]:
+  """`syms` with every (a, b), left to right, replaced by m."""
+  out, i, n = [], 0, len(syms)
+  while i < n:
+    if i + 1 < n and syms[i] == a and syms[i + 1] == b:
+      out.append(m)
+      i += 2
+    else:
+      out.append(syms[i])
+      i += 1
+  return out
+
+
+def wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency: int = 2,
+                    limit_alphabet: int = 1000) -> list[str]:  # fmt: skip
+  """The tokens of a WordPiece vocabulary, in id order, from word counts; the same counts give the same list.
+
+  The algorithm of Hugging Face's WordPiece trainer (BPE over '##'-prefixed continuations):
+  the special tokens, the `limit_alphabet` most frequent characters, the continuation pieces
+  '##c' that occur, then the most frequent adjacent pair merged, again and again, until
+  `vocab_size` tokens or no pair occurs `min_frequency` times. Equal counts are broken by the
+  merged string, then by the pair, never by hash order, so every process and run agrees.
+  """
+  chars = Counter()
+  for w, c in word_counts.items():
+    for ch in w:
+      chars[ch] += c
+  alphabet = set(sorted(chars, key=lambda ch: (-chars[ch], ch))[:limit_alphabet])
+  words, freqs, conts = [], [], set()
+  for w, c in sorted(word_counts.items()):  # Sorted: nothing below depends on the order of a hash map.
+    syms = [ch if i == 0 else _PREFIX + ch for i, ch in enumerate(w) if ch in alphabet]  # Others are dropped.
+    conts.update(s for s in syms if s.startswith(_PREFIX))
+    words.append(syms)
+    freqs.append(c)
+  vocab = [*SPECIAL_TOKENS, *sorted(alphabet), *sorted(conts - set(SPECIAL_TOKENS) - alphabet)]
+  known = set(vocab)
+  # Pair counts (weighted by word frequency) and, per pair, the words that hold it (a superset:
+  # entries go stale after merges and are skipped). The heap holds (-count, merged, a, b): an
+  # entry whose count is no longer the pair's count is dropped when popped, since every change
+  # of a count pushes a fresh entry.
+  counts, where = Counter(), defaultdict(set)
+  for wi, syms in enumerate(words):
+    for p in zip(syms, syms[1:]):
+      counts[p] += freqs[wi]
+      where[p].add(wi)
+  heap = [(-c, _merged(*p), *p) for p, c in counts.items()]
+  heapq.heapify(heap)
+  while len(vocab) < vocab_size and heap:
+    neg, m, a, b = heapq.heappop(heap)
+    if counts.get((a, b), 0) != -neg:
+      continue
+    if -neg < min_frequency:
+      break
+    if m not in known:
+      known.add(m)
+      vocab.append(m)
+    delta = Counter()
+    for wi in where.pop((a, b)):  # In any order: the deltas add up the same.
+      syms = words[wi]
+      new = _merge_word(syms, a, b, m)
+      if len(new) == len(syms):
+        continue
+      f = freqs[wi]
+      for p in zip(syms, syms[1:]):
+        delta[p] -= f
+      for p in zip(new, new[1:]):
+        delta[p] += f
+        where[p].add(wi)
+      words[wi] = new
+    for p, d in delta.items():
+      if d:
+        c = counts[p] + d
+        if c > 0:
+          counts[p] = c
+          heapq.heappush(heap, (-c, _merged(*p), *p))
+        else:
+          del counts[p]
+  return vocab
+
+
+def wordpiece_tokenizer(vocab: Sequence[str], lowercase: bool = True) -> Tokenizer:
+  """A BERT tokenizer (normalizer, pre-tokenizer, [CLS]/[SEP] template, '##' decoder) over `vocab`."""
+  from tokenizers import decoders, models, processors
+
+  tok = _HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token='[UNK]'))
+  tok.normalizer, tok.pre_tokenizer = _bert_parts(lowercase)
+  ids = {t: vocab.index(t) for t in ('[CLS]', '[SEP]')}
+  tok.post_processor = processors.TemplateProcessing(
+    single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1', special_tokens=list(ids.items())
   )
-  return Tokenizer(tok._tokenizer, 'trained', lowercase)
+  tok.decoder = decoders.WordPiece(prefix=_PREFIX)
+  tok.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
+  return Tokenizer(tok, 'trained', lowercase)
+
+
+def train_wordpiece(texts, vocab_size: int, lowercase: bool = True, show_progress: bool = False) -> Tokenizer:
+  """Trains a BERT WordPiece vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] = ids 0-4) on an iterable of texts.
+
+  Deterministic: the same texts give a byte-identical tokenizer in every process.
+  """
+  t0 = time.perf_counter()
+  counts = _word_counts(texts, lowercase)
+  if show_progress:
+    print(f'{len(counts)} distinct words, {sum(counts.values())} in all ({time.perf_counter() - t0:.1f}s)', flush=True)
+  return wordpiece_tokenizer(wordpiece_vocab(counts, vocab_size), lowercase)

@@ -54,11 +54,14 @@ def init_distributed() -> None:
 
 
 def build_tokenizer(config, workdir: str):
-  """data.tokenizer, else the tokenizer of model.init_from, else one trained on data.train."""
-  import numpy as np
+  """data.tokenizer, else the tokenizer of model.init_from, else WORKDIR/tokenizer if it was trained on this run's
+  data and settings, else one trained on data.train (saved there once it passed its checks)."""
+  import hashlib
+
   from etils import epath
 
   from jaxlm import tokenizer as tokenizer_lib
+  from jaxlm.errors import UsageError
 
   if config.data.tokenizer:
     return tokenizer_lib.load(config.data.tokenizer)
@@ -68,36 +71,89 @@ def build_tokenizer(config, workdir: str):
     if export.is_jaxlm_dir(config.model.init_from):
       return tokenizer_lib.load(export.load_checkpoint(config.model.init_from)[2])
     return tokenizer_lib.load(config.model.init_from)
-  saved = str(epath.Path(workdir) / 'tokenizer')  # Local or remote (gs://).
-  if epath.Path(saved, 'tokenizer.json').exists():
-    return tokenizer_lib.load(saved)
-  if not config.data.train_tokenizer_vocab:
-    from jaxlm.errors import UsageError
-
+  d = config.data
+  saved = epath.Path(workdir) / 'tokenizer'  # Local or remote (gs://).
+  if (saved / 'tokenizer.json').exists():
+    _check_saved_tokenizer(saved, config)
+    return tokenizer_lib.load(str(saved))
+  if not d.train_tokenizer_vocab:
     raise UsageError('data.tokenizer is empty: set it, or model.init_from, or data.train_tokenizer_vocab')
   import jax
-  from jax.experimental import multihost_utils
-  from tokenizers import Tokenizer as HFTokenizer
 
   from jaxlm.data import pretrain
 
-  # WordPiece training is not bitwise deterministic, so process 0 trains and the others
-  # receive its vocabulary: every host tokenizes with the same one.
+  # Training is deterministic, so every process trains its own copy: no process waits on another's errors.
   t0 = time.perf_counter()
-  blob = b''
-  if jax.process_index() == 0:
-    texts = pretrain.iter_texts(config.data.train)
-    tok = tokenizer_lib.train_wordpiece(texts, config.data.train_tokenizer_vocab, config.data.lowercase)
-    blob = tok.backend.to_str().encode()
-  if jax.process_count() > 1:
-    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(blob))))
-    buf = np.frombuffer(blob, np.uint8) if blob else np.zeros(n, np.uint8)
-    blob = np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
-  tok = tokenizer_lib.Tokenizer(HFTokenizer.from_str(blob.decode()), 'trained', config.data.lowercase)
+  record = _tokenizer_record(config)  # Before reading: a file changed meanwhile shows as a mismatch next time.
+  tok = tokenizer_lib.train_wordpiece(pretrain.iter_texts(d.train, d.to_dict()), d.train_tokenizer_vocab, d.lowercase)
+  if tok.vocab_size <= len(tokenizer_lib.SPECIAL_TOKENS):
+    raise UsageError(f'data.train={d.train!r}: no text to train a tokenizer on')
+  if jax.process_count() > 1:  # The same vocabulary everywhere, or the processes read different data.
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(tok.backend.to_str().encode()).digest(), np.uint8)
+    if not (np.asarray(multihost_utils.process_allgather(digest)) == digest).all():
+      raise UsageError(
+        f'data.train={d.train!r}: the processes trained different vocabularies, so they read different data'
+      )
   print(f'trained a {tok.vocab_size}-token WordPiece vocabulary in {time.perf_counter() - t0:.1f}s', flush=True)
   if jax.process_index() == 0:
-    tok.save(saved)
+    tok.save(str(saved), {'training.json': json.dumps(record, indent=2)})
   return tok
+
+
+def _tokenizer_record(config) -> dict:
+  """What a trained tokenizer depends on: the data.* settings that shape its texts, and (path, size, mtime)
+  of every file data.train names (the builtin corpora are named by data.train itself)."""
+  from jaxlm.config import split_spec
+
+  d = config.data
+  kind, _ = split_spec(d.train, 'data.train')
+  rec = {'data.train': d.train, 'data.train_tokenizer_vocab': d.train_tokenizer_vocab, 'data.lowercase': d.lowercase}
+  if kind == 'text':
+    rec['data.text_docs'] = d.text_docs
+  if kind in ('jsonl', 'csv', 'tsv', 'tfds'):
+    rec['data.text_field'] = d.text_field
+  if kind == 'tfds':
+    rec.update({'data.train_split': d.train_split, 'data.tfds_data_dir': d.tfds_data_dir})
+  if kind in ('text', 'jsonl', 'csv', 'tsv'):
+    import tensorflow as tf
+
+    from jaxlm.data import sources
+
+    stats = [(p, tf.io.gfile.stat(p)) for p in sources.files(d.train, 'data.train')]
+    rec['files'] = [[p, st.length, st.mtime_nsec] for p, st in stats]
+  return rec
+
+
+def _check_saved_tokenizer(saved, config) -> None:
+  """Accepts WORKDIR/tokenizer if its record matches this run (a run that trains none accepts any vocabulary
+  size); an error naming the first difference otherwise."""
+  from jaxlm.errors import UsageError
+
+  d, path = config.data, saved / 'training.json'
+  if not path.exists():  # Saved before records were kept.
+    print(f'warning: {saved} has no record of its training data (training.json): using it unchecked', flush=True)
+    return
+  old, new = json.loads(path.read_text()), _tokenizer_record(config)
+  if not d.train_tokenizer_vocab:
+    del new['data.train_tokenizer_vocab']
+  fix = f'use another workdir or delete {saved}'
+  if old.get('data.train') != d.train:
+    raise UsageError(
+      f'{saved} was trained on data.train={old.get("data.train")!r} (vocab {old.get("data.train_tokenizer_vocab")})'
+      f' but this run has data.train={d.train!r}: {fix}'
+    )
+  for k, v in new.items():
+    if k != 'files' and old.get(k) != v:
+      raise UsageError(f'{saved} was trained with {k}={old.get(k)!r} but this run has {k}={v!r}: {fix}')
+  if old.get('files') != new.get('files'):
+    changed = sorted({tuple(f) for f in old.get('files') or []} ^ {tuple(f) for f in new.get('files') or []})
+    raise UsageError(
+      f'{saved} was trained on data.train={d.train!r} but its files have changed since ({changed[0][0]}'
+      f' is new, gone, or of another size or time): {fix}'
+    )
+  print(f'using the tokenizer in {saved}, trained on data.train={d.train!r}', flush=True)
 
 
 def model_config(config, vocab_size: int, num_labels: int = 0):

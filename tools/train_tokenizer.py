@@ -1,6 +1,9 @@
 """Train a WordPiece vocabulary on a corpus; the directory it writes loads in jaxlm and transformers.
 
 python tools/train_tokenizer.py --input 'text:/data/wiki/*.txt' --vocab_size 30522 --out /runs/tok
+
+The same input gives a byte-identical tokenizer on every run. A corpus without text is an error
+and writes nothing.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ def main(argv=None) -> int:
 
   try:
     from jaxlm.data import pretrain
-    from jaxlm.tokenizer import train_wordpiece
+    from jaxlm.tokenizer import SPECIAL_TOKENS, train_wordpiece
 
     t0 = time.perf_counter()
     cfg = {'text_field': args.text_field, 'text_docs': args.text_docs}
     texts = pretrain.iter_texts(args.input, cfg, key='--input')
     tok = train_wordpiece(texts, args.vocab_size, lowercase=not args.cased, show_progress=True)
+    if tok.vocab_size <= len(SPECIAL_TOKENS):
+      raise UsageError(f'--input={args.input!r}: no text to train a tokenizer on')
     tok.save(args.out)
     print(f'{tok.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {args.out}')
   except UsageError as e:
