@@ -68,9 +68,7 @@ def build_tokenizer(config, workdir: str):
   if config.model.init_from:
     from jaxlm import export
 
-    if export.is_jaxlm_dir(config.model.init_from):
-      return tokenizer_lib.load(export.load_checkpoint(config.model.init_from)[2])
-    return tokenizer_lib.load(config.model.init_from)
+    return tokenizer_lib.load(export.tokenizer_dir(config.model.init_from))
   d = config.data
   saved = epath.Path(workdir) / 'tokenizer'  # Local or remote (gs://).
   if (saved / 'tokenizer.json').exists():
