@@ -94,6 +94,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.hidden_dropout = 0.1  # Dropout on embeddings and residual branches.
   c.model.attention_dropout = 0.1  # Dropout on attention probabilities.
   c.model.max_position_embeddings = 512  # Position table size; must cover data.seq_len.
+  c.model.vocab_multiple = 128  # Pad the vocabulary tables to a multiple of this, so any mesh.tensor divides them.
 
   c.data = ml_collections.ConfigDict()
   c.data.train = 'builtin:stdlib'  # KIND:SPEC: builtin:NAME, text:GLOB, jsonl:GLOB, csv:GLOB,

@@ -82,6 +82,8 @@ def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str, missing: list | No
       node = node[str(k)]
     if node is None:
       continue
+    if tuple(node.shape) != tuple(var.shape):  # Vocabulary rows saved with another model.vocab_multiple.
+      node = model_lib.fit_vocab(node, var.get_metadata().get('axes'), cfg)
     if tuple(node.shape) != tuple(var.shape):
       raise UsageError(
         f'{source}: parameter {"/".join(map(str, path))} has shape {tuple(node.shape)}, the model expects {tuple(var.shape)}'

@@ -2,7 +2,9 @@
 
 Reads a directory saved by transformers' `BertModel`, `BertForMaskedLM`, `BertForPreTraining`
 or `BertForSequenceClassification` (config.json plus model.safetensors or pytorch_model.bin)
-and writes one back that transformers loads with no missing weight. Every tensor is checked
+and writes one back that transformers loads with no missing weight. The vocabulary tables
+are padded with zero rows to the model's `vocab_multiple` on loading (`vocab_multiple=128` as a
+`load` override) and cut back to `vocab_size` rows on writing. Every tensor is checked
 against the shape the model expects; a mismatch names the file, the tensor and both shapes.
 Nothing here imports TensorFlow; torch is imported only to read a pytorch_model.bin.
 """
@@ -260,6 +262,7 @@ def params_from_hf(
       missing.append(path)
       return
     value = np.asarray(to_jax(np.asarray(tensors[hf_name], np.float32)))
+    value = model_lib.fit_vocab(value, var.get_metadata()['axes'], cfg)  # Zero rows up to vocab_multiple.
     if value.shape != var.shape:
       raise UsageError(
         f'{source}: {hf_name} has shape {tuple(tensors[hf_name].shape)}, which does not fit'
@@ -334,7 +337,11 @@ def params_to_hf(params: nnx.State, cfg: model_lib.ModelConfig) -> dict[str, np.
   """HF tensor dict (names as the transformers class of `architecture(cfg)` saves them)."""
   if cfg.quantization != 'none':
     raise UsageError(f'model.quantization={cfg.quantization!r}: dequantize first (quant.dequantize)')
-  flat = {path: np.asarray(v[...], np.float32) for path, v in nnx.to_flat_state(params)}
+  # Hugging Face tables have vocab_size rows: the padding rows (vocab_multiple) are cut.
+  flat = {
+    path: model_lib.vocab_rows(np.asarray(v[...], np.float32), v.get_metadata().get('axes', ()), cfg.vocab_size)
+    for path, v in nnx.to_flat_state(params)
+  }
   prefix = 'bert.' if architecture(cfg) != 'BertModel' else ''
   out = {}
   for path, (hf_name, _, to_hf) in _flat_map(cfg, prefix).items():

@@ -74,8 +74,9 @@ class Predictor:
         out = model_lib.apply(graphdef, params, ids, mask, types, positions)
         if kind == 'embed':
           return out['hidden'].astype(jnp.float32)
-        if kind == 'mlm':
-          return jax.nn.log_softmax(out['mlm_logits'].astype(jnp.float32), axis=-1)
+        if kind == 'mlm':  # The real vocabulary only: padding rows (model.vocab_multiple) are no token.
+          logits = out['mlm_logits'][..., : self.config.vocab_size]
+          return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return out['logits'].astype(jnp.float32)
 
       self._fns[kind] = jax.jit(run)

@@ -13,12 +13,17 @@ of the layers, the pooler and the MLM transform are int8, each with a float32 pe
 `<name>_scale`, and are dequantized inside the forward, one layer at a time.
 The layer parameters are stacked on a leading `layers` axis, so the stack can be run with
 `jax.lax.scan` (compile time independent of depth) or unrolled, from the same checkpoint.
+The word embeddings and the MLM output bias have `padded_vocab_size` rows (`vocab_size` rounded
+up to `vocab_multiple`) so that the `vocab` axis splits over any mesh; the padding rows start at
+zero, no token id reaches them, and the MLM head gives them a large negative logit, so no loss,
+accuracy or prediction ever sees them. `fit_vocab` / `vocab_rows` pad or cut those rows when
+parameters move between multiples (loading, Hugging Face export).
 
 Use it functionally: `graphdef, params = nnx.split(Bert(cfg, rngs=nnx.Rngs(0)))` once, then
 `apply(graphdef, params, ...)` inside a jitted function.
 
 Shape letters: B batch, T sequence length, D hidden, N heads, K head size, F feed-forward,
-V vocabulary, L layers, P masked positions per sequence, C classes.
+V vocabulary (padded_vocab_size), L layers, P masked positions per sequence, C classes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.errors import UsageError
@@ -42,13 +48,18 @@ QUANTIZATIONS = ('none', 'int8')
 SCAN_ABOVE = 6
 # The layers' kernels that `quantization='int8'` stores as int8 (also the pooler and MLM transform).
 INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
+# The MLM logit of a padding row, as a fraction of the compute dtype's largest value.
+_PADDING_LOGIT = -0.7
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes, heads and execution knobs of a BERT encoder."""
 
-  vocab_size: int = 30522  # V: WordPiece vocabulary size.
+  vocab_size: int = 30522  # WordPiece vocabulary size (the tokenizer's; ids are below it).
+  vocab_multiple: int = 1  # Embedding / MLM-bias rows are vocab_size rounded up to a multiple of
+  #   this (V = padded_vocab_size), so that the `vocab` axis divides over the mesh (Megatron,
+  #   MaxText); the padding rows are never predicted. 1 = no padding.
   hidden_size: int = 768  # D: width of the residual stream.
   num_layers: int = 12  # L: transformer layers.
   num_heads: int = 12  # N: attention heads; D must divide by N.
@@ -74,6 +85,8 @@ class ModelConfig:
   quantization: str = 'none'  # 'int8': weight-only int8 dense kernels with float32 scales (inference).
 
   def __post_init__(self):
+    if not isinstance(self.vocab_multiple, int) or self.vocab_multiple < 1:
+      raise UsageError(f'model.vocab_multiple={self.vocab_multiple!r}: must be a positive integer')
     if self.hidden_size % self.num_heads:
       raise UsageError(f'model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}')
     if self.hidden_act not in ACTIVATIONS:
@@ -90,6 +103,11 @@ class ModelConfig:
   def scanned(self) -> bool:
     """Whether the layer stack runs as a lax.scan."""
     return self.num_layers > SCAN_ABOVE if self.scan_layers is None else self.scan_layers
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """V: rows of the word embeddings and the MLM bias, vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def head_size(self) -> int:
@@ -134,6 +152,32 @@ def _param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, fill: f
   else:
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
   return nnx.Param(value, axes=tuple(axes))
+
+
+def vocab_rows(value, axes, rows: int) -> np.ndarray:
+  """`value` (a parameter with logical `axes`) with `rows` rows on its `vocab` axis: padding rows
+  of zeros appended, or trailing rows cut. Other parameters come back as they are."""
+  value = np.asarray(value)
+  if 'vocab' not in (axes or ()) or len(axes) != value.ndim:
+    return value
+  axis = list(axes).index('vocab')
+  if value.shape[axis] == rows:
+    return value
+  if value.shape[axis] > rows:
+    return value[(slice(None),) * axis + (slice(0, rows),)]
+  widths = [(0, 0)] * value.ndim
+  widths[axis] = (0, rows - value.shape[axis])
+  return np.pad(value, widths)
+
+
+def fit_vocab(value, axes, cfg: ModelConfig):
+  """A loaded parameter refitted to `cfg.padded_vocab_size` rows on its `vocab` axis when it holds
+  all `cfg.vocab_size` real rows (saved unpadded or with another vocab_multiple); anything else
+  comes back as it is, for the caller's shape check to name."""
+  value = np.asarray(value)
+  if 'vocab' in (axes or ()) and len(axes) == value.ndim and value.shape[list(axes).index('vocab')] >= cfg.vocab_size:
+    return vocab_rows(value, axes, cfg.padded_vocab_size)
+  return value
 
 
 def _int8(var: nnx.Param, out_axes: tuple) -> tuple[nnx.Param, nnx.Param]:
@@ -224,7 +268,9 @@ class Embeddings(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, s = cfg.hidden_size, cfg.initializer_range
-    self.word = _param(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
+    # The real rows are drawn as for an unpadded table, so vocab_multiple does not change them.
+    word = _param(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
+    self.word = word.replace(jnp.pad(word[...], ((0, cfg.padded_vocab_size - cfg.vocab_size), (0, 0))))
     self.position = _param(rngs, (cfg.max_position_embeddings, D), (None, 'embed'), std=s)
     self.token_type = _param(rngs, (cfg.type_vocab_size, D), (None, 'embed'), std=s)
     self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
@@ -362,12 +408,20 @@ class MLMHead(nnx.Module):
     self.transform = Dense(D, D, ('embed', 'mlp'), cfg.initializer_range, rngs=rngs, int8=int8)
     self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
     self.ln_bias = _param(None, (D,), ('embed',))
-    self.bias = _param(None, (cfg.vocab_size,), ('vocab',))
+    self.bias = _param(None, (cfg.padded_vocab_size,), ('vocab',))
 
   def __call__(self, h_BxPxD, word_VxD, cfg: ModelConfig):
     h = _activation(cfg.hidden_act)(self.transform(h_BxPxD))
     h = _layer_norm(h, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
-    return _tied_decoder(h, word_VxD.astype(h.dtype), self.bias[...].astype(h.dtype))
+    logits_BxPxV = _tied_decoder(h, word_VxD.astype(h.dtype), self.bias[...].astype(h.dtype))
+    if cfg.padded_vocab_size == cfg.vocab_size:
+      return logits_BxPxV
+    # One elementwise select that XLA fuses into the logits' consumers (no scatter, no extra
+    # vocabulary-wide buffer); its gradient gives the padding rows exactly zero. Not -inf, and
+    # with headroom below the dtype's minimum, so that shifting by a max cannot overflow (bfloat16).
+    dt = logits_BxPxV.dtype
+    real = jax.lax.broadcasted_iota(jnp.int32, logits_BxPxV.shape, logits_BxPxV.ndim - 1) < cfg.vocab_size
+    return jnp.where(real, logits_BxPxV, jnp.asarray(_PADDING_LOGIT * jnp.finfo(dt).max, dt))
 
 
 @jax.custom_vjp

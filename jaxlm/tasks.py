@@ -3,7 +3,9 @@
 Pretraining: masked-LM cross-entropy over the gathered masked positions, weighted (padding
 predictions have weight 0), plus the optional next-sentence loss. Fine-tuning:
 classification cross-entropy or regression squared error. Every function returns
-(loss, metrics) with float32 scalars.
+(loss, metrics) with float32 scalars. MLM logits span the padded vocabulary
+(model.vocab_multiple); the model gives padding columns a large negative logit, so they add
+nothing to a softmax and never win an argmax, here or vocabulary-parallel.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ def model_config(config, vocab_size: int, num_labels: int = 0):
     vocab_size=vocab_size, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
     attention_impl=m.attention_impl or None, hidden_dropout=m.hidden_dropout,
     attention_dropout=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
-    mlm_head=mlm, nsp_head=mlm and config.data.nsp, pooler=not mlm or config.data.nsp, num_labels=num_labels,
+    vocab_multiple=m.vocab_multiple, mlm_head=mlm, nsp_head=mlm and config.data.nsp,
+    pooler=not mlm or config.data.nsp, num_labels=num_labels,
   )  # fmt: skip
   if m.hidden_act:
     kw['hidden_act'] = m.hidden_act

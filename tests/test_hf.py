@@ -119,10 +119,17 @@ def test_hf_to_jaxlm_to_hf_is_identical(which, request, tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['architectures'] == hf_cfg['architectures']
 
 
-def test_jaxlm_export_loads_in_transformers_with_no_missing_weight(tmp_path, minilm_dir, caplog):
-  cfg = model.preset('tiny', max_position_embeddings=64, nsp_head=True, hidden_act='gelu_tanh')
+@pytest.mark.parametrize('vocab_multiple', [1, 128])
+def test_jaxlm_export_loads_in_transformers_with_no_missing_weight(vocab_multiple, tmp_path, minilm_dir, caplog):
+  cfg = model.preset('tiny', max_position_embeddings=64, nsp_head=True, hidden_act='gelu_tanh',
+                     vocab_multiple=vocab_multiple)  # fmt: skip
   graphdef, params = model.init(cfg, seed=7)
+  if vocab_multiple > 1:  # 30,522 rows padded to 30,592; Hugging Face gets the 30,522 real ones.
+    assert params['embeddings']['word'][...].shape[0] == cfg.padded_vocab_size == 30592
+    word = params['embeddings']['word']  # Padding rows that are not zero must not leak out either.
+    word.set_value(word[...].at[30522:].set(1.0))
   hf.save(str(tmp_path), params, cfg, tokenizer_dir=minilm_dir)
+  assert json.load(open(tmp_path / 'config.json'))['vocab_size'] == 30522
   with caplog.at_level(logging.WARNING):
     pt, info = transformers.BertForPreTraining.from_pretrained(str(tmp_path), output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys']
@@ -130,11 +137,42 @@ def test_jaxlm_export_loads_in_transformers_with_no_missing_weight(tmp_path, min
   batch = _torch_batch(str(tmp_path), PAIRS)
   with torch.no_grad():
     ref = pt.eval()(**batch)
+  assert ref.prediction_logits.shape[-1] == 30522
   ids, mask, types = (batch[k].numpy().astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids'))
   out = model.apply(graphdef, params, ids, mask, types)
   valid = mask.astype(bool)
-  assert np.abs(np.asarray(out['mlm_logits'])[valid] - ref.prediction_logits.numpy()[valid]).max() <= 1e-4
+  ours = np.asarray(out['mlm_logits'])[..., :30522]
+  assert np.abs(ours[valid] - ref.prediction_logits.numpy()[valid]).max() <= 1e-4
   assert np.abs(np.asarray(out['nsp_logits']) - ref.seq_relationship_logits.numpy()).max() <= 1e-4
+
+
+def test_hugging_face_vocabulary_padded_on_load_and_trimmed_on_save(hf_mlm_dir, tmp_path):
+  graphdef, params, _, _ = hf.load(hf_mlm_dir)
+  p_graphdef, padded, _, report = hf.load(hf_mlm_dir, vocab_multiple=128)
+  assert report.missing == [] and report.unused == []
+  cfg = nnx.merge(p_graphdef, padded).cfg
+  assert (cfg.vocab_size, cfg.vocab_multiple, cfg.padded_vocab_size) == (30522, 128, 30592)
+  word, bias = np.asarray(padded['embeddings']['word'][...]), np.asarray(padded['mlm']['bias'][...])
+  assert word.shape == (30592, 64) and bias.shape == (30592,)
+  np.testing.assert_array_equal(word[:30522], params['embeddings']['word'][...])
+  assert not word[30522:].any() and not bias[30522:].any()
+  batch = _torch_batch(hf_mlm_dir, TEXTS[:2])
+  ids, mask, types = (batch[k].numpy().astype(np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids'))
+  ref = np.asarray(model.apply(graphdef, params, ids, mask, types)['mlm_logits'])
+  out = np.asarray(model.apply(p_graphdef, padded, ids, mask, types)['mlm_logits'])
+  np.testing.assert_allclose(out[..., :30522], ref, atol=1e-5)
+  assert (out[..., 30522:] < -1e37).all()
+  text = 'The capital of France is [MASK].'
+  fills = jaxlm.load(hf_mlm_dir, vocab_multiple=128).fill_mask(text, top_k=5)
+  assert [f['token'] for f in fills] == [f['token'] for f in jaxlm.load(hf_mlm_dir).fill_mask(text, top_k=5)]
+  hf.save(str(tmp_path), padded, cfg, tokenizer_dir=hf_mlm_dir)
+  before, after = (
+    load_file(os.path.join(hf_mlm_dir, 'model.safetensors')),
+    load_file(str(tmp_path / 'model.safetensors')),
+  )
+  assert sorted(before) == sorted(after)
+  for k in before:
+    assert np.array_equal(before[k], after[k]), k
 
 
 def test_pytorch_model_bin_and_old_layernorm_names(hf_mlm_dir, tmp_path):

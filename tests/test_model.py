@@ -1,4 +1,7 @@
-"""The encoder and heads: shapes, logical axes, masked gather, scan/remat/padding invariance, dtypes."""
+"""The encoder and heads: shapes, logical axes, masked gather, scan/remat/padding invariance, dtypes,
+vocabulary padding."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import model
+from jaxlm import model, tasks
 from jaxlm.errors import UsageError
 
 LOGICAL = {'vocab', 'embed', 'mlp', 'heads', 'kv', 'layers', None}
@@ -129,6 +132,8 @@ def test_bad_configs_name_the_key():
     model.ModelConfig(hidden_act='swiglu')
   with pytest.raises(UsageError, match='model.preset'):
     model.preset('huge')
+  with pytest.raises(UsageError, match='model.vocab_multiple=0: must be a positive integer'):
+    model.ModelConfig(vocab_multiple=0)
   with pytest.raises(UsageError, match='max_position_embeddings'):
     cfg = model.preset('tiny', max_position_embeddings=8, vocab_size=50)
     g, p = model.init(cfg)
@@ -159,3 +164,86 @@ def test_dropout_bits_are_uniform_and_independent_of_sharding():
   rbg = jax.random.key(7, impl='rbg')
   np.testing.assert_array_equal(model._random_u16(rbg, (4, 8)), jax.random.bits(rbg, (4, 8), jnp.uint16))
   np.testing.assert_array_equal(model._random_u16(key, (4, 7)), jax.random.bits(key, (4, 7), jnp.uint16))
+
+
+# ----------------------------------------------------------------------------- vocabulary padding
+
+
+def _mlm_loss_and_grads(cfg, params, ids, pos, weights):
+  graphdef, _ = model.abstract(cfg)
+  batch = {'masked_ids': np.take_along_axis(ids, pos, -1), 'masked_weights': weights}
+
+  @jax.jit
+  def f(params):
+    def loss(p):
+      out = model.apply(graphdef, p, ids, None, None, pos)
+      return tasks.mlm_loss(out, batch)[0], (out['mlm_logits'], tasks.mlm_loss(out, batch)[1])
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  hlo = f.lower(params).compile().as_text()
+  (loss, (logits, metrics)), grads = f(params)
+  return float(loss), metrics, np.asarray(logits), grads, hlo
+
+
+def test_padded_vocabulary_changes_no_loss_gradient_or_prediction():
+  cfg = model.ModelConfig(
+    vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=32,
+    hidden_dropout=0.0, attention_dropout=0.0,
+  )  # fmt: skip
+  padded_cfg = cfg.replace(vocab_multiple=64)
+  assert (cfg.padded_vocab_size, padded_cfg.padded_vocab_size, cfg.replace(vocab_multiple=97).padded_vocab_size) == (
+    97, 128, 97,
+  )  # fmt: skip
+  _, params = model.init(cfg, seed=0)
+  _, padded = model.init(padded_cfg, seed=0)
+  word, bias = padded['embeddings']['word'][...], padded['mlm']['bias'][...]
+  assert word.shape == (128, 32) and bias.shape == (128,)
+  # A fresh padded model is the unpadded one plus zero rows: vocab_multiple changes no initial value.
+  np.testing.assert_array_equal(word[:97], params['embeddings']['word'][...])
+  assert not np.asarray(word[97:]).any() and not np.asarray(bias[97:]).any()
+  for (path, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(padded)):
+    if path not in (('embeddings', 'word'), ('mlm', 'bias')):
+      np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+  # Whatever the padding rows hold, they take no part: large values there change nothing.
+  rng = np.random.default_rng(0)
+  padded['embeddings']['word'].set_value(word.at[97:].set(rng.normal(0, 10.0, (31, 32)).astype(np.float32)))
+  padded['mlm']['bias'].set_value(bias.at[97:].set(50.0))
+  ids = rng.integers(0, 97, (4, 16)).astype(np.int32)
+  pos = np.sort(rng.choice(np.arange(16), (4, 5)), -1).astype(np.int32)
+  weights = np.ones((4, 5), np.float32)
+  weights[3, 2:] = 0
+  loss, metrics, logits, grads, ref_hlo = _mlm_loss_and_grads(cfg, params, ids, pos, weights)
+  p_loss, p_metrics, p_logits, p_grads, hlo = _mlm_loss_and_grads(padded_cfg, padded, ids, pos, weights)
+  assert abs(p_loss - loss) < 1e-6 and float(p_metrics['mlm_accuracy']) == float(metrics['mlm_accuracy'])
+  np.testing.assert_allclose(p_logits[..., :97], logits, atol=1e-6)
+  assert (p_logits[..., 97:] < -1e37).all() and (p_logits.argmax(-1) < 97).all()
+  for (path, g), (_, pg) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(p_grads)):
+    g, pg = np.asarray(g[...]), np.asarray(pg[...])
+    if path in (('embeddings', 'word'), ('mlm', 'bias')):
+      assert not pg[97:].any(), path  # Padding rows get exactly zero gradient ...
+      pg = pg[:97]  # ... and the real rows the gradient of the unpadded model.
+    np.testing.assert_allclose(pg, g, atol=1e-6, rtol=1e-5, err_msg=str(path))
+  # The mask is a select that XLA fuses into the loss's existing passes over the logits: the
+  # compiled step has the same top-level operations (no new vocabulary-wide buffer, no scatter).
+  top_level = lambda text: re.findall(r'\n\s+\S+ = \S+ (\w[\w-]*)\(', text[text.index('ENTRY') :])  # noqa: E731
+  assert top_level(hlo) == top_level(ref_hlo) and 'select' not in top_level(hlo)
+  # In bfloat16 the padding logit is finite and the loss stays finite.
+  g16, _ = model.abstract(padded_cfg.replace(dtype='bfloat16'))
+  out16 = model.apply(g16, padded, ids, None, None, pos)
+  batch = {'masked_ids': np.take_along_axis(ids, pos, -1), 'masked_weights': weights}
+  assert np.isfinite(np.asarray(out16['mlm_logits'], np.float32)).all()
+  assert abs(float(tasks.mlm_loss(out16, batch)[0]) - loss) < 0.05
+
+
+def test_vocab_rows_pad_and_trim_only_the_vocabulary_axis():
+  table = np.arange(12, dtype=np.float32).reshape(6, 2)
+  cfg = model.ModelConfig(vocab_size=5, hidden_size=2, num_heads=1, vocab_multiple=4)
+  assert cfg.padded_vocab_size == 8
+  padded = model.fit_vocab(table, ('vocab', 'embed'), cfg)  # Saved with 6 rows, this model has 8.
+  np.testing.assert_array_equal(padded, np.concatenate([table, np.zeros((2, 2), np.float32)]))
+  np.testing.assert_array_equal(model.fit_vocab(table, ('vocab', 'embed'), cfg.replace(vocab_multiple=1)), table[:5])
+  np.testing.assert_array_equal(model.vocab_rows(padded, ('vocab', 'embed'), 5), table[:5])
+  np.testing.assert_array_equal(model.fit_vocab(table, (None, 'embed'), cfg), table)  # Not a vocabulary table.
+  # Fewer rows than the real vocabulary is another vocabulary, left for the caller to name.
+  np.testing.assert_array_equal(model.fit_vocab(table[:4], ('vocab', 'embed'), cfg), table[:4])
