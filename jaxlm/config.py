@@ -159,6 +159,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       raise UsageError(f'{k}={v}: must be a finite number')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
   _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
+  _positive(flat, 'model.vocab_multiple')
   if flat['task'] not in TASKS:
     raise UsageError(f'task={flat["task"]!r}: expected one of {TASKS}')
   if flat['task'] != 'mlm' and flat['data.nsp']:

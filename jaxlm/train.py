@@ -246,7 +246,7 @@ def train(config, workdir: str) -> dict:
   mcfg = model_config(config, tokenizer.vocab_size, num_labels)
   if config.model.init_from:
     knobs = ('mlm_head', 'nsp_head', 'pooler', 'num_labels', 'dtype', 'scan_layers', 'remat', 'attention_impl',
-             'hidden_dropout', 'attention_dropout')  # fmt: skip
+             'hidden_dropout', 'attention_dropout', 'vocab_multiple')  # fmt: skip
     overrides = {k: getattr(mcfg, k) for k in knobs}
     loaded, new = _load_init(config.model.init_from, overrides, config.seed)
     mcfg = nnx.merge(*loaded).cfg
