@@ -132,6 +132,8 @@ class Predictor:
       raise UsageError('fill_mask needs a model with an MLM head; this one has none')
     if self.tokenizer.mask_id is None:
       raise UsageError(f'{self.tokenizer.source}: the vocabulary has no [MASK] token')
+    if not isinstance(top_k, int) or top_k < 1:
+      raise UsageError(f'top_k={top_k!r}: must be a positive integer')
     texts = [text] if isinstance(text, str) else list(text)
     results = []
     for ids, mask, types, n in self._batches(texts):

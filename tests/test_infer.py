@@ -8,9 +8,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import jaxlm
 from jaxlm import inference, predict
+from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +92,10 @@ def test_fill_mask_and_embed_modes(hf_mlm_dir, minilm_dir, tmp_path, capsys):
   assert rc == 0, err
   got = _read(out)
   assert [len(g['masks']) for g in got] == [1, 2] and all(len(m) == 3 for g in got for m in g['masks'])
-  ref = jaxlm.load(hf_mlm_dir).fill_mask(texts[0], top_k=3)
+  m = jaxlm.load(hf_mlm_dir)
+  ref = m.fill_mask(texts[0], top_k=3)
+  with pytest.raises(UsageError, match='top_k=0: must be a positive integer'):
+    m.fill_mask(texts[0], top_k=0)
   assert [x['token'] for x in got[0]['masks'][0]] == [x['token'] for x in ref]
   assert abs(got[0]['masks'][0][0]['score'] - ref[0]['score']) < 1e-6
   out = tmp_path / 'emb.jsonl'
