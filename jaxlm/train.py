@@ -115,6 +115,14 @@ def model_config(config, vocab_size: int, num_labels: int = 0):
 
 def train(config, workdir: str) -> dict:
   """Runs the whole training (pretraining or fine-tuning); returns the last logged metrics."""
+  from jaxlm.lock import WorkdirLock
+
+  with WorkdirLock(workdir):  # Before anything is written: a second run on the workdir stops here.
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
+  """The run itself, on a locked workdir."""
   import jax
   from etils import epath
   from flax import nnx

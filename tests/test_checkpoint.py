@@ -1,4 +1,5 @@
-"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes, sizes and process counts."""
+"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, the workdir lock, other meshes, sizes
+and process counts."""
 
 import json
 import os
@@ -277,6 +278,62 @@ def test_a_damaged_step_is_moved_aside_and_load_falls_back(vocab_dir, tmp_path, 
   with pytest.raises(UsageError, match=r'checkpoints/1: the checkpoint has no opt_state/'):
     ck.restore(abstract_other, sh_other)
   assert ck.steps() == [1]
+
+
+def test_workdir_lock(tmp_path, capfd):
+  import socket
+
+  from jaxlm.lock import WorkdirLock
+
+  lock = tmp_path / '.lock'
+  holder = subprocess.Popen(['sleep', '300'])
+  try:
+    lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': holder.pid, 'since': 'noon'}))
+    with pytest.raises(
+      UsageError, match=rf'^{re.escape(str(tmp_path))} is in use by pid {holder.pid} on host .* since noon; '
+    ):
+      with WorkdirLock(str(tmp_path)):
+        pass
+    assert json.loads(lock.read_text())['pid'] == holder.pid  # Left to its holder.
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its process has ended (and was reaped): the lock is taken over with a warning, and released after.
+  capfd.readouterr()
+  with WorkdirLock(str(tmp_path)):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'warning: {lock}: pid {holder.pid} ') and 'taking over' in err[0]
+  assert not lock.exists()
+  with pytest.raises(RuntimeError):  # Released when the run fails, too.
+    with WorkdirLock(str(tmp_path)):
+      raise RuntimeError
+  assert not lock.exists()
+
+
+def _cli(args, devices=1, prefix=()):
+  return subprocess.run([sys.executable, *prefix, '-m', 'jaxlm.train', *args], cwd=ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_a_second_run_on_a_workdir_in_use_stops(vocab_dir, tmp_path):
+  import socket
+
+  holder = subprocess.Popen(['sleep', '300'])  # Stands for a training that runs on the workdir.
+  try:
+    (tmp_path / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': holder.pid, 'since': 'noon'}))
+    res = _cli(_flags(vocab_dir, tmp_path, 2))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert res.returncode == 2, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert (
+    'Traceback' not in res.stderr
+    and len(errors) == 1
+    and errors[0].startswith(f'error: {tmp_path} is in use by pid {holder.pid} on host ')
+  )
+  assert os.listdir(tmp_path) == ['.lock']  # Nothing written.
 
 
 def test_resume_on_another_mesh_continues_the_curve(vocab_dir, straight, tmp_path):
