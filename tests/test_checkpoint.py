@@ -1,5 +1,5 @@
-"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, the workdir lock, other meshes, sizes
-and process counts."""
+"""Orbax checkpoints on disk: exact resume, SIGTERM / SIGINT, SIGKILL, damaged steps, a full disk, the workdir lock,
+other meshes, sizes and process counts."""
 
 import json
 import os
@@ -81,20 +81,22 @@ def test_resume_is_exact(vocab_dir, straight, tmp_path):
   assert 'nothing to do: the checkpoint is at step 12' in res.stdout
 
 
-def test_sigterm_saves_and_resumes(vocab_dir, straight, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_sigterm_saves_and_resumes(vocab_dir, straight, tmp_path, sig):
   proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *_flags(vocab_dir, tmp_path, 2000, every=1000)],
                           cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
   metrics = os.path.join(tmp_path, 'metrics.jsonl')
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)  # SIGINT: what Ctrl-C sends.
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  assert 'SIGTERM: saved the checkpoint of step' in out
-  saved = int(out.split('SIGTERM: saved the checkpoint of step ')[1].split(';')[0])
+  assert proc.returncode == (130 if sig == signal.SIGINT else 0), err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert f'{sig.name}: saved the checkpoint of step' in out
+  saved = int(out.split(f'{sig.name}: saved the checkpoint of step ')[1].split(';')[0])
   assert 3 <= saved < 2000 and os.path.isdir(os.path.join(tmp_path, 'checkpoints', str(saved)))
-  if saved < 12:
+  if saved < 12 and sig == signal.SIGTERM:  # The same save either way: resumed once.
     _run(_flags(vocab_dir, tmp_path, 12, every=1000))
     _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
 
@@ -334,6 +336,51 @@ def test_a_second_run_on_a_workdir_in_use_stops(vocab_dir, tmp_path):
     and errors[0].startswith(f'error: {tmp_path} is in use by pid {holder.pid} on host ')
   )
   assert os.listdir(tmp_path) == ['.lock']  # Nothing written.
+
+
+def test_a_resume_of_another_size_is_refused_and_changes_nothing(vocab_dir, straight, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  before = {f: (workdir / f).read_bytes() for f in ('config.json', 'model_config.json')}
+  res = _cli(_flags(vocab_dir, workdir, 12, extra=('--config.model.preset=mini', '--config.mesh.data=8')), devices=8)
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr and 'Event loop' not in res.stderr, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and re.match(r'error: .*/checkpoints/12: parameter params/\S+ has shape \(128', errors[0])
+  assert {f: (workdir / f).read_bytes() for f in before} == before
+  assert not (workdir / 'checkpoints_damaged').exists() and not (workdir / '.lock').exists()
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_loses_nothing(vocab_dir, straight, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+
+  # Files stop growing at 2 MB, so the arrays of a checkpoint (7 MB) cannot be written: a real failed write.
+  # SIGXFSZ ignored: a write past the limit then fails (EFBIG) instead of killing the process.
+  small_disk = (
+    '-c', 'import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);'
+    ' resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20));'
+    ' os.execv(sys.executable, [sys.executable, *sys.argv[1:]])',
+  )  # fmt: skip
+  res = _cli(_flags(vocab_dir, workdir, 14), prefix=small_disk)
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr and 'Event loop' not in res.stderr, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, res.stderr[-3000:]
+  assert 'checkpoint of step 14' in errors[0] and 'no space left' in errors[0] and 'step 12' in errors[0]
+  # The steps saved before are intact; the half-written one is never taken for a step and is cleaned up.
+  _assert_same_params(_arrays(workdir, 12), _arrays(straight, 12))
+  ck = checkpoint.Checkpointer(str(workdir))
+  assert ck.steps() == [12, 9, 6]
+  ck.close()
+  deadline = time.time() + 60  # Orbax deletes unfinished saves in the background when a manager starts.
+  while time.time() < deadline and len(os.listdir(workdir / 'checkpoints')) > 5:
+    time.sleep(0.1)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '6', '9', 'best', 'data']
 
 
 def test_resume_on_another_mesh_continues_the_curve(vocab_dir, straight, tmp_path):
