@@ -3,18 +3,26 @@
   WORKDIR/checkpoints/<step>/       Orbax: `state` (params, opt_state, step) and `meta` (JSON)
   WORKDIR/checkpoints/data/<step>/  the tf.data iterator position of every process
   WORKDIR/checkpoints/best/<step>/  parameters of the step with the best eval metric so far
+  WORKDIR/checkpoints_damaged/      steps that could not be restored, moved out of Orbax's sight
 
 A step counts as saved only when Orbax has finalised it (its directory was renamed into place)
-and every process can read it, its iterator state included; anything else (a save killed half
-way) is skipped with a warning, and the step before it is used. Arrays are restored straight
-into the shardings of the current mesh, whatever mesh wrote them. An iterator position is
+and every process can read it, its iterator state included; a save killed half way is never
+seen, and a finalised step that cannot be read is moved to checkpoints_damaged/ (kept, never
+retried) with a warning, and the step before it is used. A step of another model or optimizer
+is refused with one error naming the parameter, before any array is read. Arrays are restored
+straight into the shardings of the current mesh, whatever mesh wrote them. An iterator position is
 restored only by the number of processes that saved it (`restored_process_count` tells the
-caller whether it was). The workdir may be local or remote (gs://): paths go through epath.
+caller whether it was). A save that fails (a full disk) raises `SaveError`; the steps saved
+before it stay intact. The workdir may be local or remote (gs://): paths go through epath.
 """
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import errno
+import logging
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +32,10 @@ from etils import epath
 from flax import nnx
 
 from jaxlm.errors import UsageError
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a quota, a lost connection); one line saying which."""
 
 
 def _is_var(x) -> bool:
@@ -48,15 +60,19 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, best_mode: str = 'min'):
     self.directory = workdir_path(workdir) / 'checkpoints'
     self.data_dir = self.directory / 'data'
+    self.damaged_dir = self.directory.parent / 'checkpoints_damaged'
     self.restored_process_count: int | None = None  # How many processes saved the restored step.
     self.input_restored = False  # Whether restore() put the data iterator back where it was.
+    self._saving = {}  # Manager name -> the step its unfinished save writes, for error messages.
+    self._failed = False
+    _drop_closed_loop_noise()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
     best_options = ocp.CheckpointManagerOptions(
       max_to_keep=1, best_fn=lambda m: m['value'], best_mode=best_mode, keep_checkpoints_without_metrics=False,
-      create=True, enable_async_checkpointing=async_save,
+      create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
     )  # fmt: skip
     self.best = ocp.CheckpointManager(self.directory / 'best', options=best_options, item_names=('state', 'meta'))
 
@@ -68,32 +84,67 @@ class Checkpointer:
 
   def save(self, step: int, state, meta: dict, data_iterator=None) -> None:
     """Starts an asynchronous save of `state` at `step` (returns once arrays are copied off device)."""
-    if data_iterator is not None:
-      data_iterator.save(str(self._data_path(step)))
+    self._finish('manager')  # A failure of the previous save is reported as that step's.
     meta = {**meta, 'process_count': jax.process_count()}
-    self.manager.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)), meta=ocp.args.JsonSave(meta))
-    )
+    self._saving['manager'] = step
+    with self._reporting('manager'):
+      if data_iterator is not None:
+        data_iterator.save(str(self._data_path(step)))
+      self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)), meta=ocp.args.JsonSave(meta))
+      )
 
   def save_best(self, step: int, params, meta: dict, value: float) -> None:
     """Offers the parameters of `step` for checkpoints/best/, which keeps the one with the best `value`."""
-    self.best.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave({'params': to_arrays(params)}), meta=ocp.args.JsonSave(meta)),
-      metrics={'value': float(value)},
-    )
+    self._finish('best')
+    self._saving['best'] = step
+    with self._reporting('best'):
+      self.best.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'params': to_arrays(params)}), meta=ocp.args.JsonSave(meta)
+        ),
+        metrics={'value': float(value)},
+      )
 
   def wait(self) -> None:
     """Blocks until every save has been written; prunes iterator states of deleted steps."""
-    self.manager.wait_until_finished()
-    self.best.wait_until_finished()
+    self._finish('manager')
+    self._finish('best')
     if jax.process_index() == 0:
       prune_data(self.data_dir, self.manager.all_steps())
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
-    self.best.close()
+    """Waits for the saves in flight (unless one failed already) and stops Orbax's threads."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      for manager in (self.manager, self.best):
+        try:
+          manager.close()
+        except Exception:  # noqa: BLE001 (after a failed save: the error that matters was raised already)
+          if not self._failed:
+            raise
+
+  def _finish(self, name: str) -> None:
+    with self._reporting(name):
+      getattr(self, name).wait_until_finished()
+    self._saving.pop(name, None)
+
+  @contextlib.contextmanager
+  def _reporting(self, name: str):
+    """Turns any failure of a save into one SaveError naming the step, the reason and what is intact."""
+    try:
+      yield
+    except SaveError:
+      raise
+    except Exception as e:
+      self._failed = True
+      where = self.directory / 'best' if name == 'best' else self.directory
+      step, kept = self._saving.get(name), self.manager.latest_step()
+      intact = f'; step {kept}, saved before, is intact' if name == 'manager' and kept not in (None, step) else ''
+      raise SaveError(f'could not save the checkpoint of step {step} in {where}: {one_line(e)}{intact}') from e
 
   # ------------------------------------------------------------------ restoring
 
@@ -105,49 +156,76 @@ class Checkpointer:
     """(state, meta, step) of the newest loadable checkpoint, or None if there is none.
 
     `abstract_state` gives the structure and shapes (with nnx Variables), `shardings` where
-    each array goes on the current mesh. A checkpoint that some process cannot load is skipped
-    by all. `data_iterator` continues where it was only when as many processes saved the step
-    as run now; otherwise it is left untouched (see `restored_process_count`).
+    each array goes on the current mesh. A checkpoint that some process cannot load is moved to
+    checkpoints_damaged/ by process 0 and skipped by all. One of another model (a parameter
+    missing or of another shape) is a UsageError, raised with the managers closed.
+    `data_iterator` continues where it was only when as many processes saved the step as run
+    now; otherwise it is left untouched (see `restored_process_count`).
     """
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       to_arrays(abstract_state),
       to_arrays(shardings),
     )
-    for step in self.steps():
-      problem, saved_by, out = None, None, None
+    moved = False
+    try:
+      for step in self.steps():
+        problem, meta, out = self._read(step, target, data_iterator)
+        if not _everywhere(problem is None):
+          self._move_aside(step, problem or 'another process cannot read it')
+          moved = True
+          continue
+        saved_by = meta.pop('process_count')
+        self.input_restored = data_iterator is not None and saved_by == jax.process_count() and not self._unsaved(step)
+        if self.input_restored:
+          data_iterator.restore(str(self._data_path(step)))
+        self.restored_process_count = saved_by
+        return from_arrays(abstract_state, out['state']), meta, step
+      return None
+    except UsageError:
+      self._failed = True  # Nothing to wait for: close quietly, so that the one error line is all that shows.
+      self.close()
+      raise
+    finally:
+      if moved and not self._failed:  # Orbax caches its list of steps: it must forget the moved ones, everywhere.
+        _barrier('jaxlm_checkpoint_moved_aside')
+        self.manager.reload()
+
+  def _unsaved(self, step: int) -> bool:
+    """True when this process's input could not save its position at `step` (a source without state)."""
+    return epath.Path(f'{self._data_path(step)}.unsaved').exists()
+
+  def _read(self, step: int, target, data_iterator):
+    """(problem or None, meta, restored) for one step; a step of another model raises UsageError."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      meta['process_count'] = int(meta.get('process_count', jax.process_count()))  # Older ones: as many as now.
+    except Exception as e:  # noqa: BLE001 (a damaged step can fail in many ways)
+      return f'could not be read ({one_line(e)})', None, None
+    same = meta['process_count'] == jax.process_count()
+    position = epath.Path(f'{self._data_path(step)}.index')
+    if data_iterator is not None and same and not self._unsaved(step) and not position.exists():
+      return f'has no input position for process {jax.process_index()}', None, None
+    _check_compatible(self.directory / str(step), target)  # Before reading: a refused restore leaves noise.
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    except Exception as e:  # noqa: BLE001
+      return f'could not be read ({one_line(e)})', None, None
+    return None, meta, out
+
+  def _move_aside(self, step: int, problem: str) -> None:
+    """Moves a step that cannot be restored to checkpoints_damaged/ (process 0), with one warning line."""
+    dest = self.damaged_dir / str(step)
+    if jax.process_index() == 0:
+      n = 1
+      while dest.exists():  # A step damaged twice keeps both copies.
+        dest, n = self.damaged_dir / f'{step}.{n}', n + 1
       try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-        saved_by = int(meta.pop('process_count', jax.process_count()))  # Older checkpoints: as many as now.
-      except Exception as e:  # noqa: BLE001 (a damaged step can fail in many ways)
-        problem = f' could not be read ({type(e).__name__}: {e}); trying an older one'
-      same = saved_by == jax.process_count()
-      data_path = self._data_path(step)
-      unsaved = same and epath.Path(f'{data_path}.unsaved').exists()  # A source that cannot save its position.
-      if (
-        problem is None
-        and data_iterator is not None
-        and same
-        and not unsaved
-        and not epath.Path(f'{data_path}.index').exists()
-      ):
-        problem = f': no input position for process {jax.process_index()}; using an older one'
-      if problem is None:
-        try:
-          out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        except Exception as e:  # noqa: BLE001
-          _check_shapes(self.directory, step, target, e)
-          problem = f' could not be read ({type(e).__name__}: {e}); trying an older one'
-      if not _everywhere(problem is None):
-        problem = problem or ': another process cannot read it; using an older one'
-        warnings.warn(f'checkpoint {step}{problem}', stacklevel=2)
-        continue
-      self.input_restored = data_iterator is not None and same and not unsaved
-      if self.input_restored:
-        data_iterator.restore(str(data_path))
-      self.restored_process_count = saved_by
-      return from_arrays(abstract_state, out['state']), meta, step
-    return None
+        self.damaged_dir.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(dest)
+      except Exception as e:  # noqa: BLE001 (it stays where it is; Orbax then skips saves of this step)
+        dest = f'nowhere (moving it failed: {one_line(e)})'
+    print(f'warning: checkpoint {step} {problem}; moved to {dest}, using an older one', file=sys.stderr, flush=True)
 
 
 def _everywhere(ok: bool) -> bool:
@@ -157,6 +235,34 @@ def _everywhere(ok: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).min())
+
+
+def _barrier(name: str) -> None:
+  """Waits until every process got here (after process 0 changed the directory)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_WORDS = ('no space left', 'disk quota', 'file too large', 'quota exceeded')
+
+
+def one_line(error: BaseException) -> str:
+  """What went wrong, in one short line: 'no space left on the device' for a full disk, else the first line
+  of the root cause (Orbax wraps tensorstore's precise message in a vague one)."""
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for e in chain:
+    if getattr(e, 'errno', None) in _DISK_FULL or any(w in str(e).lower() for w in _DISK_FULL_WORDS):
+      return 'no space left on the device (or a quota or file-size limit was reached)'
+  root = error
+  while root.__cause__ is not None and root.__cause__ in chain:
+    root = root.__cause__
+  first = (str(root).strip().splitlines() or [''])[0]
+  return f'{type(root).__name__}: {first[:240]}{"..." if len(first) > 240 else ""}'
 
 
 def workdir_path(workdir) -> epath.Path:
@@ -176,31 +282,99 @@ def prune_data(data_dir, kept_steps) -> None:
       d.rmtree(missing_ok=True)
 
 
-def _check_shapes(directory: str, step: int, target, error: Exception) -> None:
-  """Turns a shape mismatch (another model size or vocabulary) into one error naming the parameter."""
+def _tree_metadata(path):
+  """The tree of array metadata Orbax saved at `path` (read by the handler: no step-metadata warning)."""
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    meta = ocp.StandardCheckpointer().metadata(epath.Path(directory) / str(step) / 'state')
-    saved = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
+    meta = handler.metadata(epath.Path(path))
+  finally:
+    handler.close()
+  return meta.tree if hasattr(meta, 'tree') else meta
+
+
+def _flat(tree) -> dict:
+  """{'params/embeddings/word': leaf, ...}: paths the same for a train state and its saved metadata."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): leaf for path, leaf in flat}
+
+
+def _check_compatible(step_dir, target) -> None:
+  """Refuses a step of another model or optimizer with one error naming the first parameter that differs.
+
+  Only the saved metadata is read; when it cannot be, restoring will tell whether the step is damaged.
+  """
+  try:
+    saved = _flat(_tree_metadata(epath.Path(step_dir) / 'state'))
   except Exception:  # noqa: BLE001
     return
-  flat_saved = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-  for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-    got = flat_saved.get(path)
-    if got is not None and hasattr(got, 'shape') and tuple(got.shape) != tuple(want.shape):
-      name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+  want = _flat(target)
+  for name in sorted(want, key=lambda n: not n.startswith('params/')):  # A parameter says most.
+    leaf = want[name]
+    got = saved.get(name)
+    if got is None:
+      raise UsageError(f'{step_dir}: the checkpoint has no {name} (another model, optimizer or fine-tuning mode?)')
+    if hasattr(got, 'shape') and tuple(got.shape) != tuple(leaf.shape):
       raise UsageError(
-        f'{directory}/{step}: parameter {name} has shape {tuple(got.shape)} in the checkpoint but'
-        f' {tuple(want.shape)} in this model (another model size or vocabulary?)'
-      ) from error
+        f'{step_dir}: parameter {name} has shape {tuple(got.shape)} in the checkpoint but'
+        f' {tuple(leaf.shape)} in this model (another model size or vocabulary?)'
+      )
+  extra = [name for name in saved if name not in want]
+  if extra:
+    raise UsageError(
+      f'{step_dir}: the checkpoint has {extra[0]}, which this run does not (another model or optimizer?)'
+    )
 
 
 def read_arrays(path) -> dict:
   """The arrays Orbax saved at `path` as numpy, whatever number of processes or mesh wrote them."""
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = meta.item_metadata if hasattr(meta, 'item_metadata') else meta
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  path = epath.Path(path)
+  _drop_closed_loop_noise()  # A damaged file fails one read of many.
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _tree_metadata(path))
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  finally:
+    handler.close()
+
+
+def _closed_loop_noise(info) -> bool:
+  return isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed'
+
+
+def _drop_closed_loop_noise() -> None:
+  """Filters (once per process) the 'Event loop is closed' tracebacks tensorstore prints after Orbax gave up.
+
+  When one array of a checkpoint cannot be read or written, Orbax closes its event loop while
+  tensorstore still works on the others, and each of their callbacks then fails as unraisable:
+  dozens of tracebacks after the one error that matters, which the caller gets as an exception.
+  """
+  if getattr(sys.unraisablehook, 'drops_closed_loop_noise', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(info):
+    if not _closed_loop_noise(info):
+      previous(info)
+
+  hook.drops_closed_loop_noise = True
+  sys.unraisablehook = hook
+
+
+def quiet_orbax() -> None:
+  """For command-line programs: Orbax's failures show as our one error line, not as pages of tracebacks.
+
+  Orbax logs each failing thread of an asynchronous save with its traceback, and the error then
+  reaches the caller as a SaveError; those records are shortened to their first line.
+  """
+  _drop_closed_loop_noise()
+
+  def shorten(record: logging.LogRecord) -> bool:
+    if f'{os.sep}orbax{os.sep}' in record.pathname and record.levelno >= logging.ERROR:
+      record.msg, record.args = (record.getMessage().splitlines() or [''])[0][:300], None
+      record.exc_info, record.exc_text = None, None
+    return True
+
+  logging.getLogger('absl').addFilter(shorten)
 
 
 def is_array_tree_equal(a, b) -> bool:

@@ -39,18 +39,38 @@ def _path(path) -> epath.Path:
   return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
-def _step_dir(path: str) -> tuple[str, str]:
-  """(step directory, workdir) for a workdir or a step directory."""
+def _step_dirs(path) -> tuple[list[epath.Path], epath.Path]:
+  """(step directories to read, newest first; workdir) for a workdir or a step directory."""
   path = _path(path)
   ck = path / 'checkpoints'
   if ck.is_dir():
-    steps = sorted(int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / 'state').exists())
+    steps = sorted((int(d.name) for d in ck.iterdir() if d.name.isdigit() and (d / 'state').exists()), reverse=True)
     if not steps:
       raise UsageError(f'{ck}: no finished checkpoint')
-    return str(ck / str(steps[-1])), str(path)
+    return [ck / str(s) for s in steps], path
   if (path / 'state').is_dir():
-    return str(path), str(path.parent.parent)
+    return [path], path.parent.parent
   raise UsageError(f'{path}: not a training workdir, a checkpoint step or an exported directory')
+
+
+def _read_step(path) -> tuple[epath.Path, epath.Path, dict, dict]:
+  """(step directory, workdir, meta, arrays) of the newest step that can be read; read-only.
+
+  A damaged newest step of a workdir is passed over with one warning line, as training does
+  (training also moves it aside; this leaves the workdir as it is).
+  """
+  from jaxlm.checkpoint import one_line, read_arrays
+
+  step_dirs, workdir = _step_dirs(path)
+  for i, step_dir in enumerate(step_dirs):
+    try:
+      meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
+      return step_dir, workdir, meta, read_arrays(step_dir / 'state')
+    except Exception as e:  # noqa: BLE001 (a damaged step fails in many ways)
+      why = one_line(e)
+      if i + 1 == len(step_dirs):
+        raise UsageError(f'{step_dir}: the checkpoint cannot be read ({why})') from e
+      print(f'warning: {step_dir} cannot be read ({why}); using step {step_dirs[i + 1].name}', file=sys.stderr)
 
 
 def is_jaxlm_dir(path: str) -> bool:
@@ -134,10 +154,8 @@ def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0
     labels = json.loads(labels_path.read_text()) if labels_path.exists() else None
     filled = _fill(cfg, raw, str(p / 'params'), missing, seed)
     return (*filled, str(p / 'tokenizer'), labels, missing)
-  step_dir, workdir = map(epath.Path, _step_dir(p))
-  meta = json.loads((step_dir / 'meta' / 'metadata').read_text())
+  step_dir, workdir, meta, saved = _read_step(p)
   cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
-  saved = read_arrays(step_dir / 'state')
   raw = _merge_adapters(saved, meta) if 'adapters' in saved else saved['params']
   graphdef, params = _fill(cfg, raw, str(step_dir / 'state'), missing, seed)
   return graphdef, params, _run_tokenizer(workdir, meta.get('config', {})), meta.get('labels'), missing

@@ -175,6 +175,14 @@ def model_config(config, vocab_size: int, num_labels: int = 0):
 
 def train(config, workdir: str) -> dict:
   """Runs the whole training (pretraining or fine-tuning); returns the last logged metrics."""
+  from jaxlm.lock import WorkdirLock
+
+  with WorkdirLock(workdir):  # Before anything is written: a second run on the workdir stops here.
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
+  """The run itself, on a locked workdir."""
   import jax
   from etils import epath
   from flax import nnx
@@ -192,7 +200,6 @@ def train(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or remote (gs://).
-    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   # ---- input
   tokenizer = build_tokenizer(config, workdir)
@@ -322,7 +329,8 @@ def train(config, workdir: str) -> dict:
   else:
     seed = config.seed
     state = jax.jit(lambda: fresh_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=state_sh)()
-  if is_main:
+  if is_main:  # Only now: a resume refused (another model size) leaves the run's metadata as it was.
+    epath.Path(workdir, 'config.json').write_text(config.to_json_best_effort(indent=2))
     epath.Path(workdir, 'model_config.json').write_text(json.dumps(dataclasses.asdict(mcfg), indent=2))
     if not epath.Path(workdir, 'tokenizer', 'tokenizer.json').exists():  # The run is self-contained.
       tokenizer.save(str(epath.Path(workdir, 'tokenizer')))
@@ -430,8 +438,16 @@ def train(config, workdir: str) -> dict:
   if label_names:
     meta['labels'] = label_names
   best_metric, _ = _best(config, glue_task)
-  preempted = {'flag': False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+  # SIGTERM (preemption) and a first Ctrl-C stop the run after the step in flight, saved; a second Ctrl-C aborts.
+  stop_signal = {'code': 0}
+
+  def on_signal(signum, frame):
+    if signum == signal.SIGINT and stop_signal['code']:
+      raise KeyboardInterrupt
+    stop_signal['code'] = max(stop_signal['code'], _STOP_SIGNALS.index(signum) + 1)
+
+  previous_handlers = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+  stopped_by = None
   try:
     while step < config.num_train_steps:
       if step == config.profile_start_step:
@@ -478,20 +494,26 @@ def train(config, workdir: str) -> dict:
           epath.Path(workdir, 'eval_results.json').write_text(json.dumps({**results, 'step': step}, indent=2))
         if best_metric in evaluated:
           ckpt.save_best(step, export_params(state), {**meta, 'step': step}, evaluated[best_metric])
-      stop = _agree(preempted['flag'])
+      stop = _agree(stop_signal['code'])  # Every process saves the same step when any of them got a signal.
       if stop or step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
         if not skip:
           _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
         ckpt.save(step, state, {**meta, 'step': step}, train_iter)
       if stop:
-        print(f'SIGTERM: saved the checkpoint of step {step}; exiting', flush=True)
+        stopped_by = _STOP_SIGNALS[stop - 1]
+        print(f'{stopped_by.name}: saved the checkpoint of step {step}; exiting', flush=True)
         break
     if pending is not None and not skip:
       _check_finite(*pending)
   finally:  # Even when a NaN stops the run, saves already started are completed.
-    ckpt.close()
-    signal.signal(signal.SIGTERM, previous_handler)
-    reporter.close()
+    try:
+      ckpt.close()
+    finally:
+      for signum, handler in previous_handlers.items():
+        signal.signal(signum, handler)
+      reporter.close()
+  if stopped_by == signal.SIGINT:  # Saved; the caller (a shell script, a notebook) still learns of the Ctrl-C.
+    raise KeyboardInterrupt(f'saved the checkpoint of step {step}')
   return last
 
 
@@ -528,15 +550,18 @@ def _file_metrics(task: str, label_names) -> tuple[str, ...]:
   return ('accuracy', 'f1') if label_names is not None and len(label_names) == 2 else ('accuracy',)
 
 
-def _agree(flag: bool) -> bool:
-  """True on every process if any process got SIGTERM (all then save the same step)."""
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _agree(code: int) -> int:
+  """The largest `code` of all processes: 0 when no process got a stop signal, else 1 + its index in _STOP_SIGNALS."""
   import jax
 
   if jax.process_count() == 1:
-    return flag
+    return code
   from jax.experimental import multihost_utils
 
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+  return int(np.asarray(multihost_utils.process_allgather(np.int32(code))).max())
 
 
 def _check_finite(step: int, metrics) -> None:
@@ -550,6 +575,7 @@ def _check_finite(step: int, metrics) -> None:
 
 
 def main(argv) -> int:
+  from jaxlm.checkpoint import SaveError, quiet_orbax
   from jaxlm.errors import UsageError
 
   if len(argv) > 1:
@@ -564,15 +590,20 @@ def main(argv) -> int:
     return _usage('--config is required (e.g. --config configs/quickstart.py)')
   if not FLAGS.workdir:
     return _usage('--workdir is required')
+  quiet_orbax()
   try:
     make_workdir(FLAGS.workdir)
     init_distributed()
     train(config, FLAGS.workdir)
   except UsageError as e:
     return _usage(str(e))
-  except FloatingPointError as e:
+  except (FloatingPointError, SaveError) as e:  # The run's environment or numbers, not the command: exit 1.
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 1
+  except KeyboardInterrupt as e:  # 128 + SIGINT, as a shell expects of a program stopped by Ctrl-C.
+    if not e.args:  # Before the first step, or a second Ctrl-C: nothing more was saved.
+      print('error: interrupted (Ctrl-C); nothing saved since the last checkpoint', file=sys.stderr, flush=True)
+    return 130
   return 0
 
 

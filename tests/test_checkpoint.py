@@ -1,4 +1,5 @@
-"""Orbax checkpoints on disk: exact resume, SIGTERM, SIGKILL, damaged steps, other meshes, sizes and process counts."""
+"""Orbax checkpoints on disk: exact resume, SIGTERM / SIGINT, SIGKILL, damaged steps, a full disk, the workdir lock,
+other meshes, sizes and process counts."""
 
 import json
 import os
@@ -80,20 +81,22 @@ def test_resume_is_exact(vocab_dir, straight, tmp_path):
   assert 'nothing to do: the checkpoint is at step 12' in res.stdout
 
 
-def test_sigterm_saves_and_resumes(vocab_dir, straight, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_sigterm_saves_and_resumes(vocab_dir, straight, tmp_path, sig):
   proc = subprocess.Popen([sys.executable, '-m', 'jaxlm.train', *_flags(vocab_dir, tmp_path, 2000, every=1000)],
                           cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
   metrics = os.path.join(tmp_path, 'metrics.jsonl')
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)  # SIGINT: what Ctrl-C sends.
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  assert 'SIGTERM: saved the checkpoint of step' in out
-  saved = int(out.split('SIGTERM: saved the checkpoint of step ')[1].split(';')[0])
+  assert proc.returncode == (130 if sig == signal.SIGINT else 0), err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  assert f'{sig.name}: saved the checkpoint of step' in out
+  saved = int(out.split(f'{sig.name}: saved the checkpoint of step ')[1].split(';')[0])
   assert 3 <= saved < 2000 and os.path.isdir(os.path.join(tmp_path, 'checkpoints', str(saved)))
-  if saved < 12:
+  if saved < 12 and sig == signal.SIGTERM:  # The same save either way: resumed once.
     _run(_flags(vocab_dir, tmp_path, 12, every=1000))
     _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
 
@@ -119,9 +122,12 @@ def test_sigkill_during_saves_and_a_damaged_latest_step(vocab_dir, straight, tmp
         with open(os.path.join(dirpath, f), 'wb') as fh:
           fh.write(b'garbage')
   res = _run(_flags(vocab_dir, tmp_path, 12, every=1))
-  assert f'checkpoint {done[-1]} could not be read' in res.stderr
+  warned = [line for line in res.stderr.splitlines() if f'checkpoint {done[-1]}' in line]
+  assert len(warned) == 1 and 'could not be read' in warned[0], res.stderr[-3000:]
   assert f'resumed from the checkpoint of step {done[-2]}' in res.stdout
   _assert_same_params(_arrays(tmp_path, 12), _arrays(straight, 12))
+  # Moved aside, whole, where Orbax does not look: never retried.
+  assert os.path.isdir(os.path.join(tmp_path, 'checkpoints_damaged', str(done[-1]), 'state'))
 
 
 def _free_port():
@@ -213,6 +219,168 @@ def test_restore_onto_other_meshes_and_refuse_other_sizes(tmp_path):
   with pytest.raises(UsageError, match=r'embeddings.*word.* has shape \(512, 128\) in the checkpoint but \(640, 128\)'):
     ck.restore(abstract_other, sh_other)
   ck.close()
+
+
+def _truncate_largest(step_dir):
+  """Cuts the largest array file of a saved step in half: what a disk or copy that gave out leaves."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, 'state')) for f in fs]
+  largest = max(files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def test_a_damaged_step_is_moved_aside_and_load_falls_back(vocab_dir, tmp_path, capfd):
+  import dataclasses
+  import shutil
+
+  import jaxlm
+  from jaxlm import export
+
+  cfg = model.preset('tiny', vocab_size=tokenizer.load(vocab_dir).vocab_size, max_position_embeddings=32)
+  tx = optim.make_optimizer('adamw', 1e-3)
+  mesh = sharding.make_mesh(8)
+  abstract_state, sh = _state(cfg, mesh, tx)
+  states = [jax.jit(lambda s=s: steps.init_state(model.init(cfg, s)[1], tx), out_shardings=sh)() for s in (1, 2)]
+  shutil.copytree(vocab_dir, tmp_path / 'tokenizer')
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  for step, state in zip((1, 2), states):
+    ck.save(step, state, {'model': dataclasses.asdict(cfg), 'config': {}})
+  ck.close()
+  ckdir = tmp_path / 'checkpoints'
+  _truncate_largest(ckdir / '2')
+  capfd.readouterr()
+  # Export and load pass over it with one warning, and leave the workdir as it is.
+  assert export.main(['--checkpoint', str(tmp_path), '--out', str(tmp_path / 'export')]) == 0
+  loaded = jaxlm.load(str(tmp_path))
+  assert checkpoint.is_array_tree_equal(loaded.params, states[0]['params'])
+  warned = [line for line in capfd.readouterr().err.splitlines() if 'checkpoints/2' in line]
+  assert len(warned) == 2 and all(w.startswith('warning: ') and w.endswith('using step 1') for w in warned), warned
+  assert (ckdir / '2' / 'state').is_dir() and not (tmp_path / 'checkpoints_damaged').exists()
+  # Training moves it aside (one warning line), resumes from step 1, and saves step 2 again.
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  restored, _, step = ck.restore(abstract_state, sh)
+  assert step == 1 and checkpoint.is_array_tree_equal(restored, states[0])
+  warned = capfd.readouterr().err.strip().splitlines()
+  assert len(warned) == 1 and warned[0].startswith('warning: checkpoint 2 could not be read'), warned
+  assert f'moved to {tmp_path}/checkpoints_damaged/2,' in warned[0]
+  assert (tmp_path / 'checkpoints_damaged' / '2' / 'state').is_dir() and ck.steps() == [1]
+  ck.save(2, states[1], {'model': dataclasses.asdict(cfg), 'config': {}})
+  ck.wait()
+  assert ck.steps() == [2, 1]
+  ck.close()
+  # Damaged again: the second copy goes next to the first.
+  _truncate_largest(ckdir / '2')
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  assert ck.restore(abstract_state, sh)[2] == 1
+  ck.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints_damaged')) == ['2', '2.1']
+  # A step of another optimizer is refused by name, not taken for a damaged one.
+  other_tx = optim.make_optimizer('adafactor', 1e-3)
+  abstract_other, sh_other = _state(cfg, mesh, other_tx)
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  with pytest.raises(UsageError, match=r'checkpoints/1: the checkpoint has no opt_state/'):
+    ck.restore(abstract_other, sh_other)
+  assert ck.steps() == [1]
+
+
+def test_workdir_lock(tmp_path, capfd):
+  import socket
+
+  from jaxlm.lock import WorkdirLock
+
+  lock = tmp_path / '.lock'
+  holder = subprocess.Popen(['sleep', '300'])
+  try:
+    lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': holder.pid, 'since': 'noon'}))
+    with pytest.raises(
+      UsageError, match=rf'^{re.escape(str(tmp_path))} is in use by pid {holder.pid} on host .* since noon; '
+    ):
+      with WorkdirLock(str(tmp_path)):
+        pass
+    assert json.loads(lock.read_text())['pid'] == holder.pid  # Left to its holder.
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its process has ended (and was reaped): the lock is taken over with a warning, and released after.
+  capfd.readouterr()
+  with WorkdirLock(str(tmp_path)):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'warning: {lock}: pid {holder.pid} ') and 'taking over' in err[0]
+  assert not lock.exists()
+  with pytest.raises(RuntimeError):  # Released when the run fails, too.
+    with WorkdirLock(str(tmp_path)):
+      raise RuntimeError
+  assert not lock.exists()
+
+
+def _cli(args, devices=1, prefix=()):
+  return subprocess.run([sys.executable, *prefix, '-m', 'jaxlm.train', *args], cwd=ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_a_second_run_on_a_workdir_in_use_stops(vocab_dir, tmp_path):
+  import socket
+
+  holder = subprocess.Popen(['sleep', '300'])  # Stands for a training that runs on the workdir.
+  try:
+    (tmp_path / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': holder.pid, 'since': 'noon'}))
+    res = _cli(_flags(vocab_dir, tmp_path, 2))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert res.returncode == 2, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert (
+    'Traceback' not in res.stderr
+    and len(errors) == 1
+    and errors[0].startswith(f'error: {tmp_path} is in use by pid {holder.pid} on host ')
+  )
+  assert os.listdir(tmp_path) == ['.lock']  # Nothing written.
+
+
+def test_a_resume_of_another_size_is_refused_and_changes_nothing(vocab_dir, straight, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  before = {f: (workdir / f).read_bytes() for f in ('config.json', 'model_config.json')}
+  res = _cli(_flags(vocab_dir, workdir, 12, extra=('--config.model.preset=mini', '--config.mesh.data=8')), devices=8)
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr and 'Event loop' not in res.stderr, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and re.match(r'error: .*/checkpoints/12: parameter params/\S+ has shape \(128', errors[0])
+  assert {f: (workdir / f).read_bytes() for f in before} == before
+  assert not (workdir / 'checkpoints_damaged').exists() and not (workdir / '.lock').exists()
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_loses_nothing(vocab_dir, straight, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+
+  # Files stop growing at 2 MB, so the arrays of a checkpoint (7 MB) cannot be written: a real failed write.
+  # SIGXFSZ ignored: a write past the limit then fails (EFBIG) instead of killing the process.
+  small_disk = (
+    '-c', 'import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);'
+    ' resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20));'
+    ' os.execv(sys.executable, [sys.executable, *sys.argv[1:]])',
+  )  # fmt: skip
+  res = _cli(_flags(vocab_dir, workdir, 14), prefix=small_disk)
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr and 'Event loop' not in res.stderr, res.stderr[-3000:]
+  errors = [line for line in res.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, res.stderr[-3000:]
+  assert 'checkpoint of step 14' in errors[0] and 'no space left' in errors[0] and 'step 12' in errors[0]
+  # The steps saved before are intact; the half-written one is never taken for a step and is cleaned up.
+  _assert_same_params(_arrays(workdir, 12), _arrays(straight, 12))
+  ck = checkpoint.Checkpointer(str(workdir))
+  assert ck.steps() == [12, 9, 6]
+  ck.close()
+  deadline = time.time() + 60  # Orbax deletes unfinished saves in the background when a manager starts.
+  while time.time() < deadline and len(os.listdir(workdir / 'checkpoints')) > 5:
+    time.sleep(0.1)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '6', '9', 'best', 'data']
 
 
 def test_resume_on_another_mesh_continues_the_curve(vocab_dir, straight, tmp_path):
@@ -343,6 +511,7 @@ def test_workdir_files_on_a_remote_filesystem(ram_workdir):
   for d in ('checkpoints/5/state', 'checkpoints/7'):  # 7: a save that never finished.
     gfile.makedirs(f'{ram_workdir}/{d}')
   assert export.is_jaxlm_dir(ram_workdir) and not export.is_jaxlm_dir(f'{ram_workdir}/tokenizer')
-  assert export._step_dir(ram_workdir) == (f'{ram_workdir}/checkpoints/5', ram_workdir)
-  assert export._step_dir(f'{ram_workdir}/checkpoints/5') == (f'{ram_workdir}/checkpoints/5', ram_workdir)
+  for path in (ram_workdir, f'{ram_workdir}/checkpoints/5'):
+    step_dirs, workdir = export._step_dirs(path)
+    assert [str(d) for d in step_dirs] == [f'{ram_workdir}/checkpoints/5'] and str(workdir) == ram_workdir
   assert not os.path.exists('ram:')
