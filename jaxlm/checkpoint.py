@@ -314,9 +314,11 @@ def _check_compatible(step_dir, target) -> None:
     if got is None:
       raise UsageError(f'{step_dir}: the checkpoint has no {name} (another model, optimizer or fine-tuning mode?)')
     if hasattr(got, 'shape') and tuple(got.shape) != tuple(leaf.shape):
+      vocab_rows = name.endswith(('embeddings/word', 'mlm/bias')) and got.shape[1:] == leaf.shape[1:]
+      hint = 'another vocabulary or model.vocab_multiple?' if vocab_rows else 'another model size or vocabulary?'
       raise UsageError(
         f'{step_dir}: parameter {name} has shape {tuple(got.shape)} in the checkpoint but'
-        f' {tuple(leaf.shape)} in this model (another model size or vocabulary?)'
+        f' {tuple(leaf.shape)} in this model ({hint})'
       )
   extra = [name for name in saved if name not in want]
   if extra:

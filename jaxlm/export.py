@@ -180,7 +180,7 @@ def tokenizer_dir(path: str, _seen: tuple = ()) -> str:
     return str(p / 'tokenizer')
   if not is_jaxlm_dir(str(p)):  # A Hugging Face directory (or a tokenizer directory).
     return str(p)
-  _, workdir = map(epath.Path, _step_dir(p))
+  _, workdir = _step_dirs(p)
   config_json = workdir / 'config.json'
   config = json.loads(config_json.read_text()) if config_json.exists() else {}
   return _run_tokenizer(workdir, config, _seen)
