@@ -10,11 +10,8 @@ import math
 
 import ml_collections
 
-from jaxlm import optim
 from jaxlm.errors import UsageError
-from jaxlm.model import ACTIVATIONS, PRESETS, REMAT_POLICIES
 
-TASKS = ('mlm', 'classification', 'regression')
 SOURCE_KINDS = ('builtin', 'text', 'jsonl', 'csv', 'tsv', 'tfrecord', 'tfds')
 
 
@@ -139,8 +136,10 @@ def _positive(flat: dict, *keys: str):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises UsageError naming the first bad key: unknown keys, bad values, impossible meshes."""
-  from jaxlm import sharding
+  """Raises UsageError naming the first bad key: unknown or missing keys, wrong types, non-finite
+  numbers, and the checks that span several parts (mesh x batch, sequence x model). Each part's
+  own keys are checked by its owner (trainer.check_config calls them all, before any work)."""
+  from jaxlm import sharding  # lazy: configs/*.py import this module, which stays free of JAX
 
   schema, flat = _flat(base()), _flat(c)
   for k in flat:
@@ -160,70 +159,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
   _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
   _positive(flat, 'model.vocab_multiple')
-  if flat['task'] not in TASKS:
-    raise UsageError(f'task={flat["task"]!r}: expected one of {TASKS}')
-  if flat['task'] != 'mlm' and flat['data.nsp']:
-    raise UsageError(f'data.nsp=True is for pretraining; task={flat["task"]!r}')
-  from jaxlm import peft
-
-  if flat['finetune.mode'] not in peft.MODES:
-    raise UsageError(f'finetune.mode={flat["finetune.mode"]!r}: expected one of {peft.MODES}')
-  peft.parse_targets(flat['finetune.lora_targets'])
-  if not 0.0 <= flat['prune.sparsity'] < 1.0:
-    raise UsageError(f'prune.sparsity={flat["prune.sparsity"]}: must be in [0, 1)')
-  if flat['prune.sparsity'] and flat['task'] != 'mlm' and flat['finetune.mode'] != 'full':
-    raise UsageError(
-      f'prune.sparsity needs finetune.mode=full (the kernels are frozen under {flat["finetune.mode"]!r})'
-    )
-  if flat['prune.sparsity']:
-    end = prune_end_step(flat['prune.end_step'], flat['num_train_steps'])
-    if not 0 <= flat['prune.begin_step'] < end or flat['prune.frequency'] < 1:
-      raise UsageError(
-        f'prune: need 0 <= prune.begin_step ({flat["prune.begin_step"]}) < prune.end_step ({end}) and'
-        f' prune.frequency >= 1'
-      )
-  if flat['data.text_docs'] not in ('line', 'blank_line'):
-    raise UsageError(f'data.text_docs={flat["data.text_docs"]!r}: expected line or blank_line')
-  if flat['warmup_steps'] < 0 or flat['eval_every_steps'] < 0:
-    raise UsageError('warmup_steps and eval_every_steps must be >= 0')
-  if not 0.0 <= flat['warmup_ratio'] <= 1.0:
-    raise UsageError(f'warmup_ratio={flat["warmup_ratio"]}: must be between 0 and 1')
-  if flat['learning_rate'] <= 0:
-    raise UsageError(f'learning_rate={flat["learning_rate"]}: must be positive')
-  if flat['optimizer.name'] not in optim.OPTIMIZERS:
-    raise UsageError(f'optimizer.name={flat["optimizer.name"]!r}: expected one of {optim.OPTIMIZERS}')
+  if flat['eval_every_steps'] < 0:
+    raise UsageError(f'eval_every_steps={flat["eval_every_steps"]}: must be >= 0')
   if flat['best_metric'] not in ('', 'auto') and not flat['best_metric'].startswith('eval_'):
     raise UsageError(f'best_metric={flat["best_metric"]!r}: expected an eval_* metric, "auto" or ""')
   if flat['best_mode'] not in ('min', 'max'):
     raise UsageError(f'best_mode={flat["best_mode"]!r}: expected min or max')
   if flat['nan_policy'] not in ('stop', 'skip'):
     raise UsageError(f'nan_policy={flat["nan_policy"]!r}: expected stop or skip')
-  if flat['lr_schedule'] not in ('linear', 'cosine', 'constant'):
-    raise UsageError(f'lr_schedule={flat["lr_schedule"]!r}: expected linear, cosine or constant')
-  if flat['model.preset'] not in PRESETS:
-    raise UsageError(f'model.preset={flat["model.preset"]!r}: expected one of {sorted(PRESETS)}')
-  if flat['model.remat'] not in REMAT_POLICIES:
-    raise UsageError(f'model.remat={flat["model.remat"]!r}: expected one of {REMAT_POLICIES}')
-  if flat['model.hidden_act'] and flat['model.hidden_act'] not in ACTIVATIONS:
-    raise UsageError(f'model.hidden_act={flat["model.hidden_act"]!r}: expected one of {ACTIVATIONS}')
-  if not 0.0 < flat['data.mask_prob'] < 1.0:
-    raise UsageError(f'data.mask_prob={flat["data.mask_prob"]}: must be between 0 and 1')
   if flat['data.seq_len'] > flat['model.max_position_embeddings']:
     raise UsageError(
       f'data.seq_len={flat["data.seq_len"]} exceeds model.max_position_embeddings={flat["model.max_position_embeddings"]}'
     )
   if flat['data.seq_len'] < 8:
     raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
-  if flat['task'] == 'mlm' and flat['data.max_predictions'] > flat['data.seq_len'] - 2:
-    raise UsageError(
-      f'data.max_predictions={flat["data.max_predictions"]} exceeds the maskable tokens of data.seq_len='
-      f'{flat["data.seq_len"]} ([CLS] and [SEP] are never masked): at most {flat["data.seq_len"] - 2}'
-    )
-  split_spec(flat['data.train'], 'data.train')  # Also catches the empty default of the pretraining configs.
-  if flat['task'] != 'mlm' and not (flat['model.init_from'] or flat['data.tokenizer']):
-    raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
-  if flat['data.eval']:
-    split_spec(flat['data.eval'], 'data.eval')
   mesh = sharding.mesh_shape(flat['mesh.data'], flat['mesh.fsdp'], flat['mesh.tensor'], num_devices)
   dp = mesh[0] * mesh[1]
   batch, accum = flat['global_batch_size'], flat['grad_accum_steps']
@@ -234,18 +183,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       f'global_batch_size={batch} is not divisible by the data-parallel size'
       f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
     )
-
-
-def warmup_steps(c: ml_collections.ConfigDict) -> int:
-  """Warmup in steps: warmup_steps when set, else warmup_ratio of num_train_steps."""
-  if c.warmup_steps > 0:
-    return c.warmup_steps
-  return round(c.warmup_ratio * c.num_train_steps)
-
-
-def prune_end_step(end_step: int, num_train_steps: int) -> int:
-  """prune.end_step, with -1 meaning 3/4 of the run (the rest fine-tunes at the final sparsity)."""
-  return end_step if end_step >= 0 else max(1, (3 * num_train_steps) // 4)
 
 
 def pretraining(preset: str) -> ml_collections.ConfigDict:

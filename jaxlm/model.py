@@ -3,7 +3,7 @@
 What lives here: `ModelConfig` (sizes, presets for the published BERT family, and every knob
 a Hugging Face `BertConfig` can set), and `Bert`, the module: embeddings, a stack of
 post-LayerNorm transformer layers, the pooler and the MLM / next-sentence / classification
-heads. What does not: losses (tasks.py), Hugging Face conversion (hf.py), sharding rules
+heads. What does not: losses (losses.py), Hugging Face conversion (hf.py), sharding rules
 (sharding.py).
 
 Parameters are float32 `nnx.Param`s whose `axes` metadata holds their logical axis names
@@ -139,6 +139,21 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
   if name not in PRESETS:
     raise UsageError(f'model.preset={name!r}: expected one of {sorted(PRESETS)}')
   return PRESETS[name].replace(**overrides)
+
+
+def from_config(m, vocab_size: int = 1, **heads: Any) -> ModelConfig:
+  """The ModelConfig of a run's `config.model` part: the preset, the keys that override it, the
+  tokenizer's `vocab_size` and the task's `heads` (mlm_head, nsp_head, pooler, num_labels).
+  Raises UsageError naming the first bad model.* key."""
+  kw = dict(
+    vocab_size=vocab_size, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+    attention_impl=m.attention_impl or None, hidden_dropout=m.hidden_dropout,
+    attention_dropout=m.attention_dropout, max_position_embeddings=m.max_position_embeddings,
+    vocab_multiple=m.vocab_multiple, **heads,
+  )  # fmt: skip
+  if m.hidden_act:
+    kw['hidden_act'] = m.hidden_act
+  return preset(m.preset, **kw)
 
 
 # ----------------------------------------------------------------------------- building blocks

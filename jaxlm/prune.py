@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.errors import UsageError
-from jaxlm.optim import _path_str
+from jaxlm.peft import _path_str
 
 ENCODER_KERNELS = tuple(f'layers/{n}_kernel' for n in ('q', 'k', 'v', 'o', 'wi', 'wo'))
 

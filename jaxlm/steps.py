@@ -1,7 +1,7 @@
 """Jitted-ready pure step functions: `state, batch, rng -> state, metrics`.
 
-The train state is a plain dict {'params', 'opt_state', 'step'}; the model graphdef and the
-optimizer are closed over, so the step is a pure function of pytrees and can be jitted with
+The train state is a plain dict {'params', 'opt_state', 'step'} (optim.init_state); the model
+graphdef and the optimizer are closed over, so the step is a pure function of pytrees and can be jitted with
 in/out shardings and a donated state.
 """
 
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm import losses, peft
 from jaxlm import model as model_lib
-from jaxlm import peft, tasks
+from jaxlm.optim import trainable_of
 
 
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
@@ -45,7 +46,7 @@ def make_train_step(
 
   With `grad_accum_steps` k > 1 the batch is split into k microbatches whose gradients are
   summed in a `lax.scan`; each microbatch's loss is normalised by the whole batch's
-  denominators (tasks.normalizers), so the result equals one step on the whole batch.
+  denominators (losses.normalizers), so the result equals one step on the whole batch.
   With `skip_nonfinite`, a step whose loss or gradient is not finite changes nothing and
   reports `skipped` = 1.
 
@@ -71,7 +72,7 @@ def make_train_step(
 
   def step(state, batch, rng):
     params = trainable_of(state)
-    norm = tasks.normalizers(batch)
+    norm = losses.normalizers(batch)
     if grad_accum_steps == 1:
       grads, metrics = grads_of(params, batch, norm, rng)
     else:
@@ -106,20 +107,6 @@ def make_train_step(
     return new_state, metrics
 
   return step
-
-
-def trainable_of(state: dict):
-  """What the optimizer updates: the parameters, or {'params', 'adapters'} under LoRA."""
-  return {'params': state['params'], 'adapters': state['adapters']} if 'adapters' in state else state['params']
-
-
-def init_state(params, tx: optax.GradientTransformation, adapters: dict | None = None) -> dict:
-  """The train state for fresh parameters (and LoRA adapters)."""
-  state = {'params': params, 'step': jnp.zeros((), jnp.int32)}
-  if adapters is not None:
-    state['adapters'] = adapters
-  state['opt_state'] = tx.init(trainable_of(state))
-  return state
 
 
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: Callable) -> Callable:

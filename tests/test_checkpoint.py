@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import checkpoint, model, optim, sharding, steps, tokenizer
+from jaxlm import checkpoint, model, optim, sharding, tokenizer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
 
@@ -195,7 +195,7 @@ def test_resume_on_two_processes_and_sigterm_one_of_them(vocab_dir, tmp_path):
 
 def _state(cfg, mesh, tx):
   graphdef, abstract = model.abstract(cfg)
-  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract)
+  abstract_state = jax.eval_shape(lambda p: optim.init_state(p, tx), abstract)
   sh = sharding.state_shardings(abstract_state, mesh)
   return abstract_state, sh
 
@@ -204,7 +204,7 @@ def test_restore_onto_other_meshes_and_refuse_other_sizes(tmp_path):
   cfg = model.preset('tiny', vocab_size=512, max_position_embeddings=32)
   tx = optim.make_optimizer('adamw', 1e-3)
   abstract_state, sh8 = _state(cfg, sharding.make_mesh(8), tx)
-  state = jax.jit(lambda: steps.init_state(model.init(cfg, 3)[1], tx), out_shardings=sh8)()
+  state = jax.jit(lambda: optim.init_state(model.init(cfg, 3)[1], tx), out_shardings=sh8)()
   ck = checkpoint.Checkpointer(str(tmp_path))
   ck.save(1, state, {'note': 'data=8'})
   ck.wait()
@@ -239,7 +239,7 @@ def test_a_damaged_step_is_moved_aside_and_load_falls_back(vocab_dir, tmp_path, 
   tx = optim.make_optimizer('adamw', 1e-3)
   mesh = sharding.make_mesh(8)
   abstract_state, sh = _state(cfg, mesh, tx)
-  states = [jax.jit(lambda s=s: steps.init_state(model.init(cfg, s)[1], tx), out_shardings=sh)() for s in (1, 2)]
+  states = [jax.jit(lambda s=s: optim.init_state(model.init(cfg, s)[1], tx), out_shardings=sh)() for s in (1, 2)]
   shutil.copytree(vocab_dir, tmp_path / 'tokenizer')
   ck = checkpoint.Checkpointer(str(tmp_path))
   for step, state in zip((1, 2), states):
@@ -468,17 +468,18 @@ def test_workdir_files_on_a_remote_filesystem(ram_workdir):
   from etils import epath
 
   from jaxlm import config as config_lib
-  from jaxlm import export, report, train
+  from jaxlm import export, report
+  from jaxlm.data import vocab
 
   gfile = tf.io.gfile
   assert not os.path.exists('ram:')  # A local directory named after the scheme would mean a wrong path.
   # The tokenizer a run trains is saved into the workdir, and the next start loads it from there.
   config = config_lib.base()
   config.data.train_tokenizer_vocab = 300
-  tok = train.build_tokenizer(config, ram_workdir)
+  tok = vocab.for_run(config, ram_workdir)
   assert gfile.exists(f'{ram_workdir}/tokenizer/tokenizer.json') and gfile.exists(f'{ram_workdir}/tokenizer/vocab.txt')
   config.data.train_tokenizer_vocab = 0  # Training again would fail: it must be read back.
-  again = train.build_tokenizer(config, ram_workdir)
+  again = vocab.for_run(config, ram_workdir)
   assert again.source == f'{ram_workdir}/tokenizer/tokenizer.json' and again.encode(['a b'], 8) == tok.encode(
     ['a b'], 8
   )

@@ -191,7 +191,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   import jax
   import orbax.checkpoint as ocp
 
-  from jaxlm import export, hf, peft, train
+  from jaxlm import export, hf, peft, trainer
 
   train_path, dev_path = task_files
   config = _config(
@@ -202,7 +202,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
       'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4,
     })  # fmt: skip
   workdir = str(tmp_path / mode)
-  train.train(config, workdir)
+  trainer.train(config, workdir)
   log = capsys.readouterr().out
   _, original, _, _ = hf.load(hf_mlm_dir)
   before = _nested(original)
@@ -250,7 +250,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
 def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
   import tensorflow_datasets as tfds
 
-  from jaxlm import export, train
+  from jaxlm import export, trainer
 
   init = hf_mlm_dir
   if task == 'sst2':  # Start from a jaxlm export (MLM head, no pooler or classifier) instead.
@@ -264,7 +264,7 @@ def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
     })  # fmt: skip
   workdir = tmp_path / task
   with tfds.testing.mock_data(num_examples=21):  # 21 eval examples: the last batch of 8 is padded.
-    last = train.train(config, str(workdir))
+    last = trainer.train(config, str(workdir))
   log = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('init from'))
   new = set(log.split('; new: ')[1].split(', '))
   assert new == {'pooler/kernel', 'pooler/bias', 'classifier/kernel', 'classifier/bias'}, log
@@ -283,22 +283,22 @@ def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
 
 
 def test_finetune_config_errors(tmp_path):
-  from jaxlm import config as config_lib
-  from jaxlm import glue
+  from jaxlm import trainer
   from jaxlm.errors import UsageError
+  from jaxlm.tasks import glue
 
   c = _config('finetune_files', **{'data.train': 'jsonl:x.jsonl'})
   with pytest.raises(UsageError, match='model.init_from'):
-    config_lib.validate(c, 1)
+    trainer.check_config(c, 1)
   c = _config('finetune_glue', **{'task_name': 'sst3', 'model.init_from': '/x'})
   with pytest.raises(UsageError, match="task_name='sst3'"):
     glue.resolve(c)
   c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.lora_targets': 'q,z'})
   with pytest.raises(UsageError, match='finetune.lora_targets'):
-    config_lib.validate(c, 1)
+    trainer.check_config(c, 1)
   c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.mode': 'adapters'})
   with pytest.raises(UsageError, match='finetune.mode'):
-    config_lib.validate(c, 1)
+    trainer.check_config(c, 1)
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -344,7 +344,7 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
 
 
 def test_eval_set_problems_stop_the_run_before_training(tmp_path, hf_mlm_dir):
-  from jaxlm import train
+  from jaxlm import trainer
   from jaxlm.errors import UsageError
 
   train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(32, 0))
@@ -359,5 +359,5 @@ def test_eval_set_problems_stop_the_run_before_training(tmp_path, hf_mlm_dir):
       })  # fmt: skip
     workdir = tmp_path / f'run_{os.path.basename(str(dev))}'
     with pytest.raises(UsageError, match=message):
-      train.train(config, str(workdir))
+      trainer.train(config, str(workdir))
     assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()

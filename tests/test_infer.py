@@ -194,6 +194,7 @@ def test_inference_imports_no_tensorflow_nor_training_code(hf_cls_dir, tmp_path)
   for heavy in (
     'tensorflow',
     'jaxlm.train',
+    'jaxlm.trainer',
     'jaxlm.data',
     'jaxlm.steps',
     'jaxlm.tasks',

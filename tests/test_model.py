@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import model, tasks
+from jaxlm import losses, model
 from jaxlm.errors import UsageError
 
 LOGICAL = {'vocab', 'embed', 'mlp', 'heads', 'kv', 'layers', None}
@@ -177,7 +177,7 @@ def _mlm_loss_and_grads(cfg, params, ids, pos, weights):
   def f(params):
     def loss(p):
       out = model.apply(graphdef, p, ids, None, None, pos)
-      return tasks.mlm_loss(out, batch)[0], (out['mlm_logits'], tasks.mlm_loss(out, batch)[1])
+      return losses.mlm_loss(out, batch)[0], (out['mlm_logits'], losses.mlm_loss(out, batch)[1])
 
     return jax.value_and_grad(loss, has_aux=True)(params)
 
@@ -233,7 +233,7 @@ def test_padded_vocabulary_changes_no_loss_gradient_or_prediction():
   out16 = model.apply(g16, padded, ids, None, None, pos)
   batch = {'masked_ids': np.take_along_axis(ids, pos, -1), 'masked_weights': weights}
   assert np.isfinite(np.asarray(out16['mlm_logits'], np.float32)).all()
-  assert abs(float(tasks.mlm_loss(out16, batch)[0]) - loss) < 0.05
+  assert abs(float(losses.mlm_loss(out16, batch)[0]) - loss) < 0.05
 
 
 def test_vocab_rows_pad_and_trim_only_the_vocabulary_axis():

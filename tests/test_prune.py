@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxlm import model, optim, prune, steps, tasks
+from jaxlm import losses, model, optim, prune, steps
 from jaxlm.errors import UsageError
 
 
@@ -41,7 +41,7 @@ def tiny():
 
   @jax.jit
   def grads(p):
-    return jax.grad(lambda p: tasks.mlm_loss(steps.forward(graphdef, p, batch), batch)[0])(p)
+    return jax.grad(lambda p: losses.mlm_loss(steps.forward(graphdef, p, batch), batch)[0])(p)
 
   return graphdef, params, grads
 
@@ -91,12 +91,12 @@ def test_pruning_inside_the_jitted_train_step(tiny):
   graphdef, params, _ = tiny
   only_wi = lambda path: path == 'layers/wi_kernel'
   tx = prune.magnitude_pruning(optax.adamw(1e-3), prune.cubic_schedule(0.5, 0, 4, 2), mask_fn=only_wi)
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.mlm_loss), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(graphdef, tx, losses.mlm_loss), donate_argnums=0)
   rng = np.random.default_rng(1)
   ids = rng.integers(5, 300, (2, 16)).astype(np.int32)
   batch = {'input_ids': ids, 'masked_positions': np.array([[1, 5], [2, 9]], np.int32),
            'masked_ids': ids[:, :2], 'masked_weights': np.ones((2, 2), np.float32)}  # fmt: skip
-  state = steps.init_state(jax.tree.map(jnp.copy, params), tx)
+  state = optim.init_state(jax.tree.map(jnp.copy, params), tx)
   for i in range(6):
     state, metrics = step(state, batch, jax.random.key(i))
   report = prune.sparsity(state['params'], only_wi)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import model, optim, sharding, steps, tasks
+from jaxlm import losses, model, optim, sharding, steps
 from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def _loss_and_grads(mesh, batch, vocab_parallel=False, hlo=None, cfg=CFG):
 
   @jax.jit
   def f(params, batch):
-    loss = lambda p: tasks.mlm_loss(steps.forward(graphdef, p, batch), batch, mesh=mesh if vocab_parallel else None)[0]
+    loss = lambda p: losses.mlm_loss(steps.forward(graphdef, p, batch), batch, mesh=mesh if vocab_parallel else None)[0]
     return jax.value_and_grad(loss)(params)
 
   if hlo is not None:
@@ -142,14 +142,14 @@ def test_sharded_train_step_runs_and_learns(batch):
   graphdef, abstract = model.abstract(CFG)
   _, params = model.init(CFG, 0, out_shardings=sharding.param_shardings(abstract, mesh))
   tx = optim.make_optimizer('adamw', 1e-2, weight_decay=0.0)
-  state = steps.init_state(params, tx)
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.mlm_loss), donate_argnums=0)
+  state = optim.init_state(params, tx)
+  step = jax.jit(steps.make_train_step(graphdef, tx, losses.mlm_loss), donate_argnums=0)
   placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-  losses = []
+  curve = []
   for i in range(8):
     state, metrics = step(state, placed, jax.random.key(i))
-    losses.append(float(metrics['loss']))
-  assert losses[-1] < 0.5 * losses[0]
+    curve.append(float(metrics['loss']))
+  assert curve[-1] < 0.5 * curve[0]
   assert int(state['step']) == 8
   assert not state['params']['layers']['wi_kernel'][...].sharding.is_fully_replicated
 
@@ -158,7 +158,7 @@ def test_sharded_train_step_runs_and_learns(batch):
 def odd_vocab_run(tmp_path_factory):
   """Two pretraining steps (in-process) of the quickstart's tiny BERT on mesh fsdp=4, tensor=2
   with a 1,001-token vocabulary, which no tensor-parallel mesh divides."""
-  from jaxlm import tokenizer, train
+  from jaxlm import tokenizer, trainer
   from jaxlm.data import pretrain
 
   d = tmp_path_factory.mktemp('odd_vocab')
@@ -170,7 +170,7 @@ def odd_vocab_run(tmp_path_factory):
   c.num_train_steps, c.global_batch_size, c.log_every_steps, c.eval_every_steps = 2, 8, 1, 0
   c.checkpoint_every_steps, c.data.seq_len, c.data.max_predictions, c.data.shuffle_buffer = 2, 32, 5, 64
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
-  last = train.train(c, str(d / 'run'))
+  last = trainer.train(c, str(d / 'run'))
   return str(d / 'run'), last
 
 

@@ -147,7 +147,7 @@ def corpora(docs, tmp_path):
 
 
 def test_a_corpus_without_text_leaves_no_tokenizer(tmp_path):
-  from jaxlm import train
+  from jaxlm.data import vocab
 
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -155,18 +155,18 @@ def test_a_corpus_without_text_leaves_no_tokenizer(tmp_path):
     (tmp_path / 'empty.txt').write_text(content)
     spec = f'text:{tmp_path}/empty.txt'
     with pytest.raises(UsageError) as e:
-      train.build_tokenizer(_config(spec), str(workdir))
+      vocab.for_run(_config(spec), str(workdir))
     assert str(e.value) == f'data.train={spec!r}: no text to train a tokenizer on'
     assert os.listdir(workdir) == []
 
 
 def test_a_saved_tokenizer_is_reused_only_for_the_same_data_and_settings(corpora, tmp_path, capsys):
-  from jaxlm import train
+  from jaxlm.data import vocab
 
   a, b = corpora
   workdir = tmp_path / 'run'
   saved = workdir / 'tokenizer'
-  tok = train.build_tokenizer(_config(a), str(workdir))
+  tok = vocab.for_run(_config(a), str(workdir))
   assert tok.vocab_size == 200 and sorted(os.listdir(workdir)) == ['tokenizer']
   record = json.loads((saved / 'training.json').read_text())
   assert record['data.train'] == a and record['data.train_tokenizer_vocab'] == 200 and record['data.lowercase']
@@ -174,11 +174,11 @@ def test_a_saved_tokenizer_is_reused_only_for_the_same_data_and_settings(corpora
   blob = (saved / 'tokenizer.json').read_bytes()
   capsys.readouterr()
   # The same settings: reused, and said so.
-  again = train.build_tokenizer(_config(a), str(workdir))
+  again = vocab.for_run(_config(a), str(workdir))
   assert again.source == str(saved / 'tokenizer.json') and again.vocab_size == 200
   assert f'using the tokenizer in {saved}' in capsys.readouterr().out
   # A run that trains none takes it whatever its vocabulary size.
-  assert train.build_tokenizer(_config(a, vocab=0), str(workdir)).vocab_size == 200
+  assert vocab.for_run(_config(a, vocab=0), str(workdir)).vocab_size == 200
   # Other data or settings: one line naming the key, and the tokenizer is left alone.
   fix = f'use another workdir or delete {saved}'
   cases = [
@@ -196,12 +196,12 @@ def test_a_saved_tokenizer_is_reused_only_for_the_same_data_and_settings(corpora
                             f' ({tmp_path}/a/part1.txt is new, gone, or of another size or time): {fix}'))  # fmt: skip
   for config, msg in cases:
     with pytest.raises(UsageError) as e:
-      train.build_tokenizer(config, str(workdir))
+      vocab.for_run(config, str(workdir))
     assert str(e.value) == msg
   assert (saved / 'tokenizer.json').read_bytes() == blob and sorted(os.listdir(workdir)) == ['tokenizer']
   # A tokenizer saved without a record (by an older run) is used, with a warning.
   os.remove(saved / 'training.json')
-  assert train.build_tokenizer(_config(b), str(workdir)).vocab_size == 200
+  assert vocab.for_run(_config(b), str(workdir)).vocab_size == 200
   assert f'warning: {saved} has no record' in capsys.readouterr().out
 
 
@@ -211,14 +211,15 @@ import sys
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from jaxlm import config, train
+from jaxlm import config
+from jaxlm.data import vocab
 from jaxlm.errors import UsageError
 c = config.base()
 c.data.train, c.data.train_tokenizer_vocab = sys.argv[3], 200
-print('SHA', hashlib.sha256(train.build_tokenizer(c, sys.argv[5]).backend.to_str().encode()).hexdigest(), flush=True)
+print('SHA', hashlib.sha256(vocab.for_run(c, sys.argv[5]).backend.to_str().encode()).hexdigest(), flush=True)
 c.data.train = sys.argv[4]
 try:
-  train.build_tokenizer(c, sys.argv[6])
+  vocab.for_run(c, sys.argv[6])
 except UsageError as e:
   print('ERROR', e, flush=True)
 """

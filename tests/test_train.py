@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 from jaxlm import config as config_lib
-from jaxlm import glue, model, optim, steps, tasks, tokenizer
+from jaxlm import losses, model, optim, steps, tokenizer, trainer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
+from jaxlm.tasks import glue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,13 +80,13 @@ def test_shipped_configs_validate_and_document_their_command(name):
   glue.resolve(c)  # finetune_glue: the task's TFDS sources.
   if not c.data.train:
     with pytest.raises(UsageError, match='data.train'):
-      config_lib.validate(c, 8)
+      trainer.check_config(c, 8)
     c.data.train = 'text:/corpus/*.txt'
   if c.task != 'mlm':
     with pytest.raises(UsageError, match='model.init_from'):
-      config_lib.validate(c, 8)
+      trainer.check_config(c, 8)
     c.model.init_from = '/models/bert'
-  config_lib.validate(c, 8)
+  trainer.check_config(c, 8)
 
 
 @pytest.mark.parametrize(
@@ -134,10 +135,10 @@ def test_warmup_ratio_scales_with_the_run():
   c = config_lib.finetuning()
   for n, want in ((200, 20), (1000, 100), (7, 1)):
     c.num_train_steps = n
-    assert config_lib.warmup_steps(c) == want
+    assert optim.warmup_steps(c) == want
   c.warmup_steps = 30  # Steps, when given, win over the ratio.
-  assert config_lib.warmup_steps(c) == 30
-  schedule = optim.make_schedule(2e-5, config_lib.warmup_steps(config_lib.finetuning()), 2000)
+  assert optim.warmup_steps(c) == 30
+  schedule = optim.make_schedule(2e-5, optim.warmup_steps(config_lib.finetuning()), 2000)
   assert float(schedule(200)) == pytest.approx(2e-5) and float(schedule(1100)) == pytest.approx(1e-5)
 
 
@@ -235,8 +236,8 @@ def test_gradient_accumulation_equals_one_big_batch():
   graphdef, params, tx, batch = _tiny_state()
   out = {}
   for k in (1, 4):
-    step = jax.jit(steps.make_train_step(graphdef, tx, tasks.mlm_loss, grad_accum_steps=k))
-    out[k] = step(steps.init_state(params, tx), batch, jax.random.key(0))
+    step = jax.jit(steps.make_train_step(graphdef, tx, losses.mlm_loss, grad_accum_steps=k))
+    out[k] = step(optim.init_state(params, tx), batch, jax.random.key(0))
   for key in ('loss', 'mlm_accuracy', 'nsp_loss', 'grad_norm'):
     np.testing.assert_allclose(out[4][1][key], out[1][1][key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(out[4][0]['params']), jax.tree.leaves(out[1][0]['params'])):
@@ -247,13 +248,13 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_optimizers_learn(opt):
   # Adafactor and LAMB scale each step by the parameter's norm, so they want a larger rate.
   graphdef, params, tx, batch = _tiny_state(opt, lr=1e-2 if opt == 'adamw' else 0.1)
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.mlm_loss))
-  state = steps.init_state(params, tx)
-  losses = []
+  step = jax.jit(steps.make_train_step(graphdef, tx, losses.mlm_loss))
+  state = optim.init_state(params, tx)
+  curve = []
   for i in range(15):
     state, m = step(state, batch, jax.random.key(i))
-    losses.append(float(m['loss']))
-  assert losses[-1] < 0.7 * losses[0], losses
+    curve.append(float(m['loss']))
+  assert curve[-1] < 0.7 * curve[0], curve
 
 
 def test_schedule_warms_up_then_decays():

@@ -53,7 +53,7 @@ def run_jax(args) -> dict:
   import jax
   import numpy as np
 
-  from jaxlm import model, optim, perf, sharding, steps, tasks
+  from jaxlm import losses, model, optim, perf, sharding, steps
 
   scan = True if args.scan else False if args.unroll else None  # None: the model's default (model.SCAN_ABOVE)
   cfg = model.preset(args.preset, dtype=args.dtype, scan_layers=scan, remat=args.remat)
@@ -68,7 +68,7 @@ def run_jax(args) -> dict:
   shardings = sharding.param_shardings(abstract_params, mesh)
   _, params = model.init(cfg, 0, out_shardings=shardings)
   tx = optim.make_optimizer('adamw', 1e-4)
-  state = jax.jit(lambda p: steps.init_state(p, tx))(params)
+  state = jax.jit(lambda p: optim.init_state(p, tx))(params)
   ids, pos, labels = _batch_numpy(args, cfg.vocab_size)
   B, T = ids.shape
   put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
@@ -76,7 +76,7 @@ def run_jax(args) -> dict:
     'input_ids': put(ids), 'attention_mask': put(np.ones_like(ids)), 'token_type_ids': put(np.zeros_like(ids)),
     'masked_positions': put(pos), 'masked_ids': put(labels), 'masked_weights': put(np.ones(pos.shape, np.float32)),
   }  # fmt: skip
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.mlm_loss), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(graphdef, tx, losses.mlm_loss), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0, impl=args.rng)).compile()
   compile_s = time.perf_counter() - t0
@@ -205,17 +205,17 @@ def finetune_jax(args) -> dict:
   import jax
   import numpy as np
 
-  from jaxlm import hf, optim, steps, tasks
+  from jaxlm import hf, losses, optim, steps
 
   graphdef, params, _, _ = hf.load(args.model_dir, num_labels=2, mlm_head=False, pooler=True, dtype=args.dtype)
   tx = optim.make_optimizer('adamw', 2e-5, weight_decay=0.01)
-  state = jax.jit(lambda p: steps.init_state(p, tx))(params)
+  state = jax.jit(lambda p: optim.init_state(p, tx))(params)
   ids, labels = _cls_numpy(args, 30522)
   batch = {
     'input_ids': ids, 'attention_mask': np.ones_like(ids), 'token_type_ids': np.zeros_like(ids), 'labels': labels,
   }  # fmt: skip
   batch = jax.device_put(batch)
-  step = jax.jit(steps.make_train_step(graphdef, tx, tasks.classification_loss), donate_argnums=0)
+  step = jax.jit(steps.make_train_step(graphdef, tx, losses.classification_loss), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t0

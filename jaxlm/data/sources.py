@@ -38,6 +38,18 @@ class Fields:
   label: str = ''
 
 
+TEXT_DOCS = ('line', 'blank_line')
+
+
+def check_config(d) -> None:
+  """Raises UsageError naming the first bad data.* source key: data.train, data.eval, data.text_docs."""
+  split_spec(d.train, 'data.train')  # Also catches the empty default of the pretraining configs.
+  if d.eval:
+    split_spec(d.eval, 'data.eval')
+  if d.text_docs not in TEXT_DOCS:
+    raise UsageError(f'data.text_docs={d.text_docs!r}: expected line or blank_line')
+
+
 def files(spec: str, key: str) -> list[str]:
   """The sorted files a file source names; an error naming the key if there are none."""
   kind, arg = split_spec(spec, key)

@@ -1,9 +1,10 @@
-"""Losses and metrics per task, as pure functions of model outputs and a batch.
+"""Losses as pure functions of model outputs and a batch; the tasks (tasks/) choose among them.
 
 Pretraining: masked-LM cross-entropy over the gathered masked positions, weighted (padding
 predictions have weight 0), plus the optional next-sentence loss. Fine-tuning:
 classification cross-entropy or regression squared error. Every function returns
-(loss, metrics) with float32 scalars. MLM logits span the padded vocabulary
+(loss, metrics) with float32 scalars; evaluation reuses the same functions reduced
+differently (sums over an eval set, or one value per example). MLM logits span the padded vocabulary
 (model.vocab_multiple); the model gives padding columns a large negative logit, so they add
 nothing to a softmax and never win an argmax, here or vocabulary-parallel.
 """
@@ -103,14 +104,28 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
   return loss, metrics
 
 
-def classification_loss(out: dict, batch: dict, norm: dict | None = None):
-  """Cross-entropy (num_labels > 1) or squared error (num_labels == 1) over `labels`,
-  weighted by `weights` (0 for padding rows)."""
+def per_example_classification(out: dict, batch: dict) -> dict:
+  """{'loss', 'pred', 'label', 'weight'} per example: cross-entropy and the argmax class
+  (num_labels > 1), or squared error and the score (num_labels == 1)."""
   logits = out['logits'].astype(jnp.float32)
   w = batch.get('weights', jnp.ones(logits.shape[0], jnp.float32)).astype(jnp.float32)
-  n = (normalizers(batch) if norm is None else norm)['cls']
+  y = batch['labels']
   if logits.shape[-1] == 1:
-    loss = ((logits[:, 0] - batch['labels'].astype(jnp.float32)) ** 2 * w).sum() / n
+    return {'loss': (logits[:, 0] - y.astype(jnp.float32)) ** 2, 'pred': logits[:, 0], 'label': y, 'weight': w}
+  top = jax.lax.stop_gradient(logits.max(-1))
+  lse = jnp.log(jnp.exp(logits - top[:, None]).sum(-1)) + top
+  one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y.astype(jnp.int32)[:, None]
+  nll = lse - jnp.where(one_hot, logits, 0.0).sum(-1)
+  return {'loss': nll, 'pred': logits.argmax(-1), 'label': y, 'weight': w}
+
+
+def classification_loss(out: dict, batch: dict, norm: dict | None = None):
+  """Cross-entropy (num_labels > 1) or squared error (num_labels == 1) over `labels`, weighted by
+  `weights` (0 for padding rows): the weighted mean of per_example_classification."""
+  ex = per_example_classification(out, batch)
+  n = (normalizers(batch) if norm is None else norm)['cls']
+  loss = (ex['loss'] * ex['weight']).sum() / n
+  if out['logits'].shape[-1] == 1:
     return loss, {'loss': loss}
-  nll, correct, _ = weighted_xent(logits, batch['labels'].astype(jnp.int32), w)
-  return nll / n, {'loss': nll / n, 'accuracy': correct / n}
+  correct = (ex['pred'] == ex['label'].astype(ex['pred'].dtype)).astype(jnp.float32)
+  return loss, {'loss': loss, 'accuracy': (correct * ex['weight']).sum() / n}

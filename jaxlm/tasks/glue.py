@@ -1,8 +1,9 @@
-"""The GLUE benchmark (Wang et al. 2019) as TFDS `glue/<task>`: fields, labels and metrics per task.
+"""The GLUE benchmark (Wang et al. 2019) as presets of classification and regression (TFDS `glue/<name>`).
 
-`configs/finetune_glue.py` sets `task_name`; `resolve(config)` then fills the data sources,
-fields, label names and metrics from `TASKS`, so `--config.task_name=mrpc` is all a user sets.
-Evaluation is on the validation split(s); GLUE's test labels are hidden.
+`configs/finetune_glue.py` sets `task_name`; `resolve(config)` then fills config.task, the data
+sources, fields and eval splits from `PRESETS`, and the classification task takes the label
+names and metrics from there, so `--config.task_name=mrpc` is all a user sets. Evaluation is on
+the validation split(s); GLUE's test labels are hidden.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from jaxlm.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Preset:
   text: str  # TFDS feature of the first text.
   pair: str  # Feature of the second text ('' for single-sentence tasks).
   labels: tuple[str, ...]  # Class names in TFDS label order; () for regression.
@@ -21,22 +22,22 @@ class Task:
   eval_splits: tuple[str, ...] = ('validation',)  # The first is reported without a prefix.
 
 
-TASKS: dict[str, Task] = {
-  'cola': Task('sentence', '', ('unacceptable', 'acceptable'), ('matthews', 'accuracy')),
-  'sst2': Task('sentence', '', ('negative', 'positive'), ('accuracy',)),
-  'mrpc': Task('sentence1', 'sentence2', ('not_equivalent', 'equivalent'), ('f1', 'accuracy')),
-  'qqp': Task('question1', 'question2', ('not_duplicate', 'duplicate'), ('f1', 'accuracy')),
-  'stsb': Task('sentence1', 'sentence2', (), ('pearson', 'spearman')),
-  'mnli': Task(
+PRESETS: dict[str, Preset] = {
+  'cola': Preset('sentence', '', ('unacceptable', 'acceptable'), ('matthews', 'accuracy')),
+  'sst2': Preset('sentence', '', ('negative', 'positive'), ('accuracy',)),
+  'mrpc': Preset('sentence1', 'sentence2', ('not_equivalent', 'equivalent'), ('f1', 'accuracy')),
+  'qqp': Preset('question1', 'question2', ('not_duplicate', 'duplicate'), ('f1', 'accuracy')),
+  'stsb': Preset('sentence1', 'sentence2', (), ('pearson', 'spearman')),
+  'mnli': Preset(
     'premise',
     'hypothesis',
     ('entailment', 'neutral', 'contradiction'),
     ('accuracy',),
     ('validation_matched', 'validation_mismatched'),
   ),  # fmt: skip
-  'qnli': Task('question', 'sentence', ('entailment', 'not_entailment'), ('accuracy',)),
-  'rte': Task('sentence1', 'sentence2', ('entailment', 'not_entailment'), ('accuracy',)),
-  'wnli': Task('sentence1', 'sentence2', ('not_entailment', 'entailment'), ('accuracy',)),
+  'qnli': Preset('question', 'sentence', ('entailment', 'not_entailment'), ('accuracy',)),
+  'rte': Preset('sentence1', 'sentence2', ('entailment', 'not_entailment'), ('accuracy',)),
+  'wnli': Preset('sentence1', 'sentence2', ('not_entailment', 'entailment'), ('accuracy',)),
 }
 
 
@@ -45,14 +46,14 @@ def eval_prefix(split: str, splits: tuple[str, ...]) -> str:
   return '' if split == splits[0] else split.removeprefix('validation_') + '_'
 
 
-def resolve(config) -> Task | None:
+def resolve(config) -> Preset | None:
   """Fills config.task, data.* and best_metric from config.task_name (in place); None if unset."""
   name = config.task_name
   if not name:
     return None
-  if name not in TASKS:
-    raise UsageError(f'task_name={name!r}: expected one of {sorted(TASKS)}')
-  t = TASKS[name]
+  if name not in PRESETS:
+    raise UsageError(f'task_name={name!r}: expected one of {sorted(PRESETS)}')
+  t = PRESETS[name]
   with config.unlocked():
     config.task = 'regression' if not t.labels else 'classification'
     config.data.train = f'tfds:glue/{name}'
