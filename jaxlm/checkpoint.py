@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxlm.errors import UsageError
 
@@ -232,16 +233,12 @@ def _everywhere(ok: bool) -> bool:
   """True on every process if `ok` is True on all of them (so all restore the same step)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
-
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).min())
 
 
 def _barrier(name: str) -> None:
   """Waits until every process got here (after process 0 changed the directory)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 

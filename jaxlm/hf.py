@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from jaxlm import model as model_lib
 from jaxlm.errors import UsageError
@@ -198,12 +199,10 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of an HF directory as float32 numpy arrays, and the file they came from."""
   st, pt = os.path.join(path, 'model.safetensors'), os.path.join(path, 'pytorch_model.bin')
   if os.path.exists(st):
-    from safetensors.numpy import load_file
-
     return {k: np.asarray(v) for k, v in load_file(st).items()}, st
   if os.path.exists(pt):
     try:
-      import torch
+      import torch  # lazy: optional (the test extra), needed only for a pytorch_model.bin
     except ImportError as e:
       raise UsageError(f'{pt}: reading pytorch_model.bin needs torch (pip install torch)') from e
     sd = torch.load(pt, map_location='cpu', weights_only=True)
@@ -360,8 +359,6 @@ def save(
   id2label: dict[int, str] | None = None,
 ) -> None:
   """Writes config.json, model.safetensors and the tokenizer files to `out_dir`."""
-  from safetensors.numpy import save_file
-
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(config_to_hf(cfg, id2label), f, indent=2)

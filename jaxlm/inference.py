@@ -5,7 +5,8 @@ buckets and its batch size to a power of two (so a stream of inputs of every len
 compiles a handful of programs, not one per shape), run a jitted pure function of the
 parameters, and return numpy / Python values. An int8 export (`jaxlm.export --quantize int8`),
 or `load(..., quantize='int8')`, keeps its kernels int8 and dequantizes them inside the jitted
-forward. This module imports neither TensorFlow nor the training code.
+forward. The model is read through store.py; this module imports neither TensorFlow nor the
+training code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from etils import epath
 from flax import nnx
 
 from jaxlm import model as model_lib
+from jaxlm import quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -193,15 +195,13 @@ def load(
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
   remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype).
   `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
-  from jaxlm import export, quant
-
   path = str(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
 
   overrides['dtype'] = dtype or default_dtype()
-  with export.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
-    graphdef, params, tok_dir, labels = export.load_model(path, **overrides)
+  with store.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
+    graphdef, params, tok_dir, labels = store.load_model(path, **overrides)
   if quantize not in (None, 'none', 'int8'):
     raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
   if quantize == 'int8':

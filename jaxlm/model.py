@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 from jaxlm.errors import UsageError
 
@@ -252,7 +253,6 @@ def _random_u16(rng, shape) -> jax.Array:
     or str(jax.random.key_impl(rng)) != 'threefry2x32'
   ):
     return jax.random.bits(rng, shape, jnp.uint16)
-  from jax.extend.random import threefry2x32_p
 
   index, stride = jnp.zeros(quarter, jnp.uint32), 1
   for axis in reversed(range(len(quarter))):

@@ -11,7 +11,6 @@ checkpoint that leaves the run: the best checkpoint and exports hold plain dense
 
 Frozen parameters are labelled 'freeze' for `optax.multi_transform`, whose `set_to_zero`
 branch keeps no optimizer state, so they cost no Adam moments and stay bitwise unchanged.
-This module imports no optax at import time (the inference path loads it to merge adapters).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxlm.errors import UsageError
@@ -93,8 +93,6 @@ def wrap_optimizer(tx, params_labels, with_adapters: bool):
   """tx on the trainable parameters (and the adapters), set_to_zero (no state) on the rest.
 
   The optimizer's target is `params`, or {'params': params, 'adapters': adapters} for LoRA."""
-  import optax
-
   if with_adapters:
     params_labels = {'params': params_labels, 'adapters': 'train'}
   label_fn = lambda tree: _broadcast_labels(params_labels, tree)

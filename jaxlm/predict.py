@@ -43,6 +43,9 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from tqdm import tqdm
+
+from jaxlm import inference
 from jaxlm.errors import UsageError
 
 FORMATS = ('txt', 'jsonl', 'csv', 'tsv')
@@ -225,8 +228,6 @@ def output_file(path: str, input_path: str):
 
 
 def _warn(message: str) -> None:
-  from tqdm import tqdm
-
   tqdm.write(f'warning: {message}', file=sys.stderr)  # Above the progress bar, not through it.
 
 
@@ -242,8 +243,6 @@ def _report(path: str, stats: ReadStats, named: int) -> int:
 def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | None = None) -> int:
   """Runs `records` (from read_inputs) through the predictor, one JSON line per input to `out`, in
   input order; returns the number of inputs."""
-  from tqdm import tqdm
-
   stats = stats if stats is not None else ReadStats()
   mask = predictor.tokenizer.mask_token
   n, named = 0, 0
@@ -312,8 +311,6 @@ def main(argv=None) -> int:
     first = next(records, None)
     records = itertools.chain([first] if first is not None else [], records)
     with output_file(args.output, args.input) as out:
-      from jaxlm import inference
-
       predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
       if args.max_length:
         predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)

@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+from clu import metric_writers
 from etils import epath
 
 
@@ -33,8 +34,6 @@ class Reporter:
     self._last = None  # (step, time) of the previous log.
     self._before_last = None  # (step, time) of the log before it.
     if self.is_main:
-      from clu import metric_writers
-
       self._writer = metric_writers.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
       self._jsonl = epath.Path(workdir) / 'metrics.jsonl'  # Local or remote (gs://): appended to per log step.
       with self._jsonl.open('a'):

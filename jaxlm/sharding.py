@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.errors import UsageError
@@ -61,8 +62,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(data, fsdp, tensor, len(devices))
   try:
-    from jax.experimental import mesh_utils
-
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(shape)

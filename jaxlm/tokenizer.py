@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from jaxlm.errors import UsageError
 
@@ -41,8 +43,6 @@ class Tokenizer:
         raise UsageError(f'{source}: the vocabulary has no {name} token')
     self.pad_id, self.cls_id, self.sep_id = ids['[PAD]'], ids['[CLS]'], ids['[SEP]']
     if tok.post_processor is None:  # A freshly trained WordPiece model has none: add BERT's.
-      from tokenizers import processors
-
       tok.post_processor = processors.TemplateProcessing(
         single='[CLS] $A [SEP]',
         pair='[CLS] $A [SEP] $B:1 [SEP]:1',
@@ -133,8 +133,6 @@ def load(path: str) -> Tokenizer:
   if tj.exists():
     return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower)
   if vocab.exists():
-    from tokenizers.implementations import BertWordPieceTokenizer
-
     lower = True if lower is None else lower
     words = {w.rstrip(): i for i, w in enumerate(vocab.read_bytes().decode().split('\n')) if w.rstrip()}
     return Tokenizer(BertWordPieceTokenizer(words, lowercase=lower)._tokenizer, str(vocab), lower)
@@ -147,8 +145,6 @@ _PREFIX = '##'  # WordPiece's mark of a piece that continues a word.
 
 def _bert_parts(lowercase: bool):
   """BERT's normalizer and pre-tokenizer (clean text, CJK characters split, accents stripped when lowercasing)."""
-  from tokenizers import normalizers, pre_tokenizers
-
   norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
   return norm, pre_tokenizers.BertPreTokenizer()
 
@@ -248,8 +244,6 @@ def wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, min_frequency:
 
 def wordpiece_tokenizer(vocab: Sequence[str], lowercase: bool = True) -> Tokenizer:
   """A BERT tokenizer (normalizer, pre-tokenizer, [CLS]/[SEP] template, '##' decoder) over `vocab`."""
-  from tokenizers import decoders, models, processors
-
   tok = _HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token='[UNK]'))
   tok.normalizer, tok.pre_tokenizer = _bert_parts(lowercase)
   ids = {t: vocab.index(t) for t in ('[CLS]', '[SEP]')}

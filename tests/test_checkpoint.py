@@ -468,7 +468,7 @@ def test_workdir_files_on_a_remote_filesystem(ram_workdir):
   from etils import epath
 
   from jaxlm import config as config_lib
-  from jaxlm import export, report
+  from jaxlm import report, store
   from jaxlm.data import vocab
 
   gfile = tf.io.gfile
@@ -511,8 +511,8 @@ def test_workdir_files_on_a_remote_filesystem(ram_workdir):
   # A workdir's newest finished step, for jaxlm.load and export.
   for d in ('checkpoints/5/state', 'checkpoints/7'):  # 7: a save that never finished.
     gfile.makedirs(f'{ram_workdir}/{d}')
-  assert export.is_jaxlm_dir(ram_workdir) and not export.is_jaxlm_dir(f'{ram_workdir}/tokenizer')
+  assert store.is_jaxlm_dir(ram_workdir) and not store.is_jaxlm_dir(f'{ram_workdir}/tokenizer')
   for path in (ram_workdir, f'{ram_workdir}/checkpoints/5'):
-    step_dirs, workdir = export._step_dirs(path)
+    step_dirs, workdir = store.step_dirs(path)
     assert [str(d) for d in step_dirs] == [f'{ram_workdir}/checkpoints/5'] and str(workdir) == ram_workdir
   assert not os.path.exists('ram:')

@@ -173,9 +173,9 @@ def task_files(tmp_path_factory):
 
 
 def _nested(tree) -> dict:
-  from jaxlm import export
+  from jaxlm import store
 
-  return {'/'.join(k): v for k, v in _flat(export._nested(tree))}
+  return {'/'.join(k): v for k, v in _flat(store.nested(tree))}
 
 
 def _flat(d, prefix=()):
@@ -191,7 +191,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   import jax
   import orbax.checkpoint as ocp
 
-  from jaxlm import export, hf, peft, trainer
+  from jaxlm import hf, peft, store, trainer
 
   train_path, dev_path = task_files
   config = _config(
@@ -228,7 +228,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   assert sorted(adapters) == ['o', 'q', 'v', 'wi', 'wo']
   assert all(np.abs(adapters[n]['b']).max() > 0 for n in adapters)  # The adapters trained.
   # What leaves the run has the adapters merged into the dense kernels.
-  _, merged, _, _ = export.load_checkpoint(workdir)
+  _, merged, _, _ = store.load_checkpoint(workdir)
   merged = _nested(merged)
   scale = config.finetune.lora_alpha / config.finetune.lora_rank
   for name in ('q', 'wi'):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxlm
-from jaxlm import export, hf, model, quant
+from jaxlm import checkpoint, export, hf, model, quant, store
 from jaxlm.errors import UsageError
 
 KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
@@ -145,6 +145,17 @@ def test_quantize_kernel_error_and_dequantize_roundtrip():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   with pytest.raises(UsageError, match='dequantize first'):
     hf.params_to_hf(qparams, nnx.merge(qgraphdef, qparams).cfg)
+
+
+def test_a_run_starts_from_an_int8_export_in_float_and_new_heads_are_named(exports, finetuned_cls_dir):
+  q_graphdef, q_params, _, _ = store.load_model(exports[1])
+  graphdef, params, new = store.load_for_init(exports[1], seed=0)
+  assert nnx.merge(graphdef, params).cfg.quantization == 'none' and new == []
+  assert checkpoint.is_array_tree_equal(params, quant.dequantize(q_graphdef, q_params)[1])
+  # A head the source lacks is initialised fresh and named: from a jaxlm export and from a Hugging Face directory.
+  for path in (exports[0], finetuned_cls_dir):
+    graphdef, params, new = store.load_for_init(path, seed=0, mlm_head=True)
+    assert nnx.merge(graphdef, params).cfg.mlm_head and new and all(n.startswith('mlm/') for n in new), (path, new)
 
 
 def test_export_int8_to_hf_and_refusals(exports, tmp_path, capsys):

@@ -175,21 +175,21 @@ def odd_vocab_run(tmp_path_factory):
 
 
 def test_pretraining_on_fsdp4_tensor2_with_an_odd_vocabulary(odd_vocab_run):
-  from jaxlm import export
+  from jaxlm import store
 
   workdir, last = odd_vocab_run
   assert np.isfinite(last['loss']) and 0 <= last['mlm_accuracy'] <= 1
   assert json.loads(open(os.path.join(workdir, 'metrics.jsonl')).readlines()[-1])['step'] == 2
   saved = json.load(open(os.path.join(workdir, 'model_config.json')))
   assert saved['vocab_size'] == 1001 and saved['vocab_multiple'] == 128
-  _, params, _, _ = export.load_checkpoint(workdir)
+  _, params, _, _ = store.load_checkpoint(workdir)
   word, bias = np.asarray(params['embeddings']['word'][...]), np.asarray(params['mlm']['bias'][...])
   assert word.shape == (1024, 128) and bias.shape == (1024,)
   assert not word[1001:].any() and not bias[1001:].any()  # No gradient ever reached the padding rows.
   # Loaded with another multiple (a fine-tune on another mesh): the same real rows, zero padding.
-  _, unpadded, _, _ = export.load_checkpoint(workdir, vocab_multiple=1)
+  _, unpadded, _, _ = store.load_checkpoint(workdir, vocab_multiple=1)
   np.testing.assert_array_equal(unpadded['embeddings']['word'][...], word[:1001])
-  _, repadded, new = export.load_for_init(workdir, vocab_multiple=100, num_labels=2, pooler=True)
+  _, repadded, new = store.load_for_init(workdir, vocab_multiple=100, num_labels=2, pooler=True)
   assert repadded['mlm']['bias'][...].shape == (1100,) and 'mlm/bias' not in new
   np.testing.assert_array_equal(repadded['embeddings']['word'][...][:1024], word)
   assert not np.asarray(repadded['embeddings']['word'][...][1024:]).any()

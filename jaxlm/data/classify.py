@@ -121,9 +121,7 @@ def eval_batches(
   ds = classify_dataset(
     spec, tokenizer, labels=labels, seq_len=seq_len, global_batch_size=256, data_cfg=data_cfg, key=key, split=split,
   )  # fmt: skip
-  from jaxlm.data.pretrain import Iterator
-
-  parts = list(Iterator(ds))
+  parts = list(pretrain.Iterator(ds))
   if not parts:
     raise UsageError(f'{key}={spec!r}: no examples' + (f' in split {split!r}' if split else ''))
   rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -23,6 +23,7 @@ import json
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from jaxlm.config import split_spec
 from jaxlm.data.builtin import BUILTIN
@@ -123,8 +124,6 @@ def records(
       raise UsageError(f'{key}={spec!r}: unknown builtin corpus; expected one of {sorted(BUILTIN)}')
     return tf.data.Dataset.from_tensor_slices({'text': BUILTIN[arg]()})
   if kind == 'tfds':
-    import tensorflow_datasets as tfds
-
     try:
       ds = tfds.load(arg, split=tfds_split, data_dir=tfds_data_dir, shuffle_files=False)
     except Exception as e:  # noqa: BLE001 (tfds raises many types for a missing dataset)
