@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def weighted_xent(logits, labels, weights=None):
@@ -39,7 +40,6 @@ def vocab_parallel_xent(logits, labels, weights, mesh):
   logit are combined with one pmax and two psums over `tensor`, so the [.., V] logits are never
   gathered onto one device. Sums are then psum'd over the batch axes.
   """
-  from jax.sharding import PartitionSpec as P
 
   batch_axes = tuple(a for a in ('data', 'fsdp') if mesh.shape[a] > 1) or None
   lead = (batch_axes,) + (None,) * (labels.ndim - 1)
