@@ -45,10 +45,10 @@ def check_config(config, num_devices: int) -> None:
   glue.resolve(config)
   config_lib.validate(config, num_devices)
   task_cls = tasks.get(config.task)
-  task_cls.check_config(config)
+  sources.check_config(config.data)
   model.from_config(config.model)
   optim.check_config(config, task_cls.finetuning)
-  sources.check_config(config.data)
+  task_cls.check_config(config)
 
 
 def itstime(step: int, every: int, total: int) -> bool:
