@@ -374,6 +374,8 @@ def quiet_orbax() -> None:
     return True
 
   logging.getLogger('absl').addFilter(shorten)
+  # The same failure once more, from the event loop of the save's threads when it is collected.
+  logging.getLogger('asyncio').addFilter(lambda r: 'exception was never retrieved' not in r.getMessage())
 
 
 def is_array_tree_equal(a, b) -> bool:
