@@ -1,7 +1,9 @@
 """The training config schema: every key, its default and what it means; and its validation.
 
-Config files in configs/ start from `base()` and change what they need. `validate` runs
-before anything compiles and raises one UsageError naming the key at fault.
+Config files in configs/ start from `base()` and change what they need. `validate` checks the
+schema (unknown or missing keys, types, non-finite numbers) and the rules that span several
+parts; each part's own keys are checked by the module that owns them, and trainer.check_config
+runs all of it before any work, raising one UsageError naming the key at fault.
 """
 
 from __future__ import annotations

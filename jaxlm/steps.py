@@ -1,8 +1,9 @@
-"""Jitted-ready pure step functions: `state, batch, rng -> state, metrics`.
+"""The pure train step, ready to jit: `state, batch, rng -> state, metrics`.
 
 The train state is a plain dict {'params', 'opt_state', 'step'} (optim.init_state); the model
-graphdef and the optimizer are closed over, so the step is a pure function of pytrees and can be jitted with
-in/out shardings and a donated state.
+graphdef, the optimizer and the task's loss are closed over, so the step is a pure function of
+pytrees, jitted by the trainer with in/out shardings and a donated state. Evaluation is the
+task's (tasks/), on `forward`.
 """
 
 from __future__ import annotations
@@ -105,14 +106,5 @@ def make_train_step(
     else:
       new_state['params'] = new_params
     return new_state, metrics
-
-  return step
-
-
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: Callable) -> Callable:
-  """A pure `(params, batch) -> metrics` without dropout."""
-
-  def step(params, batch):
-    return loss_fn(forward(graphdef, params, batch), batch)[1]
 
   return step
