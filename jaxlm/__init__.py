@@ -4,6 +4,8 @@
 returns a ModelConfig of the published BERT family. Training is `python -m jaxlm.train`.
 """
 
+import importlib
+
 from jaxlm.errors import UsageError
 
 __all__ = ['PRESETS', 'ModelConfig', 'Predictor', 'UsageError', 'load', 'preset']
@@ -16,7 +18,5 @@ def __getattr__(name: str):
   # Imported on first use, so that `python -m jaxlm.train` starts (and re-executes itself,
   # hostenv.py) before JAX is imported.
   if name in _LAZY:
-    import importlib
-
     return getattr(importlib.import_module(f'jaxlm.{_LAZY[name]}'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
