@@ -1,15 +1,30 @@
-"""Shared fixtures: 8 CPU devices, the real MiniLM, and small random transformers BERTs on disk."""
+"""Shared fixtures: 8 CPU devices, a compilation cache, the real MiniLM, small random transformers BERTs on disk,
+and the tiny pretraining runs that the trainer, checkpoint and command-line tests share."""
 
+import atexit
+import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 # Before jax is imported anywhere: eight CPU devices stand in for an accelerator mesh.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-
-import shutil  # noqa: E402
+# One persistent XLA compilation cache for the session, inherited by every process a test starts: a run
+# that compiles a program another run compiled already (the same step on another workdir, a resume, the
+# second process of a pair) loads it instead of compiling again. Removed when the session ends.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxlm-tests-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -97,8 +112,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_jsonl(path, rows):
-  import json
-
   with open(path, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
   return str(path)
@@ -110,10 +123,6 @@ def minilm_finetune_run(tmp_path_factory, minilm_dir):
   head, 30 steps of 16 on the sentiment task above (JSONL, string labels), evaluated at step 30 on
   192 labelled sentences, 128 of them with held-out words. Returns (workdir, stdout, dev.jsonl,
   seconds)."""
-  import subprocess
-  import sys
-  import time
-
   d = tmp_path_factory.mktemp('ft_minilm')
   rows = lambda examples: [{'text': t, 'label': _LABEL_NAMES[y]} for t, y in examples]  # noqa: E731
   train = _write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 480)))
@@ -126,11 +135,8 @@ def minilm_finetune_run(tmp_path_factory, minilm_dir):
     '--config.learning_rate=1e-4', '--config.warmup_steps=3', '--config.eval_every_steps=30',
     '--config.log_every_steps=10', '--config.checkpoint_every_steps=30',
   ]  # fmt: skip
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
   t0 = time.perf_counter()
-  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-  assert res.returncode == 0, res.stderr[-3000:]
+  res = cli_ok('jaxlm.train', *args, devices=2)
   return workdir, res.stdout, dev, time.perf_counter() - t0
 
 
@@ -143,8 +149,6 @@ def finetuned_cls_dir(tmp_path_factory, minilm_finetune_run):
   mixed sentences with label null) and finetune.json (steps, final loss, the accuracy of the
   run's own evaluation, seconds).
   """
-  import json
-
   from jaxlm import export
 
   workdir, _, _, seconds = minilm_finetune_run
@@ -160,3 +164,153 @@ def finetuned_cls_dir(tmp_path_factory, minilm_finetune_run):
     json.dump({'steps': results['step'], 'batch': 16, 'loss': losses[-1],
                'eval_accuracy': results['accuracy'], 'seconds': seconds}, f)  # fmt: skip
   return str(out)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def cli(module, *args, devices=1, prefix=(), timeout=600):
+  """`python [PREFIX] -m MODULE ARGS` from the repository root on DEVICES CPU devices (a CompletedProcess)."""
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
+  return subprocess.run([sys.executable, *prefix, '-m', module, *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def start_cli(module, *args, devices=1, **popen):
+  """cli() started, not waited for: a Popen with text pipes for stdout and stderr."""
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
+  popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, 'text': True, **popen}
+  return subprocess.Popen([sys.executable, '-m', module, *map(str, args)], cwd=ROOT, env=env, **popen)
+
+
+def start_two_processes(args):
+  """`python -m jaxlm.train ARGS` as processes 0 and 1 of one run (gloo on a free local port), 2 devices each."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  return [start_cli('jaxlm.train', *args, *flags, f'--process_id={i}', devices=2) for i in range(2)]
+
+
+def finish(procs) -> list[str]:
+  """Waits for processes started by start_cli, asserts they exited 0; their stdouts."""
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
+
+
+def cli_ok(module, *args, devices=1, timeout=600):
+  """cli(), asserted to exit 0 without a traceback."""
+  res = cli(module, *args, devices=devices, timeout=timeout)
+  assert res.returncode == 0, f'{module} {args}\n{res.stderr[-3000:]}'
+  assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+  return res
+
+
+# ----------------------------------------------------------------------------- the tiny pretraining run
+
+# configs/quickstart.py shrunk: 12 steps of 8 sequences of 32 tokens, a checkpoint every 3 steps. The
+# constant schedule (after quickstart's 50 warmup steps, never reached) makes the step independent of
+# num_train_steps, so runs of any length, resumes included, share one compiled step.
+TINY = {
+  'num_train_steps': 12, 'checkpoint_every_steps': 3, 'log_every_steps': 1, 'eval_every_steps': 0,
+  'global_batch_size': 8, 'data.seq_len': 32, 'data.max_predictions': 5, 'lr_schedule': 'constant',
+}  # fmt: skip
+
+
+def set_keys(config, overrides: dict):
+  """Sets dotted config keys ('data.seq_len') in place; returns the config."""
+  for key, value in overrides.items():
+    *parents, name = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  return config
+
+
+def config_file(name: str, overrides: dict | None = None):
+  """get_config() of configs/NAME.py with dotted-key overrides."""
+  import runpy
+
+  return set_keys(runpy.run_path(os.path.join(ROOT, 'configs', f'{name}.py'))['get_config'](), overrides or {})
+
+
+def tiny_config(vocab_dir, overrides: dict | None = None):
+  """The tiny run's config (quickstart + TINY + the shared vocabulary), with dotted-key overrides."""
+  return config_file('quickstart', {**TINY, 'data.tokenizer': str(vocab_dir), **(overrides or {})})
+
+
+def tiny_flags(vocab_dir, workdir, overrides: dict | None = None) -> list[str]:
+  """The same run as `python -m jaxlm.train` flags."""
+  keys = {**TINY, 'data.tokenizer': str(vocab_dir), **(overrides or {})}
+  return [
+    '--config',
+    'configs/quickstart.py',
+    '--workdir',
+    str(workdir),
+    *(f'--config.{k}={v}' for k, v in keys.items()),
+  ]
+
+
+def logged(workdir, key='loss') -> dict:
+  """{step: value} of one key in WORKDIR/metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+def saved_arrays(workdir, step):
+  """The train state a run saved at STEP, as numpy arrays."""
+  from jaxlm import checkpoint
+
+  return checkpoint.read_arrays(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+
+
+def assert_same_params(a, b):
+  """Bitwise-equal parameters of two saved train states."""
+  la, lb = jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])
+  assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope='session')
+def vocab_dir(tmp_path_factory):
+  """A 2,000-token WordPiece vocabulary trained on the builtin corpus: the tiny runs' tokenizer."""
+  from jaxlm import tokenizer
+  from jaxlm.data import pretrain
+
+  out = str(tmp_path_factory.mktemp('vocab'))
+  tokenizer.train_wordpiece(pretrain.iter_texts('builtin:stdlib'), 2000).save(out)
+  return out
+
+
+@pytest.fixture(scope='session')
+def eval_text(tmp_path_factory):
+  """`text:` source of 60 documents of the builtin corpus: an eval set read in a few batches."""
+  from jaxlm.data import pretrain
+
+  path = tmp_path_factory.mktemp('eval_text') / 'eval.txt'
+  texts = [t.replace('\n', ' ') for t, _ in zip(pretrain.iter_texts('builtin:stdlib'), range(60))]
+  path.write_text(''.join(t + '\n' for t in texts))
+  return f'text:{path}'
+
+
+@pytest.fixture(scope='session')
+def straight(vocab_dir, tmp_path_factory):
+  """The tiny run in this process on the 8 devices (mesh data=8), 12 steps in one go, dropout on: what
+  resumed and resharded in-process runs must reproduce. Checkpoints 6, 9 and 12 are kept."""
+  from jaxlm import trainer
+
+  workdir = tmp_path_factory.mktemp('straight')
+  trainer.train(tiny_config(vocab_dir), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def straight_cli(vocab_dir, tmp_path_factory):
+  """The same run through `python -m jaxlm.train` on 1 CPU device: the reference of the runs that need a
+  process of their own (signals, a kill, a full disk, two processes) and of the meshes' loss curve."""
+  workdir = tmp_path_factory.mktemp('straight_cli')
+  cli_ok('jaxlm.train', *tiny_flags(vocab_dir, workdir))
+  return workdir

@@ -1,17 +1,28 @@
 """Fine-tuning: metrics against scikit-learn / scipy, the real MiniLM on a learnable task through
-the CLI, GLUE through TFDS (mock data), head-only and LoRA runs, eval padding, HF export parity."""
+the CLI and pruned while it trains, GLUE through TFDS (mock data), head-only and LoRA runs, eval
+padding, HF export parity. The MiniLM runs are processes with 2 devices; the others trainer.train calls."""
 
-import importlib.util
 import json
 import os
 import random
-import subprocess
-import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
+from conftest import cli_ok, config_file
+from scipy import stats
+from sklearn import metrics as skm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import jaxlm
+from jaxlm import export, hf, metrics, peft, store, trainer
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm.data import classify
+from jaxlm.data.pretrain import Iterator
+from jaxlm.errors import UsageError
+from jaxlm.tasks import glue
+
 POS = ['great', 'wonderful', 'excellent', 'delightful', 'superb', 'lovely', 'fantastic', 'brilliant']
 NEG = ['terrible', 'awful', 'boring', 'dreadful', 'horrible', 'dull', 'disappointing', 'poor']
 SUBJ = ['the movie', 'this book', 'the meal', 'our trip', 'the concert', 'that show', 'the hotel', 'the game']
@@ -36,29 +47,10 @@ def _write_jsonl(path, rows):
   return str(path)
 
 
-def _config(name: str, **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    node, *path = key.split('.')
-    target = c
-    for k in [node, *path][:-1]:
-      target = target[k]
-    target[[node, *path][-1]] = value
-  return c
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
 def test_metrics_agree_with_sklearn_and_scipy():
-  from scipy import stats
-  from sklearn import metrics as skm
-
-  from jaxlm import metrics
-
   rng = np.random.default_rng(0)
   y2, p2 = rng.integers(0, 2, 300), rng.integers(0, 2, 300)
   y3, p3 = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
@@ -80,10 +72,6 @@ def test_metrics_agree_with_sklearn_and_scipy():
 
 
 def test_integer_labels_sort_numerically_and_map_to_ids(tmp_path, minilm_dir):
-  from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm.data import classify
-  from jaxlm.data.pretrain import Iterator
-
   rows = [('a', 10), ('b', 2), ('c', 1), ('d', 2)]
   (tmp_path / 'train.csv').write_text('sentence,grade\n' + ''.join(f'{t},{y}\n' for t, y in rows))
   cfg = {'text_field': 'sentence', 'label_field': 'grade'}
@@ -95,9 +83,6 @@ def test_integer_labels_sort_numerically_and_map_to_ids(tmp_path, minilm_dir):
 
 
 def test_eval_batches_pad_and_split_across_processes(tmp_path, minilm_dir):
-  from jaxlm import tokenizer as tokenizer_lib
-  from jaxlm.data import classify
-
   path = _write_jsonl(tmp_path / 'dev.jsonl', _sentiment(21, 3))
   tok = tokenizer_lib.load(minilm_dir)
   cfg = {'text_field': 'text', 'label_field': 'label'}
@@ -140,11 +125,8 @@ def test_finetune_minilm_learns_the_task(minilm_run):
 
 
 def test_finetuned_checkpoint_predicts_and_hf_export_matches(minilm_run, tmp_path):
-  import torch
+  import torch  # lazy: the other tests of this module run without PyTorch loaded
   import transformers
-
-  import jaxlm
-  from jaxlm import export
 
   workdir, _, dev = minilm_run
   rows = [json.loads(line) for line in open(dev)][:24]
@@ -173,8 +155,6 @@ def task_files(tmp_path_factory):
 
 
 def _nested(tree) -> dict:
-  from jaxlm import store
-
   return {'/'.join(k): v for k, v in _flat(store.nested(tree))}
 
 
@@ -188,19 +168,13 @@ def _flat(d, prefix=()):
 
 @pytest.mark.parametrize('mode', ['head', 'lora'])
 def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_path, hf_mlm_dir, task_files, capsys):
-  import jax
-  import orbax.checkpoint as ocp
-
-  from jaxlm import hf, peft, store, trainer
-
   train_path, dev_path = task_files
-  config = _config(
-    'finetune_files', **{
-      'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
-      'num_train_steps': 6, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
-      'eval_every_steps': 6, 'log_every_steps': 3, 'checkpoint_every_steps': 6, 'finetune.mode': mode,
-      'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4,
-    })  # fmt: skip
+  config = config_file('finetune_files', {
+    'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
+    'num_train_steps': 6, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
+    'eval_every_steps': 6, 'log_every_steps': 3, 'checkpoint_every_steps': 6, 'finetune.mode': mode,
+    'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4,
+  })  # fmt: skip
   workdir = str(tmp_path / mode)
   trainer.train(config, workdir)
   log = capsys.readouterr().out
@@ -248,20 +222,15 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   [('sst2', {'accuracy'}), ('stsb', {'pearson', 'spearman'}), ('mnli', {'accuracy', 'mismatched_accuracy'})],
 )
 def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
-  import tensorflow_datasets as tfds
-
-  from jaxlm import export, trainer
-
   init = hf_mlm_dir
   if task == 'sst2':  # Start from a jaxlm export (MLM head, no pooler or classifier) instead.
     init = str(tmp_path / 'jaxlm_export')
     assert export.main(['--checkpoint', hf_mlm_dir, '--out', init]) == 0
-  config = _config(
-    'finetune_glue', **{
-      'task_name': task, 'model.init_from': init, 'num_train_steps': 4, 'global_batch_size': 8,
-      'data.seq_len': 16, 'warmup_steps': 1, 'eval_every_steps': 4, 'log_every_steps': 2,
-      'checkpoint_every_steps': 4, 'data.shuffle_buffer': 16,
-    })  # fmt: skip
+  config = config_file('finetune_glue', {
+    'task_name': task, 'model.init_from': init, 'num_train_steps': 4, 'global_batch_size': 8,
+    'data.seq_len': 16, 'warmup_steps': 1, 'eval_every_steps': 4, 'log_every_steps': 2,
+    'checkpoint_every_steps': 4, 'data.shuffle_buffer': 16,
+  })  # fmt: skip
   workdir = tmp_path / task
   with tfds.testing.mock_data(num_examples=21):  # 21 eval examples: the last batch of 8 is padded.
     last = trainer.train(config, str(workdir))
@@ -283,20 +252,16 @@ def test_glue_through_tfds_mock_data(task, keys, tmp_path, hf_mlm_dir, capsys):
 
 
 def test_finetune_config_errors(tmp_path):
-  from jaxlm import trainer
-  from jaxlm.errors import UsageError
-  from jaxlm.tasks import glue
-
-  c = _config('finetune_files', **{'data.train': 'jsonl:x.jsonl'})
+  c = config_file('finetune_files', {'data.train': 'jsonl:x.jsonl'})
   with pytest.raises(UsageError, match='model.init_from'):
     trainer.check_config(c, 1)
-  c = _config('finetune_glue', **{'task_name': 'sst3', 'model.init_from': '/x'})
+  c = config_file('finetune_glue', {'task_name': 'sst3', 'model.init_from': '/x'})
   with pytest.raises(UsageError, match="task_name='sst3'"):
     glue.resolve(c)
-  c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.lora_targets': 'q,z'})
+  c = config_file('finetune_files', {'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.lora_targets': 'q,z'})
   with pytest.raises(UsageError, match='finetune.lora_targets'):
     trainer.check_config(c, 1)
-  c = _config('finetune_files', **{'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.mode': 'adapters'})
+  c = config_file('finetune_files', {'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.mode': 'adapters'})
   with pytest.raises(UsageError, match='finetune.mode'):
     trainer.check_config(c, 1)
 
@@ -307,24 +272,20 @@ def test_finetune_config_errors(tmp_path):
 def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir, capsys):
   """MiniLM fine-tuned while pruned to 50% (cubic schedule over steps 0-16): the accuracy it
   keeps, the sparsity reached, and pruned weights exactly zero through later updates."""
-  import orbax.checkpoint as ocp
-
   train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(480, 0))
   dev_path = _write_jsonl(tmp_path / 'dev.jsonl', _sentiment(100, 1))
   workdir = tmp_path / 'run'
+  # A process with 2 devices: MiniLM's step is several times slower on this process's 8. Saved at steps 16 and 24.
   args = [
-    '--config', 'configs/finetune_files.py', '--workdir', str(workdir),
+    '--config', 'configs/finetune_files.py', '--workdir', workdir,
     f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train_path}',
     f'--config.data.eval=jsonl:{dev_path}', '--config.num_train_steps=24', '--config.global_batch_size=16',
     '--config.data.seq_len=32', '--config.learning_rate=1e-4', '--config.warmup_steps=3',
-    '--config.eval_every_steps=24', '--config.log_every_steps=8', '--config.checkpoint_every_steps=8',
+    '--config.eval_every_steps=24', '--config.log_every_steps=8', '--config.checkpoint_every_steps=16',
     '--config.model.hidden_dropout=0.0', '--config.prune.sparsity=0.5', '--config.prune.begin_step=0',
     '--config.prune.end_step=16', '--config.prune.frequency=4',
   ]  # fmt: skip
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'PYTHONPATH': ROOT}
-  res = subprocess.run([sys.executable, '-m', 'jaxlm.train', *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
-  assert res.returncode == 0, res.stderr[-3000:]
+  cli_ok('jaxlm.train', *args, devices=2)
   logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   last = {k: v for m in logged if m['step'] == 24 for k, v in m.items()}
   kernels = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
@@ -344,19 +305,15 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
 
 
 def test_eval_set_problems_stop_the_run_before_training(tmp_path, hf_mlm_dir):
-  from jaxlm import trainer
-  from jaxlm.errors import UsageError
-
   train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(32, 0))
   unseen = _write_jsonl(tmp_path / 'unseen.jsonl', _sentiment(8, 1) + [{'text': 'so so', 'label': 'mixed'}])
   empty = tmp_path / 'empty.jsonl'
   empty.write_text('')
   for dev, message in ((unseen, "label 'mixed' is not in the label set"), (empty, 'no examples')):
-    config = _config(
-      'finetune_files', **{
-        'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev}',
-        'num_train_steps': 4, 'global_batch_size': 8, 'data.seq_len': 16, 'eval_every_steps': 4,
-      })  # fmt: skip
+    config = config_file('finetune_files', {
+      'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev}',
+      'num_train_steps': 4, 'global_batch_size': 8, 'data.seq_len': 16, 'eval_every_steps': 4,
+    })  # fmt: skip
     workdir = tmp_path / f'run_{os.path.basename(str(dev))}'
     with pytest.raises(UsageError, match=message):
       trainer.train(config, str(workdir))

@@ -2,28 +2,34 @@
 
 pretrain (twice: the same tokenizer and losses) -> fine-tune from the workdir -> export int8 ->
 fine-tune again from that export -> predict -> export --format hf -> transformers loads it and
-agrees -> jaxlm.load agrees.
+agrees -> jaxlm.load agrees. Stages that do not read each other's output run at the same time.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, _write_jsonl, sentiment_examples
+from conftest import _write_jsonl, sentiment_examples, start_cli
 
 LABELS = ('negative', 'positive')
 
 
-def _cli(module, *args, devices=2, timeout=600):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
-  res = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)  # fmt: skip
-  assert res.returncode == 0, f'{module} {args}\n{res.stderr[-3000:]}'
-  assert 'Traceback' not in res.stderr, res.stderr[-3000:]
-  return res
+def _ok(proc, what):
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, f'{what}\n{err[-3000:]}'
+  assert 'Traceback' not in err, err[-3000:]
+  return out
+
+
+def _cli(module, *args, devices=2):
+  return _ok(start_cli(module, *args, devices=devices), f'{module} {args}')
+
+
+def _together(*commands):
+  """Commands that do not depend on each other, started at once (each still a process of its own)."""
+  procs = [(start_cli(module, *args, devices=devices), f'{module} {args}') for module, args, devices in commands]
+  return [_ok(p, what) for p, what in procs]
 
 
 def _losses(workdir):
@@ -37,7 +43,7 @@ PRETRAIN = [
 ]  # fmt: skip
 
 
-def _finetune(init_from, workdir, data, steps=6):
+def _finetune(init_from, workdir, data, steps=4):
   train, dev = data
   return [
     '--config', 'configs/finetune_files.py', '--workdir', workdir, f'--config.model.init_from={init_from}',
@@ -54,15 +60,16 @@ def journey(tmp_path_factory):
   data = (_write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 96))),
           _write_jsonl(d / 'dev.jsonl', rows(sentiment_examples(1, 24))))  # fmt: skip
   runs = {name: d / name for name in ('pre_a', 'pre_b', 'ft1', 'ft1_int8', 'ft2', 'ft2_hf')}
-  for name in ('pre_a', 'pre_b'):
-    _cli('jaxlm.train', *PRETRAIN, '--workdir', runs[name], devices=1)
+  _together(*(('jaxlm.train', [*PRETRAIN, '--workdir', runs[name]], 1) for name in ('pre_a', 'pre_b')))
   _cli('jaxlm.train', *_finetune(runs['pre_a'], runs['ft1'], data))
   _cli('jaxlm.export', '--checkpoint', runs['ft1'], '--out', runs['ft1_int8'], '--quantize', 'int8')
-  _cli('jaxlm.train', *_finetune(runs['ft1_int8'], runs['ft2'], data, steps=4))
+  _cli('jaxlm.train', *_finetune(runs['ft1_int8'], runs['ft2'], data))
   texts = [t for t, _ in sentiment_examples(5, 20)]
   _write_jsonl(d / 'inputs.jsonl', [{'text': t} for t in texts])
-  _cli('jaxlm.predict', '--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl')
-  _cli('jaxlm.export', '--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf')
+  _together(
+    ('jaxlm.predict', ['--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl'], 2),
+    ('jaxlm.export', ['--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf'], 2),
+  )
   return runs, texts, d / 'preds.jsonl'
 
 
