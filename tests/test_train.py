@@ -1,20 +1,41 @@
-"""python -m jaxlm.train (jaxlm/train.py): the shipped configs and their commands, one error line and exit code 2 for
-a bad flag, config file or workdir, and two processes (gloo) that train as one. The training itself, in this
-process, is test_trainer.py's."""
+"""python -m jaxlm.train (jaxlm/train.py): the quickstart command end to end, the shipped configs and their
+commands, one error line and exit code 2 for a bad flag, config file or workdir, and two processes (gloo) that
+train as one. The training itself, stage by stage in this process, is test_trainer.py's."""
 
+import json
 import os
 import runpy
 
 import numpy as np
 import pytest
-from conftest import finish, logged, start_cli, start_two_processes, tiny_config, tiny_flags
+from conftest import cli_ok, finish, logged, start_cli, start_two_processes, tiny_config, tiny_flags
 
 from jaxlm import config as config_lib
-from jaxlm import train, trainer
+from jaxlm import tokenizer, train, trainer
 from jaxlm.errors import UsageError
 from jaxlm.tasks import glue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+  workdir = tmp_path / 'qs'
+  res = cli_ok(
+    'jaxlm.train', '--config', 'configs/quickstart.py', '--workdir', workdir, '--config.num_train_steps=40',
+    '--config.log_every_steps=10', '--config.eval_every_steps=40', '--config.data.train_tokenizer_vocab=3000',
+    '--config.profile_start_step=5', '--config.profile_num_steps=2',
+  )  # fmt: skip
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  for key in ('step', 'loss', 'mlm_accuracy', 'learning_rate', 'grad_norm', 'tokens_per_s'):
+    assert key in rows[0], key
+  assert rows[-1]['step'] == 40 and 'eval_loss' in rows[-1]
+  assert rows[-2]['loss'] < rows[0]['loss'] - 0.5  # The MLM loss is falling.
+  assert 'tok/s' in res.stdout and 'MFU' in res.stdout and 'ETA' in res.stdout
+  assert os.listdir(workdir / 'tensorboard')
+  assert json.load(open(workdir / 'config.json'))['num_train_steps'] == 40
+  assert tokenizer.load(str(workdir / 'tokenizer')).vocab_size > 1000
+  traces = [f for _, _, fs in os.walk(workdir / 'profile') for f in fs]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
 
 
 @pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py')))
