@@ -1,6 +1,6 @@
 """A user's journey across stages, each stage a fresh process as a user runs it:
 
-pretrain (twice: the same tokenizer and losses) -> fine-tune from the workdir -> export int8 ->
+the quickstart pretraining (twice: the same tokenizer and losses) -> fine-tune from the workdir -> export int8 ->
 fine-tune again from that export -> predict -> export --format hf -> transformers loads it and
 agrees -> jaxlm.load agrees. Stages that do not read each other's output run at the same time.
 """
@@ -11,6 +11,8 @@ import os
 import numpy as np
 import pytest
 from conftest import _write_jsonl, sentiment_examples, start_cli
+
+from jaxlm import tokenizer
 
 LABELS = ('negative', 'positive')
 
@@ -36,10 +38,11 @@ def _losses(workdir):
   return [r['loss'] for r in map(json.loads, open(os.path.join(workdir, 'metrics.jsonl'))) if 'loss' in r]
 
 
+# The quickstart command, shortened: a 3,000-token vocabulary, 40 steps, an evaluation and a profile.
 PRETRAIN = [
-  '--config', 'configs/quickstart.py', '--config.num_train_steps=4', '--config.log_every_steps=1',
-  '--config.eval_every_steps=0', '--config.global_batch_size=8', '--config.data.seq_len=32',
-  '--config.data.max_predictions=5', '--config.data.train_tokenizer_vocab=1200', '--config.checkpoint_every_steps=4',
+  '--config', 'configs/quickstart.py', '--config.num_train_steps=40', '--config.log_every_steps=10',
+  '--config.eval_every_steps=40', '--config.data.train_tokenizer_vocab=3000', '--config.profile_start_step=5',
+  '--config.profile_num_steps=2',
 ]  # fmt: skip
 
 
@@ -60,7 +63,7 @@ def journey(tmp_path_factory):
   data = (_write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 96))),
           _write_jsonl(d / 'dev.jsonl', rows(sentiment_examples(1, 24))))  # fmt: skip
   runs = {name: d / name for name in ('pre_a', 'pre_b', 'ft1', 'ft1_int8', 'ft2', 'ft2_hf')}
-  _together(*(('jaxlm.train', [*PRETRAIN, '--workdir', runs[name]], 1) for name in ('pre_a', 'pre_b')))
+  stdout, _ = _together(*(('jaxlm.train', [*PRETRAIN, '--workdir', runs[name]], 1) for name in ('pre_a', 'pre_b')))
   _cli('jaxlm.train', *_finetune(runs['pre_a'], runs['ft1'], data))
   _cli('jaxlm.export', '--checkpoint', runs['ft1'], '--out', runs['ft1_int8'], '--quantize', 'int8')
   _cli('jaxlm.train', *_finetune(runs['ft1_int8'], runs['ft2'], data))
@@ -70,11 +73,27 @@ def journey(tmp_path_factory):
     ('jaxlm.predict', ['--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl'], 2),
     ('jaxlm.export', ['--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf'], 2),
   )
-  return runs, texts, d / 'preds.jsonl'
+  return runs, texts, d / 'preds.jsonl', stdout
+
+
+def test_the_quickstart_trains_logs_evaluates_and_profiles(journey):
+  runs, *_, stdout = journey
+  workdir = runs['pre_a']
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  for key in ('step', 'loss', 'mlm_accuracy', 'learning_rate', 'grad_norm', 'tokens_per_s'):
+    assert key in rows[0], key
+  assert rows[-1]['step'] == 40 and 'eval_loss' in rows[-1]
+  assert rows[-2]['loss'] < rows[0]['loss'] - 0.5  # The MLM loss is falling.
+  assert 'tok/s' in stdout and 'MFU' in stdout and 'ETA' in stdout
+  assert os.listdir(workdir / 'tensorboard')
+  assert json.load(open(workdir / 'config.json'))['num_train_steps'] == 40
+  assert tokenizer.load(str(workdir / 'tokenizer')).vocab_size > 1000
+  traces = [f for _, _, fs in os.walk(workdir / 'profile') for f in fs]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
 
 
 def test_the_same_command_twice_gives_the_same_tokenizer_and_losses(journey):
-  runs, _, _ = journey
+  runs, *_ = journey
   a, b = (runs[n] / 'tokenizer' / 'tokenizer.json' for n in ('pre_a', 'pre_b'))
   assert a.read_bytes() == b.read_bytes()
   assert len(_losses(runs['pre_a'])) == 4
@@ -82,7 +101,7 @@ def test_the_same_command_twice_gives_the_same_tokenizer_and_losses(journey):
 
 
 def test_every_stage_is_self_contained(journey):
-  runs, _, _ = journey
+  runs, *_ = journey
   pretrain_vocab = (runs['pre_a'] / 'tokenizer' / 'vocab.txt').read_bytes()
   for name in ('ft1', 'ft2'):  # Fine-tuned runs hold their tokenizer and labels.
     assert (runs[name] / 'tokenizer' / 'vocab.txt').read_bytes() == pretrain_vocab, name
@@ -101,7 +120,7 @@ def test_predict_export_transformers_and_load_agree(journey):
 
   import jaxlm
 
-  runs, texts, preds_path = journey
+  runs, texts, preds_path, _ = journey
   preds = [json.loads(line) for line in open(preds_path)]
   assert len(preds) == len(texts) and all(p['label'] in LABELS for p in preds)
   m = jaxlm.load(runs['ft2'])

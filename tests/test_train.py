@@ -1,13 +1,15 @@
-"""python -m jaxlm.train (jaxlm/train.py): the shipped configs and their commands, one error line and exit code 2 for
-a bad flag, config file or workdir, and two processes (gloo) that train as one. The training itself, in this
-process, is test_trainer.py's."""
+"""python -m jaxlm.train (jaxlm/train.py): the shipped configs and the commands they document, one error line and
+exit code 2 for a bad flag, config file or workdir. The training itself is test_trainer.py's (stage by stage, in
+this process); test_journey.py runs the quickstart command, test_checkpoint.py two processes."""
 
+import json
 import os
 import runpy
+import socket
+import subprocess
 
-import numpy as np
 import pytest
-from conftest import finish, logged, start_cli, start_two_processes, tiny_config, tiny_flags
+from conftest import start_cli
 
 from jaxlm import config as config_lib
 from jaxlm import train, trainer
@@ -34,7 +36,7 @@ def test_shipped_configs_validate_and_document_their_command(name):
   trainer.check_config(c, 8)
 
 
-def test_flag_and_config_file_problems_are_one_line_and_exit_2(tmp_path):
+def test_flag_config_file_and_workdir_problems_are_one_line_and_exit_2(tmp_path):
   syntax = tmp_path / 'syntax.py'
   syntax.write_text('def get_config(:\n')
   unknown = tmp_path / 'unknown_key.py'
@@ -44,24 +46,34 @@ def test_flag_and_config_file_problems_are_one_line_and_exit_2(tmp_path):
   with pytest.raises(UsageError, match="unknown config key 'num_train_step'"):
     config_lib.validate(runpy.run_path(str(unknown))['get_config'](), 8)
   quickstart = os.path.join(ROOT, 'configs', 'quickstart.py')
-  cases = [  # (config, extra flag, what the one line says)
-    (tmp_path / 'missing.py', (), 'No such file or directory'),
-    (syntax, (), f'{syntax}:1: SyntaxError'),
-    (quickstart, ('--config.learning_rat=0.1',), 'learning_rat'),  # A config key misspelt on the command line.
-    (unknown, (), "error: unknown config key 'num_train_step'"),  # The library's UsageError, from a config file.
+  in_use = tmp_path / 'in_use'  # A workdir another training (a live process) holds.
+  in_use.mkdir()
+  holder = subprocess.Popen(['sleep', '300'])
+  (in_use / '.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': holder.pid, 'since': 'noon'}))
+  cases = [  # (config, workdir, extra flags, what the one line says)
+    (tmp_path / 'missing.py', tmp_path / 'w0', (), 'No such file or directory'),
+    (syntax, tmp_path / 'w1', (), f'{syntax}:1: SyntaxError'),
+    (quickstart, tmp_path / 'w2', ('--config.learning_rat=0.1',), 'learning_rat'),  # A key misspelt in a flag.
+    (unknown, tmp_path / 'w3', (), "error: unknown config key 'num_train_step'"),  # The library's UsageError.
+    (quickstart, in_use, (), f'error: {in_use} is in use by pid {holder.pid} on host '),  # The lock's.
   ]
   # A process each (how the command line reports is the point), all started at once.
-  procs = [
-    start_cli('jaxlm.train', '--config', config, '--workdir', tmp_path / f'w{i}', *extra, devices=8)
-    for i, (config, extra, _) in enumerate(cases)
-  ]  # fmt: skip
-  for (config, _, message), proc in zip(cases, procs):
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2, (config, err[-2000:])
-    assert 'Traceback' not in err, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], (config, err[-2000:])
+  try:
+    procs = [
+      start_cli('jaxlm.train', '--config', config, '--workdir', workdir, *extra, devices=8)
+      for config, workdir, extra, _ in cases
+    ]  # fmt: skip
+    for (config, _, _, message), proc in zip(cases, procs):
+      _, err = proc.communicate(timeout=600)
+      assert proc.returncode == 2, (config, err[-2000:])
+      assert 'Traceback' not in err, err[-2000:]
+      lines = [ln for ln in err.splitlines() if ln.strip()]
+      assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], (config, err[-2000:])
+  finally:
+    holder.kill()
+    holder.wait()
   assert os.listdir(tmp_path / 'w3') == []  # Stopped before any work: no vocabulary trained, the lock released.
+  assert os.listdir(in_use) == ['.lock']  # Nothing written, the holder's lock left alone.
 
 
 def test_a_workdir_that_cannot_be_made_is_one_usage_error(tmp_path):
@@ -73,16 +85,3 @@ def test_a_workdir_that_cannot_be_made_is_one_usage_error(tmp_path):
       train.make_workdir(str(workdir))
     assert str(e.value).startswith(message) and '\n' not in str(e.value), str(e.value)
   assert a_file.read_text() == 'not a directory\n'
-
-
-def test_two_processes_match_one_process(vocab_dir, tmp_path):
-  # Dropout off: its masks are not the same for one process and for two (a known difference).
-  run = {'num_train_steps': 6, 'checkpoint_every_steps': 6, 'model.hidden_dropout': 0.0, 'model.attention_dropout': 0.0}
-  multi = tmp_path / 'multi'
-  outs = finish(start_two_processes(tiny_flags(vocab_dir, multi, {**run, 'mesh.data': 2, 'mesh.fsdp': 2})))
-  assert '2 process(es), 4 cpu devices' in outs[0]
-  assert len(os.listdir(multi / 'tensorboard')) == 1  # One event file: process 0 writes it.
-  trainer.train(tiny_config(vocab_dir, run), str(tmp_path / 'one'))  # One process: this one, on its 8 devices.
-  got, want = logged(multi), logged(tmp_path / 'one')
-  assert sorted(got) == sorted(want) == list(range(1, 7))
-  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=2e-4)

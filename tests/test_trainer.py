@@ -1,12 +1,11 @@
 """jaxlm/trainer.py stage by stage, in this process: check_config, setup, restore_or_init, evaluate (the tasks'
 evaluation against their training loss), itstime and the loop (logging, evaluation, checkpoints, NaN policies,
-meshes, the quickstart), on conftest's tiny run. Stages share one set-up per module, compiled once."""
+meshes), on conftest's tiny run. Stages share one set-up per module, compiled once."""
 
 import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 
 import jax
@@ -257,25 +256,3 @@ def test_the_loss_curve_is_the_same_on_every_mesh(vocab_dir, straight, straight_
   for name, curve in curves.items():
     steps_ = sorted(curve)
     np.testing.assert_allclose([curve[s] for s in steps_], [ref[s] for s in steps_], rtol=2e-4, err_msg=name)
-
-
-def test_quickstart_trains_logs_and_profiles(tmp_path, capsys):
-  config = config_file('quickstart', {
-    'num_train_steps': 40, 'log_every_steps': 10, 'eval_every_steps': 40, 'data.train_tokenizer_vocab': 3000,
-    'profile_start_step': 5, 'profile_num_steps': 2,
-  })  # fmt: skip
-  workdir = str(tmp_path / 'qs')
-  trainer.train(config, workdir)
-  out = capsys.readouterr().out
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  for key in ('step', 'loss', 'mlm_accuracy', 'learning_rate', 'grad_norm', 'tokens_per_s'):
-    assert key in rows[0], key
-  assert rows[-1]['step'] == 40 and 'eval_loss' in rows[-1]
-  assert rows[-2]['loss'] < rows[0]['loss'] - 0.5  # The MLM loss is falling.
-  assert 'tok/s' in out and 'MFU' in out and 'ETA' in out
-  assert os.listdir(os.path.join(workdir, 'tensorboard'))
-  assert json.load(open(os.path.join(workdir, 'config.json')))['num_train_steps'] == 40
-  assert tokenizer.load(os.path.join(workdir, 'tokenizer')).vocab_size > 1000
-  traces = [f for _, _, fs in os.walk(os.path.join(workdir, 'profile')) for f in fs]
-  assert any(f.endswith('.xplane.pb') for f in traces), traces
-  assert math.isfinite(rows[-1]['eval_loss'])
