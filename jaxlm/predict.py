@@ -26,10 +26,11 @@ training code.
 
 from __future__ import annotations
 
-if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU buffers (hostenv.py).
+if __name__ == '__main__':  # Before JAX is imported: huge pages, the compilation cache (hostenv.py).
   from jaxlm import hostenv
 
   hostenv.reexec_with_hugepages()
+  hostenv.compilation_cache_env()
 
 import argparse
 import contextlib

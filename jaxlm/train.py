@@ -10,7 +10,7 @@ tokenizer/, labels.json (fine-tuning), checkpoints/, metrics.jsonl and TensorBoa
 
 from __future__ import annotations
 
-if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU buffers (hostenv.py).
+if __name__ == '__main__':  # Before JAX is imported: huge pages, the compilation cache (hostenv.py).
   import os
 
   from jaxlm import hostenv
@@ -19,6 +19,7 @@ if __name__ == '__main__':  # Before JAX is imported: huge pages for XLA's CPU b
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   hostenv.reexec_with_hugepages()
+  hostenv.compilation_cache_env()
 
 import os
 import sys

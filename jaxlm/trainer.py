@@ -242,8 +242,14 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     while step < total:
       if step == c.profile_start_step:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      state, metrics = run.step_fn(state, run.to_global(next(train_iter)))
+      batch = next(train_iter)
+      state, metrics = run.step_fn(state, run.to_global(batch))
       step += 1
+      if step > start + 1:  # Tokens of this step's padded length (length buckets), not data.seq_len's.
+        T = batch['input_ids'].shape[1]
+        reporter.count(
+          c.global_batch_size * T, perf.train_flops_per_step(run.mcfg, c.global_batch_size, T, run.task.predictions)
+        )
       if step == start + 1:  # Throughput is measured from here, without the compile.
         jax.block_until_ready(metrics)
         # On CPU the peak is measured now, when the input pipeline no longer competes with the matmul.

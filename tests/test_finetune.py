@@ -102,6 +102,55 @@ def test_eval_batches_pad_and_split_across_processes(tmp_path, minilm_dir):
     np.testing.assert_array_equal(np.concatenate([h0['weights'], h1['weights']]), whole[b]['weights'])
 
 
+def test_batches_are_padded_to_length_buckets_grouped_by_length_and_split_across_processes(tmp_path, minilm_dir):
+  rng = random.Random(3)
+  words = 'the a film book was very good bad long short and it i think so'.split()
+  rows = [
+    {'text': ' '.join(rng.choice(words) for _ in range(rng.randint(1, 25))), 'label': str(i % 2)} for i in range(24)
+  ]
+  path = _write_jsonl(tmp_path / 'train.jsonl', rows)
+  tok = tokenizer_lib.load(minilm_dir)
+  cfg = {'text_field': 'text', 'label_field': 'label', 'length_window': 3}
+  kw = dict(labels=['0', '1'], seq_len=32, global_batch_size=4, repeat=True, seed=5)
+  assert classify.bucket_lengths({}, 32) == (16, 32) and classify.bucket_lengths({}, 100) == (16, 32, 64, 100)
+  assert classify.bucket_lengths({'bucket_lengths': '24,8'}, 32) == (8, 24, 32)
+  assert classify.bucket_lengths({'bucket_lengths': 'none'}, 32) == (32,)
+  with pytest.raises(UsageError, match=r"data.bucket_lengths='8,40': lengths must be between 1 and data.seq_len=32"):
+    classify.bucket_lengths({'bucket_lengths': '8,40'}, 32)
+  with pytest.raises(UsageError, match=r'data.length_window=0: must be a positive integer'):
+    classify.check_config({'seq_len': 32, 'length_window': 0})
+  full = [ids for ids, _ in tok.encode([r['text'] for r in rows], 32)]
+  length = {tuple(ids): len(ids) for ids in full}
+
+  it = Iterator(classify.classify_dataset(f'jsonl:{path}', tok, data_cfg=cfg, **kw))
+  window = [next(it) for _ in range(3)]  # One window: the first 12 examples, sorted by length.
+  seen = []
+  for b in window:
+    ids = [tuple(r[m > 0].tolist()) for r, m in zip(b['input_ids'], b['attention_mask'])]
+    longest = max(length[i] for i in ids)
+    assert b['input_ids'].shape[1] == (16 if longest <= 16 else 32)  # The smallest bucket that holds it.
+    assert (b['attention_mask'].sum(1) == [length[i] for i in ids]).all()  # No real token cut.
+    seen += ids
+  assert sorted(seen) == sorted(tuple(ids) for ids in full[:12])
+  spans = sorted((min(length[i] for i in seen[k : k + 4]), max(length[i] for i in seen[k : k + 4])) for k in (0, 4, 8))
+  assert spans[0][1] <= spans[1][0] and spans[1][1] <= spans[2][0]  # Each batch holds a slice of the sorted window.
+  state = it.save(str(tmp_path / 'it' / 'state'))  # The window in flight is part of the saved position.
+  after = [next(it) for _ in range(4)]
+  again = Iterator(classify.classify_dataset(f'jsonl:{path}', tok, data_cfg=cfg, **kw))
+  again.restore(state)
+  for a, b in zip(after, [next(again) for _ in range(4)]):
+    np.testing.assert_array_equal(a['input_ids'], b['input_ids'])
+
+  halves = [
+    Iterator(classify.classify_dataset(f'jsonl:{path}', tok, data_cfg=cfg, process_index=i, process_count=2, **kw))
+    for i in range(2)
+  ]
+  for b in window:  # Both processes pad a step to the same length; their rows make the one-process batch.
+    h0, h1 = next(halves[0]), next(halves[1])
+    np.testing.assert_array_equal(np.concatenate([h0['input_ids'], h1['input_ids']]), b['input_ids'])
+    np.testing.assert_array_equal(np.concatenate([h0['labels'], h1['labels']]), b['labels'])
+
+
 # ----------------------------------------------------------------------------- the real MiniLM, CLI
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 import jaxlm
 from jaxlm import checkpoint, losses, steps, tokenizer, trainer
+from jaxlm.data import classify as data_classify
 from jaxlm.errors import UsageError
 
 # ----------------------------------------------------------------------------- check_config
@@ -183,6 +184,46 @@ def test_classification_evaluation_is_the_training_loss_over_the_real_rows(class
   loss, metrics = losses.classification_loss({'logits': logits[real]}, {'labels': labels[real]})
   np.testing.assert_allclose(got['loss'], float(loss), rtol=1e-5)
   np.testing.assert_allclose(got['accuracy'], float(metrics['accuracy']), rtol=1e-6)
+
+
+def test_length_buckets_give_the_loss_gradients_and_metrics_of_full_padding(classify):
+  run, _ = classify
+  state, _, _, ckpt = trainer.restore_or_init(run)
+  ckpt.close()
+  params = run.export_params(state)
+  widths = {b['input_ids'].shape[1] for b in run.eval_sets['validation']}
+  assert widths <= {16, 32} and 16 in widths  # Sorted by length, most of the eval set needs 16 tokens.
+  bucketed = trainer.evaluate(run, state)
+  whole = {**run.config.data.to_dict(), 'bucket_lengths': 'none'}
+  padded_sets, n = data_classify.eval_batches(
+    run.config.data.eval, run.tokenizer, labels=run.task.labels, seq_len=32, global_batch_size=8, data_cfg=whole,
+    process_index=0, process_count=1, split='validation',
+  )  # fmt: skip
+  assert n == 21 and {b['input_ids'].shape[1] for b in padded_sets} == {32}
+  outputs = jax.device_get([run.eval_fn(params, run.to_global(b)) for b in padded_sets])
+  padded = run.task.summarize('validation', outputs)
+  assert set(padded) == set(bucketed)
+  np.testing.assert_allclose([padded[k] for k in sorted(padded)], [bucketed[k] for k in sorted(padded)], rtol=1e-5)
+
+  batch = next(iter(run.train_ds))
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  T = batch['input_ids'].shape[1]
+  assert T == 16  # Short sentences: the batch is padded to the first bucket.
+  fill = {'input_ids': run.tokenizer.pad_id}  # Mask and token types pad with 0.
+  wide = {
+    k: np.pad(v, ((0, 0), (0, 32 - T)), constant_values=fill.get(k, 0)) if v.ndim == 2 else v for k, v in batch.items()
+  }
+
+  def loss(p, b):
+    return run.task.loss_fn(run.mesh)(steps.forward(run.graphdef, p, b), b)[0]
+
+  grad = jax.jit(jax.value_and_grad(loss))
+  (l16, g16), (l32, g32) = grad(params, batch), grad(params, wide)
+  np.testing.assert_allclose(float(l16), float(l32), rtol=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g16), nnx.to_flat_state(g32)):
+    np.testing.assert_allclose(
+      np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-4, atol=1e-6, err_msg=str(path)
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
