@@ -100,7 +100,7 @@ def compilation_cache_env(environ=None) -> str | None:
     return None
   if environ.get('JAX_COMPILATION_CACHE_DIR'):
     return None
-  base = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  base = environ.get('XDG_CACHE_HOME') or os.path.join(environ.get('HOME') or os.path.expanduser('~'), '.cache')
   path = os.path.expanduser(choice) if choice else os.path.join(base, 'jaxlm', 'xla')
   environ['JAX_COMPILATION_CACHE_DIR'] = path
   # JAX caches only programs that took a second to compile by default; a CPU forward of a small
