@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -227,6 +228,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     meta['labels'] = run.task.labels
   best_metric = run.task.best_metric()[0]
   sparsity_fn = jax.jit(prune.sparsity_fraction) if run.opt.pruning else None
+  finite_fn = jax.jit(lambda p: jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
   step, last, pending, undecodable, skipped = start, {}, None, 0, 0.0
   # SIGTERM (preemption) and a first Ctrl-C stop the run after the step in flight, saved; a second Ctrl-C aborts.
   stop_signal = {'code': 0}
@@ -286,8 +288,13 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
           ckpt.save_best(step, run.export_params(state), {**meta, 'step': step}, evaluated[best_metric])
       stop = _agree(stop_signal['code'])  # Every process saves the same step when any of them got a signal.
       if stop or itstime(step, c.checkpoint_every_steps, total):
-        if not skip:
-          _check_finite(step, jax.device_get(metrics))  # A NaN state is never saved.
+        if not skip:  # A NaN state is never saved: the loss came before this step's update, so the parameters too.
+          _check_finite(step, jax.device_get(metrics))
+          if not bool(finite_fn(state['params'])):
+            raise FloatingPointError(
+              f'step {step}: the update made the parameters non-finite (the loss was finite); stopping without'
+              ' saving. Lower learning_rate, raise warmup_steps or set clip_grad_norm.'
+            )
         ckpt.save(step, state, {**meta, 'step': step}, train_iter)
       if stop:
         stopped_by = STOP_SIGNALS[stop - 1]
