@@ -92,6 +92,16 @@ def test_whole_word_masking_masks_words_together(corpus):
   assert n_pieces > 50
 
 
+def test_whole_word_masking_of_a_sequence_with_few_words(corpus, tmp_path):
+  _, tok, _ = corpus
+  (tmp_path / 'few.txt').write_text('one two three\n')  # A single sequence of 3 words, fewer than P.
+  kw = dict(seq_len=T, max_predictions=P, mask_prob=0.5, nsp=False, seed=0, global_batch_size=1, process_index=0,
+            process_count=1)  # fmt: skip
+  (b,) = pretrain.eval_batches(f'text:{tmp_path}/few.txt', tok, whole_word=True, **kw)
+  (want,) = pretrain.eval_batches(f'text:{tmp_path}/few.txt', tok, whole_word=False, **kw)
+  assert b['masked_weights'].sum() == want['masked_weights'].sum() == 2  # round(0.5 * 3 words of a piece each)
+
+
 def test_packing_drops_and_duplicates_no_token(corpus):
   root, tok, _ = corpus
   recs = pretrain.text_records(f'text:{root}/part0.txt')

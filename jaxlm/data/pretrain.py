@@ -148,7 +148,8 @@ def mask_fn(tokenizer: Tokenizer, seq_len: int, max_predictions: int, mask_prob:
     word = tf.cumsum(tf.cast(starts, tf.int32)) - 1  # Word index of every position.
     word_len = tf.math.unsorted_segment_sum(tf.cast(valid, tf.int32), tf.maximum(word, 0), T)
     order = tf.math.top_k(tf.where(starts, scores, -1.0), k=P).indices  # Up to P words, random order.
-    order_words = tf.gather(word, order)
+    # Fewer words than P (a short last sequence): the rest of `order` are no starts, maybe [CLS] of word -1.
+    order_words = tf.maximum(tf.gather(word, order), 0)
     lens = tf.where(tf.gather(starts, order), tf.gather(word_len, order_words), 0)
     keep_word = (tf.cumsum(lens) <= n) & (lens > 0)
     chosen_words = tf.scatter_nd(order_words[:, None], tf.cast(keep_word, tf.int32), [T]) > 0
