@@ -41,6 +41,7 @@ BAD = [
   ({'task': 'translation'}, "task='translation'"),
   ({'data.max_predictions': 127}, 'data.max_predictions=127 exceeds the maskable tokens of data.seq_len=128'),
   ({'data.mask_prob': 1.0}, 'data.mask_prob=1.0: must be between 0 and 1'),
+  ({'data.nsp': True, 'data.separate_documents': True}, 'data.separate_documents=True cannot be combined with'),
   ({'task': 'classification', 'model.init_from': '/m', 'data.nsp': True}, 'data.nsp=True is for pretraining'),
   ({'data.train': 'corpus.txt'}, "data.train='corpus.txt': expected KIND:SPEC"),
   ({'data.eval': 'ftp:x'}, "data.eval='ftp:x': expected KIND:SPEC"),
