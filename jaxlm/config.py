@@ -113,6 +113,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.max_predictions = 20  # Masked positions per sequence (static shape).
   c.data.mask_prob = 0.15  # Fraction of tokens chosen for prediction.
   c.data.nsp = False  # Next-sentence prediction: pairs [CLS] A [SEP] B [SEP], half of B random.
+  c.data.separate_documents = False  # Pretraining: the documents packed into a sequence attend only
+  #   to themselves (segment_ids) and their positions restart at 0 (position_ids); not with data.nsp.
   c.data.tokenizer = ''  # Tokenizer dir or tokenizer.json; '' = from model.init_from or trained.
   c.data.train_tokenizer_vocab = 0  # >0: train a WordPiece vocabulary of this size on data.train
   #   into WORKDIR/tokenizer (when data.tokenizer is '').

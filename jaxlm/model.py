@@ -291,15 +291,15 @@ class Embeddings(nnx.Module):
     self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
     self.ln_bias = _param(None, (D,), ('embed',))
 
-  def __call__(self, ids_BxT, types_BxT, cfg: ModelConfig):
+  def __call__(self, ids_BxT, types_BxT, cfg: ModelConfig, positions_BxT=None):
     T = ids_BxT.shape[1]
     if T > cfg.max_position_embeddings:
       raise UsageError(f'sequence length {T} exceeds model.max_position_embeddings={cfg.max_position_embeddings}')
-    x_BxTxD = (
-      jnp.take(self.word[...], ids_BxT, axis=0)
-      + self.position[...][:T][None]
-      + jnp.take(self.token_type[...], types_BxT, axis=0)
-    )
+    if positions_BxT is None:
+      pos_BxTxD = self.position[...][:T][None]  # 0..T-1, the same in every row (B = 1, broadcast).
+    else:  # Packed rows: each document's positions restart at 0.
+      pos_BxTxD = jnp.take(self.position[...], positions_BxT, axis=0)
+    x_BxTxD = jnp.take(self.word[...], ids_BxT, axis=0) + pos_BxTxD + jnp.take(self.token_type[...], types_BxT, axis=0)
     return _layer_norm(x_BxTxD, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
 
 
@@ -340,13 +340,13 @@ class Layers(nnx.Module):
         setattr(self, f'{name}_scale', scale)
       self.names = self.NAMES + tuple(f'{n}_scale' for n in INT8_KERNELS)
 
-  def __call__(self, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
+  def __call__(self, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
     stacked = {name: getattr(self, name)[...] for name in self.names}
     rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
     def body(x, inputs):
       p, layer_rng = inputs
-      return _layer(p, x, valid_BxT, cfg, layer_rng), None
+      return _layer(p, x, valid_BxT, segment_BxT, cfg, layer_rng), None
 
     if cfg.remat != 'none':
       policy = {
@@ -364,23 +364,34 @@ class Layers(nnx.Module):
     return x_BxTxD
 
 
-def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, cfg: ModelConfig, rng):
-  """Multi-head self-attention over the valid (non-padding) keys."""
-  mask_Bx1x1xT = valid_BxT[:, None, None, :]
+def _attention_mask(valid_BxT, segment_BxT):
+  """Which keys each query sees: [B,1,1,T] valid keys, or [B,1,T,T] keys of the query's own segment."""
+  if segment_BxT is None:
+    return valid_BxT[:, None, None, :]
+  return segment_BxT[:, None, :, None] == segment_BxT[:, None, None, :]
+
+
+def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
+  """Multi-head self-attention over the valid (non-padding) keys, or within each segment."""
+  mask_Bx1xTxT = _attention_mask(valid_BxT, segment_BxT)  # T = 1 on the query axis without segments.
   if rng is None or cfg.attention_dropout == 0.0:
     # The fused path: XLA on CPU/TPU, cuDNN flash attention on GPU when asked for.
     return jax.nn.dot_product_attention(
-      q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask_Bx1x1xT, implementation=cfg.attention_impl
+      q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask_Bx1xTxT, implementation=cfg.attention_impl
     )
-  # Attention-probability dropout needs the probabilities, so training with it is explicit.
+  return _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg, rng)
+
+
+def _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg: ModelConfig, rng):
+  """softmax(q k^T / sqrt(K)) v with the probabilities materialised: attention dropout needs them."""
   scale = 1.0 / math.sqrt(cfg.head_size)
   s_BxNxTxT = jnp.einsum('btnk,bsnk->bnts', q_BxTxNxK, k_BxTxNxK).astype(jnp.float32) * scale
-  s_BxNxTxT = jnp.where(mask_Bx1x1xT, s_BxNxTxT, jnp.finfo(jnp.float32).min)
+  s_BxNxTxT = jnp.where(mask_Bx1xTxT, s_BxNxTxT, jnp.finfo(jnp.float32).min)
   p_BxNxTxT = _dropout(jax.nn.softmax(s_BxNxTxT, axis=-1), cfg.attention_dropout, rng)
   return jnp.einsum('bnts,bsnk->btnk', p_BxNxTxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
 
 
-def _layer(p: dict, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
+def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
   """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
   dt = x_BxTxD.dtype
   p = {
@@ -389,7 +400,7 @@ def _layer(p: dict, x_BxTxD, valid_BxT, cfg: ModelConfig, rng):
   }  # fmt: skip
   attn_rng, drop1, drop2, drop3 = _split(rng, 4)
   q, k, v = (jnp.einsum('btd,dnk->btnk', x_BxTxD, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4) for n in 'qkv')
-  a_BxTxNxK = _attention(q, k, v, valid_BxT, cfg, attn_rng)
+  a_BxTxNxK = _attention(q, k, v, valid_BxT, segment_BxT, cfg, attn_rng)
   a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + _bcast(p['o_bias'], 3)
   a_BxTxD = _dropout(a_BxTxD, cfg.hidden_dropout, drop1)
   x_BxTxD = _layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
@@ -483,9 +494,16 @@ class Bert(nnx.Module):
     token_type_ids=None,
     masked_positions=None,
     *,
+    segment_ids=None,
+    position_ids=None,
     rng: jax.Array | None = None,
   ) -> dict[str, jax.Array]:
     """Runs the encoder and every head present; dropout is on iff `rng` is given.
+
+    `attention_mask` [B,T] (1 = real token) marks right padding. Packed rows instead give
+    `segment_ids` [B,T] (0 = padding, 1, 2, ... = the document of each token; a token attends
+    only to its own document, padding to padding; `attention_mask` is then ignored) and
+    `position_ids` [B,T] (each document's positions from 0; None = 0..T-1).
 
     Returns a dict with `hidden` [B,T,D] and, where the heads exist, `pooled` [B,D],
     `mlm_logits` ([B,P,V] at `masked_positions` [B,P] if given, else [B,T,V]),
@@ -498,9 +516,10 @@ class Bert(nnx.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     emb_rng, layers_rng, head_rng = _split(rng, 3)
-    x_BxTxD = self.embeddings(input_ids, token_type_ids, cfg).astype(dt)
+    x_BxTxD = self.embeddings(input_ids, token_type_ids, cfg, position_ids).astype(dt)
     x_BxTxD = _dropout(x_BxTxD, cfg.hidden_dropout, emb_rng)
-    x_BxTxD = self.layers(x_BxTxD, attention_mask.astype(bool), cfg, layers_rng)
+    valid_BxT = attention_mask.astype(bool) if segment_ids is None else segment_ids > 0
+    x_BxTxD = self.layers(x_BxTxD, valid_BxT, segment_ids, cfg, layers_rng)
     out = {'hidden': x_BxTxD}
     if self.pooler is not None:
       out['pooled'] = jnp.tanh(self.pooler(x_BxTxD[:, 0]))

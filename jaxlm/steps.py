@@ -21,7 +21,8 @@ from jaxlm.optim import trainable_of
 
 
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
-  """Runs the model on a batch dict (input_ids, attention_mask, token_type_ids[, masked_positions])."""
+  """Runs the model on a batch dict (input_ids, attention_mask, token_type_ids[, masked_positions,
+  segment_ids, position_ids]: packed rows carry the last two)."""
   return model_lib.apply(
     graphdef,
     params,
@@ -29,6 +30,8 @@ def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
     batch.get('attention_mask'),
     batch.get('token_type_ids'),
     batch.get('masked_positions'),
+    segment_ids=batch.get('segment_ids'),
+    position_ids=batch.get('position_ids'),
     rng=rng,
   )
 

@@ -92,6 +92,16 @@ def test_whole_word_masking_masks_words_together(corpus):
   assert n_pieces > 50
 
 
+def test_whole_word_masking_of_a_sequence_with_few_words(corpus, tmp_path):
+  _, tok, _ = corpus
+  (tmp_path / 'few.txt').write_text('one two three\n')  # A single sequence of 3 words, fewer than P.
+  kw = dict(seq_len=T, max_predictions=P, mask_prob=0.5, nsp=False, seed=0, global_batch_size=1, process_index=0,
+            process_count=1)  # fmt: skip
+  (b,) = pretrain.eval_batches(f'text:{tmp_path}/few.txt', tok, whole_word=True, **kw)
+  (want,) = pretrain.eval_batches(f'text:{tmp_path}/few.txt', tok, whole_word=False, **kw)
+  assert b['masked_weights'].sum() == want['masked_weights'].sum() == 2  # round(0.5 * 3 words of a piece each)
+
+
 def test_packing_drops_and_duplicates_no_token(corpus):
   root, tok, _ = corpus
   recs = pretrain.text_records(f'text:{root}/part0.txt')
@@ -104,6 +114,66 @@ def test_packing_drops_and_duplicates_no_token(corpus):
     assert ids[0] == tok.cls_id and ids[n - 1] == tok.sep_id
     body += ids[1 : n - 1].tolist()
   assert body == stream
+
+
+def test_separate_documents_segments_and_positions(corpus, tmp_path):
+  _, tok, _ = corpus
+  docs = ['the quick brown fox', 'a module of the standard library for the whole program', 'short one']
+  (tmp_path / 'three.txt').write_text(''.join(d + '\n' for d in docs))
+  pieces = [tok.backend.encode(d, add_special_tokens=False).ids + [tok.sep_id] for d in docs]
+  stream = [(t, i) for i, p in enumerate(pieces) for t in p]  # (token, its document)
+  t = 12
+  rows = list(pretrain.pack(pretrain.token_stream(pretrain.text_records(f'text:{tmp_path}/three.txt'), tok), t, tok,
+                            nsp=False, seed=0, separate_documents=True).as_numpy_iterator())  # fmt: skip
+  body = t - 2
+  assert len(rows) == -(-len(stream) // body) >= 3
+  for r, row in enumerate(rows):
+    chunk = stream[r * body : (r + 1) * body]
+    owners = [chunk[0][1]] + [i for _, i in chunk] + [chunk[-1][1]]  # [CLS] and the closing [SEP] join their pieces.
+    n = len(owners)
+    want_seg = [sorted(set(owners)).index(i) + 1 for i in owners] + [0] * (t - n)
+    want_pos = [owners[: k + 1].count(i) - 1 for k, i in enumerate(owners)] + [0] * (t - n)
+    assert row['input_ids'][:n].tolist() == [tok.cls_id] + [x for x, _ in chunk] + [tok.sep_id]
+    assert row['segment_ids'].tolist() == want_seg and row['position_ids'].tolist() == want_pos, r
+    assert row['segment_ids'].dtype == row['position_ids'].dtype == np.int32
+    seg, ids = row['segment_ids'], row['input_ids']
+    for k in range(1, n - 2):  # A document's [SEP] is the last token of its segment ...
+      assert (ids[k] == tok.sep_id) == (seg[k + 1] != seg[k]), (r, k)
+    assert seg[n - 1] == seg[n - 2]  # ... and the row's closing [SEP] joins the piece before it.
+  # The first row: [CLS] and the first document from 0, then the second document from 0 again.
+  first = len(pieces[0]) + 1
+  assert first < t - 2
+  assert rows[0]['position_ids'][:first].tolist() == list(range(first))
+  assert rows[0]['position_ids'][first] == 0 and rows[0]['segment_ids'][first] == 2
+  assert (rows[-1]['segment_ids'] == 0).any()  # The last row is padded: segment 0, position 0.
+  assert not (rows[-1]['position_ids'][rows[-1]['segment_ids'] == 0]).any()
+  assert max(int(r['segment_ids'].max()) for r in rows) >= 2
+  assert not any('segment_ids' in r for r in pretrain.pack(
+    pretrain.token_stream(pretrain.text_records(f'text:{tmp_path}/three.txt'), tok), t, tok, nsp=False, seed=0
+  ).as_numpy_iterator())  # fmt: skip
+
+
+@pytest.mark.parametrize('whole_word', [False, True])
+def test_separate_documents_keeps_tokens_and_masks(whole_word, corpus):
+  root, tok, _ = corpus
+  spec = f'text:{root}/part*.txt'
+  plain = _take(_ds(spec, tok, whole_word=whole_word), 3)
+  packed = _take(_ds(spec, tok, whole_word=whole_word, separate_documents=True), 3)
+  for a, b in zip(plain, packed):
+    assert set(b) == set(a) | {'segment_ids', 'position_ids'}
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ((b['segment_ids'] > 0) == (b['attention_mask'] > 0)).all() and (b['segment_ids'][:, 0] == 1).all()
+    assert (b['segment_ids'].max(1) > 1).any()  # Rows of several documents.
+  kw = dict(seq_len=T, max_predictions=P, mask_prob=0.15, nsp=False, whole_word=whole_word, seed=0,
+            global_batch_size=16, process_index=0, process_count=1)  # fmt: skip
+  evals = pretrain.eval_batches(f'text:{root}/part0.txt', tok, separate_documents=True, **kw)
+  for a, b in zip(pretrain.eval_batches(f'text:{root}/part0.txt', tok, **kw), evals):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert evals[-1]['masked_weights'][-1].sum() == 0 and not evals[-1]['segment_ids'][-1].any()  # A padding row.
+  with pytest.raises(UsageError, match=r'data.separate_documents=True cannot be combined with data.nsp=True'):
+    _ds(spec, tok, nsp=True, separate_documents=True)
 
 
 def test_next_sentence_pairs(corpus):

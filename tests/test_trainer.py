@@ -42,6 +42,7 @@ BAD = [
   ({'task': 'translation'}, "task='translation'"),
   ({'data.max_predictions': 127}, 'data.max_predictions=127 exceeds the maskable tokens of data.seq_len=128'),
   ({'data.mask_prob': 1.0}, 'data.mask_prob=1.0: must be between 0 and 1'),
+  ({'data.nsp': True, 'data.separate_documents': True}, 'data.separate_documents=True cannot be combined with'),
   ({'task': 'classification', 'model.init_from': '/m', 'data.nsp': True}, 'data.nsp=True is for pretraining'),
   ({'data.train': 'corpus.txt'}, "data.train='corpus.txt': expected KIND:SPEC"),
   ({'data.eval': 'ftp:x'}, "data.eval='ftp:x': expected KIND:SPEC"),
@@ -224,6 +225,52 @@ def test_length_buckets_give_the_loss_gradients_and_metrics_of_full_padding(clas
     np.testing.assert_allclose(
       np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-4, atol=1e-6, err_msg=str(path)
     )
+
+
+# ----------------------------------------------------------------------------- packed documents kept apart
+
+
+@pytest.fixture(scope='module')
+def packed(vocab_dir, eval_text, tmp_path_factory):
+  """setup() of the tiny run with data.separate_documents and an eval set at steps 6 and 12."""
+  config = tiny_config(vocab_dir, {'data.separate_documents': True, 'data.eval': eval_text, 'eval_every_steps': 6})
+  return trainer.setup(config, str(tmp_path_factory.mktemp('packed')))
+
+
+def test_a_packed_document_predicts_as_if_it_were_alone(packed, tmp_path):
+  state, _, train_iter, ckpt = _fresh(packed, tmp_path)
+  ckpt.close()
+  batch = next(train_iter)
+  assert {'segment_ids', 'position_ids'} <= set(packed.batch_sh)
+  params = packed.export_params(state)
+  logits = jax.jit(lambda p, b: steps.forward(packed.graphdef, p, b)['mlm_logits'])
+  rows = {k: v for k, v in batch.items() if k != 'masked_positions'}  # Logits at every position.
+  together = np.asarray(logits(params, rows))
+  pieces = [(r, np.flatnonzero(batch['segment_ids'][r] == s)) for r in range(len(batch['segment_ids']))
+            for s in range(1, batch['segment_ids'][r].max() + 1)]  # fmt: skip
+  assert len(pieces) > len(batch['segment_ids'])  # Rows that hold several documents.
+  T = batch['input_ids'].shape[1]
+  alone = {k: np.zeros((len(pieces), T), np.int32) for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  for i, (r, at) in enumerate(pieces):  # Each piece as a sequence of its own, from position 0, right-padded.
+    alone['input_ids'][i, : len(at)] = batch['input_ids'][r, at]
+    alone['attention_mask'][i, : len(at)] = 1
+  alone_logits = np.asarray(logits(params, alone))
+  for i, (r, at) in enumerate(pieces):
+    np.testing.assert_allclose(together[r, at], alone_logits[i, : len(at)], rtol=1e-5, atol=1e-5, err_msg=str(i))
+  # Without the ids the same rows attend across documents: later pieces predict otherwise.
+  mixed = np.asarray(logits(params, {k: v for k, v in rows.items() if k not in ('segment_ids', 'position_ids')}))
+  r, at = next((r, at) for r, at in pieces if at[0] > 0)
+  assert np.abs(mixed[r, at] - together[r, at]).max() > 1e-3
+
+
+def test_packed_documents_train_and_evaluate(packed, tmp_path):
+  state, start, train_iter, ckpt = _fresh(packed, tmp_path)
+  last = trainer.loop(dataclasses.replace(packed, workdir=str(tmp_path)), state, start, train_iter, ckpt)
+  losses_ = logged(tmp_path)
+  assert sorted(losses_) == list(range(1, 13)) and all(np.isfinite(list(losses_.values())))
+  assert losses_[12] < losses_[1], losses_
+  evals = logged(tmp_path, 'eval_loss')
+  assert sorted(evals) == [6, 12] and all(np.isfinite(list(evals.values()))) and last['eval_loss'] == evals[12]
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -4,6 +4,8 @@
   pretrain_dataset(...)  tokenized, packed into [CLS] A [SEP] (B [SEP]) sequences of seq_len,
                      shuffled, dynamically masked (80% [MASK] / 10% random / 10% kept), this
                      process's share of every global batch, batched
+  document_ids(...)  segment and position ids of the documents packed into one sequence
+                     (data.separate_documents: no attention across documents)
 
 Every sequence gets a global index before the per-process split, and its masks are drawn
 from (seed, index): the same seed gives the same batches whatever the number of hosts, and
@@ -87,15 +89,45 @@ def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset
   return ids.unbatch()
 
 
-def pack(stream: tf.data.Dataset, seq_len: int, tokenizer: Tokenizer, nsp: bool, seed: int) -> tf.data.Dataset:
-  """Fixed-length sequences {input_ids, token_type_ids[, nsp_labels]} from a token stream."""
+def check_options(nsp: bool, separate_documents: bool) -> None:
+  """Raises UsageError for data.* options that cannot go together."""
+  if nsp and separate_documents:
+    raise UsageError('data.separate_documents=True cannot be combined with data.nsp=True: a next-sentence pair'
+                     ' is one example across two segments, not separate documents')  # fmt: skip
+
+
+def document_ids(body: tf.Tensor, seq_len: int, sep: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(segment_ids, position_ids), int32 [seq_len] each, of the packed row [CLS] body [SEP] + padding.
+
+  A segment is the piece of one document in the row: 1, 2, ... in order, 0 on padding. Each
+  document's [SEP] ends its segment; the row's leading [CLS] joins the first piece and its closing
+  [SEP] the last. Positions restart at 0 where a segment starts (0 on padding)."""
+  segs = 1 + tf.cumsum(tf.cast(body == sep, tf.int32), exclusive=True)
+  segs = tf.concat([[1], segs, segs[-1:]], 0)
+  index = tf.range(tf.shape(segs)[0])
+  starts = tf.math.segment_min(index, segs)  # segs is sorted: where each segment begins.
+  positions = index - tf.gather(starts, segs)
+  fill = [[0, seq_len - tf.shape(segs)[0]]]
+  return tf.pad(segs, fill), tf.pad(positions, fill)
+
+
+def pack(stream: tf.data.Dataset, seq_len: int, tokenizer: Tokenizer, nsp: bool, seed: int,
+         separate_documents: bool = False) -> tf.data.Dataset:  # fmt: skip
+  """Fixed-length sequences {input_ids, token_type_ids[, nsp_labels]} from a token stream.
+
+  With `separate_documents`, every sequence also gets `segment_ids` and `position_ids`
+  (document_ids): the packing, and so the tokens of each sequence, stay the same."""
+  check_options(nsp, separate_documents)
   cls, sep, pad = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
   if not nsp:  # The last, shorter sequence is padded, so no token is dropped.
 
     def one(x):
       ids = tf.concat([[cls], x, [sep]], 0)
-      return {'input_ids': tf.pad(ids, [[0, seq_len - tf.shape(ids)[0]]], constant_values=pad),
-              'token_type_ids': tf.zeros([seq_len], tf.int32)}  # fmt: skip
+      ids = tf.pad(ids, [[0, seq_len - tf.shape(ids)[0]]], constant_values=pad)
+      out = {'input_ids': ids, 'token_type_ids': tf.zeros([seq_len], tf.int32)}
+      if separate_documents:
+        out['segment_ids'], out['position_ids'] = document_ids(x, seq_len, sep)
+      return out
 
     return stream.batch(seq_len - 2).map(one)
   h = (seq_len - 3) // 2  # A and B get half each; an odd leftover position is padding.
@@ -148,7 +180,8 @@ def mask_fn(tokenizer: Tokenizer, seq_len: int, max_predictions: int, mask_prob:
     word = tf.cumsum(tf.cast(starts, tf.int32)) - 1  # Word index of every position.
     word_len = tf.math.unsorted_segment_sum(tf.cast(valid, tf.int32), tf.maximum(word, 0), T)
     order = tf.math.top_k(tf.where(starts, scores, -1.0), k=P).indices  # Up to P words, random order.
-    order_words = tf.gather(word, order)
+    # Fewer words than P (a short last sequence): the rest of `order` are no starts, maybe [CLS] of word -1.
+    order_words = tf.maximum(tf.gather(word, order), 0)
     lens = tf.where(tf.gather(starts, order), tf.gather(word_len, order_words), 0)
     keep_word = (tf.cumsum(lens) <= n) & (lens > 0)
     chosen_words = tf.scatter_nd(order_words[:, None], tf.cast(keep_word, tf.int32), [T]) > 0
@@ -236,6 +269,7 @@ def pretrain_dataset(
   mask_prob: float = 0.15,
   nsp: bool = False,
   whole_word: bool = False,
+  separate_documents: bool = False,
   seed: int = 0,
   shuffle_buffer: int = 1000,
   process_index: int = 0,
@@ -249,14 +283,16 @@ def pretrain_dataset(
   Hosts split the work by file when the source has at least one file per host (each reads
   only its files), otherwise by sequence: every host packs the whole stream and keeps every
   process_count-th sequence, so each sequence is used exactly once per epoch and the global
-  batches are the same whatever the number of hosts.
+  batches are the same whatever the number of hosts. With `separate_documents` each sequence
+  also holds `segment_ids` and `position_ids` (document_ids); its tokens and masks are unchanged.
   """
+  check_options(nsp, separate_documents)
   if tokenizer.mask_id is None:
     raise UsageError(f'{tokenizer.source}: the vocabulary has no [MASK] token, which MLM needs')
   kind, _ = sources.split_spec(spec, key)
   by_file = kind in ('text', 'jsonl', 'csv', 'tsv', 'tfrecord') and len(sources.files(spec, key)) >= process_count > 1
   recs = text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
-  seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed)
+  seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed, separate_documents)
   counted = Stats.undecodable
   with sources.usage_errors(f'{key}={spec!r}'):
     empty = next(iter(seqs.take(1)), None) is None
@@ -282,15 +318,18 @@ def pretrain_dataset(
 def eval_batches(
   spec: str, tokenizer: Tokenizer, *, seq_len: int, max_predictions: int, global_batch_size: int, mask_prob: float,
   nsp: bool, whole_word: bool, seed: int, process_index: int, process_count: int, data_cfg: dict | None = None,
+  separate_documents: bool = False,
 ) -> list[dict]:  # fmt: skip
   """This process's share of the whole eval set, read once, as padded numpy batches.
 
   Every host gets the same number of batches; the rows that pad the last one have zero
-  masked_weights (and nsp_weights), so they count nowhere in the metrics.
+  masked_weights (and nsp_weights), so they count nowhere in the metrics (and, with
+  separate_documents, segment_ids of 0: padding only).
   """
   ds = pretrain_dataset(
     spec, tokenizer, seq_len=seq_len, max_predictions=max_predictions, global_batch_size=1, mask_prob=mask_prob,
-    nsp=nsp, whole_word=whole_word, seed=seed, shuffle_buffer=0, repeat=False, key='data.eval', data_cfg=data_cfg,
+    nsp=nsp, whole_word=whole_word, separate_documents=separate_documents, seed=seed, shuffle_buffer=0, repeat=False,
+    key='data.eval', data_cfg=data_cfg,
   )  # fmt: skip
   rows = [{k: v[0] for k, v in b.items()} for b in Iterator(ds)]
   n = len(rows)

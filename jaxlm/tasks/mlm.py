@@ -1,6 +1,7 @@
 """Masked-LM pretraining (Devlin et al. 2019), with optional next-sentence prediction (data.nsp).
 
-Batches come from data/pretrain.py (packed, dynamically masked); the loss is losses.mlm_loss,
+Batches come from data/pretrain.py (packed, dynamically masked; with data.separate_documents also
+segment_ids and position_ids, which steps.forward hands to the model); the loss is losses.mlm_loss,
 vocabulary-parallel when mesh.tensor > 1. Evaluation runs the same loss with unit normalizers
 (sums of loss and correct predictions per batch), divided by the whole eval set's weights.
 """
@@ -27,7 +28,8 @@ class MaskedLM(Task):
     self.predictions = d.max_predictions
     self._data_kw = dict(
       seq_len=d.seq_len, max_predictions=d.max_predictions, global_batch_size=config.global_batch_size,
-      mask_prob=d.mask_prob, nsp=d.nsp, whole_word=d.whole_word_masking, data_cfg=d.to_dict(), **self.shard,
+      mask_prob=d.mask_prob, nsp=d.nsp, whole_word=d.whole_word_masking, separate_documents=d.separate_documents,
+      data_cfg=d.to_dict(), **self.shard,
     )  # fmt: skip
 
   @classmethod
@@ -40,6 +42,7 @@ class MaskedLM(Task):
         f'data.max_predictions={d.max_predictions} exceeds the maskable tokens of data.seq_len={d.seq_len}'
         f' ([CLS] and [SEP] are never masked): at most {d.seq_len - 2}'
       )
+    pretrain.check_options(d.nsp, d.separate_documents)
 
   def heads(self) -> dict:
     nsp = self.config.data.nsp
