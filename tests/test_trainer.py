@@ -44,6 +44,11 @@ BAD = [
   ({'data.mask_prob': 1.0}, 'data.mask_prob=1.0: must be between 0 and 1'),
   ({'data.nsp': True, 'data.separate_documents': True}, 'data.separate_documents=True cannot be combined with'),
   ({'task': 'classification', 'model.init_from': '/m', 'data.nsp': True}, 'data.nsp=True is for pretraining'),
+  (
+    {'task': 'classification', 'model.init_from': '/m', 'data.separate_documents': True},
+    'data.separate_documents=True is for pretraining',
+  ),
+  ({'task': 'classification', 'model.init_from': '/m', 'data.length_window': 0}, 'data.length_window=0: must be'),
   ({'data.train': 'corpus.txt'}, "data.train='corpus.txt': expected KIND:SPEC"),
   ({'data.eval': 'ftp:x'}, "data.eval='ftp:x': expected KIND:SPEC"),
 ]

@@ -34,8 +34,9 @@ class _Supervised(Task):
 
   @classmethod
   def check_config(cls, config) -> None:
-    if config.data.nsp:
-      raise UsageError(f'data.nsp=True is for pretraining; task={config.task!r}')
+    for key in ('nsp', 'separate_documents'):
+      if config.data[key]:
+        raise UsageError(f'data.{key}=True is for pretraining; task={config.task!r}')
     classify.check_config(config.data.to_dict())
     if not (config.model.init_from or config.data.tokenizer):
       raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')
