@@ -24,7 +24,7 @@ def tiny():
     vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
     max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.2,
   )  # fmt: skip
-  graphdef, params = model.init(cfg, seed=0)
+  _, params = model.init(cfg, seed=0)
   return cfg, params
 
 
@@ -40,11 +40,8 @@ def _packed_and_separate(seed: int = 0):
   start = 0
   for i, doc in enumerate(docs):
     n = len(doc)
-    ids[0, start : start + n], segments[0, start : start + n], positions[0, start : start + n] = (
-      doc,
-      i + 1,
-      np.arange(n),
-    )
+    span = slice(start, start + n)
+    ids[0, span], segments[0, span], positions[0, span] = doc, i + 1, np.arange(n)
     separate[i, :n], mask[i, :n] = doc, 1
     start += n
   return ids, segments, positions, separate, mask
@@ -137,7 +134,7 @@ def test_splash_kernel_matches_explicit(qkv, packed, devices, monkeypatch):
     def fn(q, k, v, valid, seg):
       return attention._splash(q, k, v, valid.astype(jnp.int32) if seg is None else seg, P())
 
-  else:  # Traced under a mesh, as the trainer does: shard_map, batch over data x fsdp, heads over tensor.
+  else:  # Traced under a mesh: shard_map, batch over data x fsdp, heads over tensor.
     mesh = jax.set_mesh(sharding.make_mesh(2, 2, 2))
 
     def fn(q, k, v, valid, seg):
@@ -191,15 +188,16 @@ def test_model_with_splash_under_the_trainers_mesh(qkv, monkeypatch):
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN needs a GPU')
 def test_cudnn_kernel_matches_explicit(qkv):
-  q, k, v, valid, segments, cfg, w = qkv
-  bf16 = lambda *xs: [x.astype(jnp.bfloat16) for x in xs]  # noqa: E731
+  q, k, v, valid, _, cfg, _ = qkv
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))  # cuDNN takes bfloat16 / float16 only.
   assert attention.choose('', 'gpu', TK, K, jnp.bfloat16, False) == 'cudnn'
-  got = jax.jit(lambda *a: attention.fused(*a, valid, None, ''))(*bf16(q, k, v))
-  want = _explicit(*bf16(q, k, v), valid, None, cfg)
+  fn = jax.jit(lambda q, k, v: attention.fused(q, k, v, valid, None, ''))
+  assert 'cudnn' in fn.lower(q, k, v).as_text()  # The cuDNN custom call, not the XLA fallback.
   real = np.asarray(valid)[:, :, None, None]
-  np.testing.assert_allclose(
-    np.where(real, got, 0).astype(np.float32), np.where(real, want, 0).astype(np.float32), atol=2e-2
+  got, want = (
+    np.where(real, np.asarray(o, np.float32), 0) for o in (fn(q, k, v), _explicit(q, k, v, valid, None, cfg))
   )
+  np.testing.assert_allclose(got, want, atol=2e-2)  # bfloat16 outputs: 8 bits of mantissa.
 
 
 def test_each_backend_chooses_its_kernel_and_falls_back_to_xla():
@@ -209,10 +207,9 @@ def test_each_backend_chooses_its_kernel_and_falls_back_to_xla():
   assert attention.choose('', 'tpu', 512, 64, bf16, True) == 'splash'
   assert attention.choose('explicit', 'tpu', 512, 64, bf16, True) == 'explicit'
   # cuDNN: not float32, not packed rows, head sizes up to 128 dividing by 8, on a GPU only.
-  for T, K_, dtype, packed, backend in [(128, 64, f32, False, 'gpu'), (128, 64, bf16, True, 'gpu'),
-                                        (128, 256, bf16, False, 'gpu'), (128, 60, bf16, False, 'gpu'),
-                                        (128, 64, bf16, False, 'cpu'), (128, 64, bf16, False, 'tpu')]:  # fmt: skip
-    assert attention.choose('cudnn', backend, T, K_, dtype, packed) == 'xla', (T, K_, dtype, packed, backend)
+  for head, dtype, packed, backend in [(64, f32, False, 'gpu'), (64, bf16, True, 'gpu'), (256, bf16, False, 'gpu'),
+                                       (60, bf16, False, 'gpu'), (64, bf16, False, 'cpu'), (64, bf16, False, 'tpu')]:  # fmt: skip
+    assert attention.choose('cudnn', backend, 128, head, dtype, packed) == 'xla', (head, dtype, packed, backend)
   # Splash: T a multiple of 128, on a TPU, where it can be split over the devices.
   assert attention.choose('splash', 'tpu', 384, 64, bf16, True) == 'splash'
   assert attention.choose('splash', 'tpu', 200, 64, bf16, True) == 'xla'
