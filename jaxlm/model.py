@@ -72,7 +72,8 @@ class ModelConfig:
   hidden_act: str = 'gelu'  # 'gelu' (exact, erf), 'gelu_tanh', 'relu' or 'silu'.
   layer_norm_eps: float = 1e-12  # LayerNorm epsilon.
   hidden_dropout: float = 0.1  # Dropout on embeddings and residual branches.
-  attention_dropout: float = 0.1  # Dropout on attention probabilities (training only).
+  attention_dropout: float = 0.1  # Dropout on attention probabilities (training only); above 0,
+  #   training takes the explicit attention path, 0.0 the fused kernel (attention_impl).
   initializer_range: float = 0.02  # Std of the truncated-normal weight init.
   pad_token_id: int = 0  # Padding id (for tokenizers and export).
   mlm_head: bool = True  # Masked-LM head tied to the word embeddings.
