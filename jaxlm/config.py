@@ -88,10 +88,12 @@ def base() -> ml_collections.ConfigDict:
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)  # lax.scan over layers: compile time
   #   independent of depth. None: scan above 6 layers, unroll up to 6 (faster steps).
   c.model.remat = 'none'  # Rematerialisation: none, full, save_dots, save_dots_no_batch.
-  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation ('' = auto, 'cudnn').
+  c.model.attention_impl = ''  # Attention kernel without attention dropout: '' = the backend's own (xla on
+  #   CPU, cudnn on GPU, splash on TPU), or xla, cudnn, splash, explicit (jaxlm/attention.py).
   c.model.hidden_act = ''  # '' keeps the preset's; or gelu, gelu_tanh, relu, silu.
   c.model.hidden_dropout = 0.1  # Dropout on embeddings and residual branches.
-  c.model.attention_dropout = 0.1  # Dropout on attention probabilities.
+  c.model.attention_dropout = 0.1  # Dropout on attention probabilities; 0.0 = training takes the fused
+  #   attention kernel (no [B,N,T,T] probabilities in memory).
   c.model.max_position_embeddings = 512  # Position table size; must cover data.seq_len.
   c.model.vocab_multiple = 128  # Pad the vocabulary tables to a multiple of this, so any mesh.tensor divides them.
 

@@ -4,7 +4,8 @@ What lives here: `ModelConfig` (sizes, presets for the published BERT family, an
 a Hugging Face `BertConfig` can set), and `Bert`, the module: embeddings, a stack of
 post-LayerNorm transformer layers, the pooler and the MLM / next-sentence / classification
 heads. What does not: losses (losses.py), Hugging Face conversion (hf.py), sharding rules
-(sharding.py).
+(sharding.py), the fused attention kernels (attention.py; the explicit path, which attention
+dropout needs, is here).
 
 Parameters are float32 `nnx.Param`s whose `axes` metadata holds their logical axis names
 (`vocab`, `embed`, `mlp`, `heads`, `kv`, `layers`); sharding.py maps those names onto a mesh.
@@ -38,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.extend.random import threefry2x32_p
 
+from jaxlm import attention
 from jaxlm.errors import UsageError
 
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
@@ -70,7 +72,8 @@ class ModelConfig:
   hidden_act: str = 'gelu'  # 'gelu' (exact, erf), 'gelu_tanh', 'relu' or 'silu'.
   layer_norm_eps: float = 1e-12  # LayerNorm epsilon.
   hidden_dropout: float = 0.1  # Dropout on embeddings and residual branches.
-  attention_dropout: float = 0.1  # Dropout on attention probabilities (training only).
+  attention_dropout: float = 0.1  # Dropout on attention probabilities (training only); above 0,
+  #   training takes the explicit attention path, 0.0 the fused kernel (attention_impl).
   initializer_range: float = 0.02  # Std of the truncated-normal weight init.
   pad_token_id: int = 0  # Padding id (for tokenizers and export).
   mlm_head: bool = True  # Masked-LM head tied to the word embeddings.
@@ -82,7 +85,8 @@ class ModelConfig:
   scan_layers: bool | None = None  # lax.scan over the layers (one compiled layer); None: scan
   #   stacks deeper than SCAN_ABOVE layers and unroll shallower ones (cheap to compile, faster steps).
   remat: str = 'none'  # Rematerialisation: 'none', 'full', 'save_dots', 'save_dots_no_batch'.
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation; None = auto.
+  attention_impl: str | None = None  # Attention kernel when there is no attention dropout: 'xla',
+  #   'cudnn' (GPU), 'splash' (TPU), 'explicit'; None / '' = the backend's own (attention.py).
   quantization: str = 'none'  # 'int8': weight-only int8 dense kernels with float32 scales (inference).
 
   def __post_init__(self):
@@ -94,6 +98,8 @@ class ModelConfig:
       raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
     if self.remat not in REMAT_POLICIES:
       raise UsageError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
+    if (self.attention_impl or '') not in attention.IMPLS:
+      raise UsageError(f'model.attention_impl={self.attention_impl!r}: expected one of {attention.IMPLS}')
     if self.quantization not in QUANTIZATIONS:
       raise UsageError(f'model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}')
     if self.pooler is False and (self.nsp_head or self.num_labels):
@@ -364,21 +370,13 @@ class Layers(nnx.Module):
     return x_BxTxD
 
 
-def _attention_mask(valid_BxT, segment_BxT):
-  """Which keys each query sees: [B,1,1,T] valid keys, or [B,1,T,T] keys of the query's own segment."""
-  if segment_BxT is None:
-    return valid_BxT[:, None, None, :]
-  return segment_BxT[:, None, :, None] == segment_BxT[:, None, None, :]
-
-
 def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
   """Multi-head self-attention over the valid (non-padding) keys, or within each segment."""
-  mask_Bx1xTxT = _attention_mask(valid_BxT, segment_BxT)  # T = 1 on the query axis without segments.
-  if rng is None or cfg.attention_dropout == 0.0:
-    # The fused path: XLA on CPU/TPU, cuDNN flash attention on GPU when asked for.
-    return jax.nn.dot_product_attention(
-      q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask_Bx1xTxT, implementation=cfg.attention_impl
-    )
+  dropout = rng is not None and cfg.attention_dropout > 0.0
+  if not dropout and cfg.attention_impl != 'explicit':
+    # The fused path (attention.py): XLA on CPU, cuDNN flash attention on GPU, splash on TPU.
+    return attention.fused(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, segment_BxT, cfg.attention_impl)
+  mask_Bx1xTxT = attention.mask(valid_BxT, segment_BxT)  # T = 1 on the query axis without segments.
   return _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg, rng)
 
 

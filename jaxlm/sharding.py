@@ -134,5 +134,16 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict = RULES):
   return jax.tree.map(one, abstract_state, is_leaf=_is_var)
 
 
+def in_mesh(mesh: Mesh, fn):
+  """`fn`, traced with `mesh` as the abstract mesh in context (for jax.jit to wrap): a kernel that
+  XLA cannot partition (splash attention, attention.py) then runs under shard_map over it."""
+
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
+
+
 def _axis_size(mesh: Mesh, axis) -> int:
   return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))

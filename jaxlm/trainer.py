@@ -123,12 +123,15 @@ def setup(config, workdir: str) -> Run:
     skip_nonfinite=config.nan_policy == 'skip', frozen=opt.frozen, lora_scale=opt.lora_scale,
   )  # fmt: skip
   step_fn = jax.jit(
-    lambda s, b: train_step(s, b, jax.random.fold_in(root_rng, s['step'])),
+    sharding.in_mesh(mesh, lambda s, b: train_step(s, b, jax.random.fold_in(root_rng, s['step']))),
     in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0,
   )  # fmt: skip
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Eval outputs are replicated: every process sees each whole global batch.
-  eval_fn = jax.jit(lambda p, b: task.eval_step(steps.forward(graphdef, p, b), b, mesh), out_shardings=replicated)
+  eval_fn = jax.jit(
+    sharding.in_mesh(mesh, lambda p, b: task.eval_step(steps.forward(graphdef, p, b), b, mesh)),
+    out_shardings=replicated,
+  )
   export_params = jax.jit(opt.model_params, out_shardings=state_sh['params'])
   return Run(config, workdir, mesh, tokenizer, task, mcfg, graphdef, opt, init, train_ds, eval_sets, abstract_state,
              state_sh, batch_sh, step_fn, eval_fn, export_params)  # fmt: skip

@@ -1,0 +1,132 @@
+"""Fused self-attention kernels, and the choice among them per backend.
+
+What lives here: `fused(q, k, v, valid, segments, impl)`, softmax(q k^T / sqrt(K)) v without the
+[B,N,T,T] probabilities in memory, and `choose`, which names the kernel that runs. What does
+not: the explicit path that materialises the probabilities, which training with attention
+dropout needs (model.py, next to the dropout).
+
+The kernels (`model.attention_impl`; '' = auto picks the backend's own):
+  'xla'     jax.nn.dot_product_attention(implementation='xla') with a boolean mask. CPU's choice,
+            and where another kernel cannot run.
+  'cudnn'   cuDNN flash attention on GPU, jax.nn.dot_product_attention(implementation='cudnn'),
+            with right padding given as sequence lengths: a boolean mask would put cuDNN on a slow
+            path or be refused (jax-ml/jax#28974). Needs bfloat16 / float16, a head size <= 128
+            that divides by 8, and no segment ids (packed rows); otherwise 'xla'.
+  'splash'  Pallas splash attention on TPU, with padding and packing as its segment ids, one
+            multi-head kernel vmapped over the batch (on several devices under shard_map over the
+            mesh in context: `_splash_spec`). Needs T to divide by 128; otherwise 'xla'.
+A kernel named for another backend runs 'xla' there, so a run trained on one backend serves on
+another. Every kernel agrees with the explicit path at the real tokens (tests/test_attention.py);
+at padding positions their outputs differ and are never read.
+
+Shape letters: B batch, T sequence length, N heads, K head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
+
+from jaxlm import sharding
+
+IMPLS = ('', 'xla', 'cudnn', 'splash', 'explicit')
+# Pallas kernels run in Pallas's interpreter on any backend when this is set (tests, on CPU).
+INTERPRET = False
+# Splash tile sizes, largest first: T must divide by one of them.
+SPLASH_BLOCKS = (512, 256, 128)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def mask(valid_BxT, segment_BxT):
+  """Which keys each query sees: [B,1,1,T] the valid keys, or [B,1,T,T] those of its own segment."""
+  if segment_BxT is None:
+    return valid_BxT[:, None, None, :]
+  return segment_BxT[:, None, :, None] == segment_BxT[:, None, None, :]
+
+
+def choose(impl: str | None, backend: str, T: int, K: int, dtype, packed: bool, splits: bool = True) -> str:
+  """The kernel that runs: `impl` ('' / None = the backend's own) where backend, shapes and dtype
+  allow, else 'xla'. `splits`: splash can be split over the devices (_splash_spec)."""
+  impl = impl or {'gpu': 'cudnn', 'tpu': 'splash'}.get(backend, 'xla')
+  if impl == 'cudnn':
+    head_ok = K <= 128 and K % 8 == 0
+    if backend != 'gpu' or packed or jnp.dtype(dtype) not in CUDNN_DTYPES or not head_ok:
+      return 'xla'
+  if impl == 'splash':
+    if (backend != 'tpu' and not INTERPRET) or T % SPLASH_BLOCKS[-1] or not splits:
+      return 'xla'
+  return impl
+
+
+def fused(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, segment_BxT, impl: str | None):
+  """Self-attention of the valid tokens (right padding), or within each segment, by `choose`'s kernel."""
+  B, T, N, K = q_BxTxNxK.shape
+  spec = _splash_spec(B, N)
+  name = choose(impl, jax.default_backend(), T, K, q_BxTxNxK.dtype, segment_BxT is not None, spec is not None)
+  if name == 'cudnn':
+    try:
+      return seq_lengths_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, 'cudnn')
+    except NotImplementedError:  # This GPU or cuDNN version cannot take the shapes: XLA can.
+      pass
+  if name == 'splash':
+    segment_BxT = valid_BxT.astype(jnp.int32) if segment_BxT is None else segment_BxT
+    return _splash(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, segment_BxT, spec)
+  return jax.nn.dot_product_attention(
+    q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask=mask(valid_BxT, segment_BxT), implementation='xla'
+  )
+
+
+def seq_lengths_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, implementation: str):
+  """jax.nn.dot_product_attention with right padding as per-row lengths: cuDNN's form of a mask."""
+  # At least one key per row: an all-padding row (a filler row of an eval batch) then attends to
+  # its first token, where no kernel could give NaN.
+  lengths_B = jnp.maximum(valid_BxT.sum(-1, dtype=jnp.int32), 1)
+  return jax.nn.dot_product_attention(
+    q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+    implementation=implementation,
+  )  # fmt: skip
+
+
+def _splash_spec(B: int, N: int) -> P | None:
+  """How splash splits [B,N,T,K] over the devices: P() on one device; over the mesh in context
+  (sharding.in_mesh, or `with jax.set_mesh(mesh)` around the jitted call) batch as `batch`,
+  heads as `heads`; None where it cannot run. XLA cannot partition a Pallas kernel, so on
+  several devices it runs under shard_map, which needs that mesh: the trainer traces its step
+  and evaluation in theirs. Elsewhere on several devices (no mesh) attention runs 'xla'."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return P() if jax.device_count() == 1 else None
+  if not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return None
+  spec = sharding.logical_to_spec(('batch', 'heads', None, None), mesh=mesh)
+  devices = lambda axis: math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))  # noqa: E731
+  return spec if B % devices(spec[0]) == 0 and N % devices(spec[1]) == 0 else None
+
+
+def _splash(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, segment_BxT, spec: P):
+  """Splash attention, split over the devices by `spec`: tokens attend within their segment."""
+  B, T, N, K = q_BxTxNxK.shape
+  block = next(b for b in SPLASH_BLOCKS if T % b == 0)
+  # The kernel takes [N,T,K] per row and applies no scale of its own.
+  q_BxNxTxK = (q_BxTxNxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxNxK.dtype)).transpose(0, 2, 1, 3)
+  k_BxNxTxK, v_BxNxTxK = k_BxTxNxK.transpose(0, 2, 1, 3), v_BxTxNxK.transpose(0, 2, 1, 3)
+  sizes = splash_kernel.BlockSizes(
+    block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+    block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+  )  # fmt: skip
+
+  def run(q, k, v, seg):
+    # Built per shard, for the shard's own heads (the mask is the same full mask on every head).
+    heads = splash_mask.MultiHeadMask([splash_mask.FullMask((T, T))] * q.shape[1])
+    kernel = splash_kernel.make_splash_mha(heads, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=INTERPRET)
+    return jax.vmap(kernel)(q, k, v, splash_kernel.SegmentIds(seg, seg))
+
+  if len(spec):
+    mesh = jax.sharding.get_abstract_mesh()
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec, check_vma=False)
+  return run(q_BxNxTxK, k_BxNxTxK, v_BxNxTxK, segment_BxT).transpose(0, 2, 1, 3)
