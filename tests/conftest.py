@@ -29,6 +29,21 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
+# `pytest -n 2` runs the suite in two worker processes. A worker runs whole files (their module fixtures are
+# built once), and the files that share an expensive session fixture run in the same worker: the tiny
+# pretraining runs (straight, straight_cli) and the MiniLM fine-tune run (minilm_finetune_run).
+_GROUPS = {
+  'test_checkpoint': 'tiny_runs', 'test_trainer': 'tiny_runs',
+  'test_finetune': 'minilm_run', 'test_predict_cli': 'minilm_run', 'test_infer': 'minilm_run', 'test_quant': 'minilm_run',
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(_GROUPS.get(module, module)))
+
+
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              max_position_embeddings=128, initializer_range=0.2)  # fmt: skip
 
