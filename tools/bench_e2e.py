@@ -138,6 +138,7 @@ def torch_hyperparameters(args, data: str) -> dict:
     'lr': c.learning_rate, 'warmup_steps': warmup,
     'weight_decay': c.weight_decay, 'b1': o.b1, 'b2': o.b2, 'eps': o.eps, 'clip': c.clip_grad_norm or 0.0,
     'hidden_dropout': c.model.hidden_dropout, 'attention_dropout': c.model.attention_dropout,
+    'log_every': c.log_every_steps,
   }  # fmt: skip
 
 

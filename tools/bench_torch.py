@@ -110,6 +110,8 @@ def finetune(args) -> dict:
     sched.step()
     opt.zero_grad(set_to_none=True)
     losses.append(loss.item())
+    if len(losses) % args.log_every == 0:  # As often as python -m jaxlm.train logs (log_every_steps).
+      print(f'step {len(losses)}/{args.steps}  loss {np.mean(losses[-args.log_every :]):.4f}', flush=True)
   print(f'train loop: done, {len(lengths)} steps', flush=True)
   accuracy = _accuracy(model, tok, test, labels, args.seq_len, args.batch)
   if args.out:
@@ -169,6 +171,7 @@ def main(argv=None) -> int:
   ft.add_argument('--clip', type=float, default=1.0, help='gradient clipping by global norm (0: none)')
   ft.add_argument('--hidden_dropout', type=float, default=0.1)
   ft.add_argument('--attention_dropout', type=float, default=0.1)
+  ft.add_argument('--log_every', type=int, default=50, help='print the mean loss every this many steps')
   ft.add_argument('--group_by_length', action='store_true', help="batches of similar lengths (Trainer's sampler)")
   pr = sub.add_parser('predict', help='classify a JSONL file')
   pr.add_argument('--model', required=True, help='Hugging Face classifier directory')
