@@ -9,8 +9,10 @@ texts tokenized once (as `dataset.map` does), shuffled batches padded to their l
 DataCollatorWithPadding (--group_by_length: batches of similar lengths from transformers'
 LengthGroupedSampler, as Trainer's `group_by_length=True`); AdamW with weight decay off biases and
 LayerNorm, linear warmup then decay to 0 (optim.make_schedule's shape), clipping by global norm;
-then the accuracy on --test, and the model and tokenizer saved to --out with save_pretrained.
-predict: a file of texts in batches of 32 padded to their longest example, under torch.no_grad(),
+then the accuracy on --test, and the model and tokenizer saved to --out with save_pretrained. The
+loop prints `train loop: start`, the mean loss every --log_every steps and `train loop: done`
+(tools/bench_e2e.py times the loop between the first and the last).
+predict: a file of texts in batches of --batch (32) padded to their longest example, under torch.no_grad(),
 one {"label", "probabilities"} line per input, as `python -m jaxlm.predict` writes.
 with-head: the model with a new classifier head (seeded), saved: a model both frameworks load.
 
