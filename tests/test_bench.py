@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlm import hostenv
+from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))  # The tools are scripts that import each other by name.
@@ -158,3 +159,7 @@ def test_torch_side_follows_the_jaxlm_config(minilm_dir):
   args.jaxlm_args = '--config.optimizer.name=lamb'
   with pytest.raises(SystemExit, match='lamb'):
     bench_e2e.torch_hyperparameters(args, '/data')
+  for bad in ('--config.data.no_such_key=1', '--config.learning_rate=fast'):
+    args.jaxlm_args = bad
+    with pytest.raises(UsageError, match='--jaxlm_args'):
+      bench_e2e.torch_hyperparameters(args, '/data')

@@ -32,6 +32,8 @@ import time
 
 import bench_data
 
+from jaxlm.errors import UsageError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'finetune_files.py')
 TORCH = os.path.join(ROOT, 'tools', 'bench_torch.py')
@@ -125,8 +127,11 @@ def torch_hyperparameters(args, data: str) -> dict:
   argv = ['bench', f'--config={CONFIG}', *(a for a in jaxlm_overrides(args, data) if a.startswith('--config'))]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', flag_values=fv, sys_argv=argv)
-  fv(argv)
-  c = fv.config
+  try:
+    fv(argv)
+    c = fv.config
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:  # An unknown key, a bad value.
+    raise UsageError(f'--jaxlm_args={args.jaxlm_args!r}: {e}') from None
   plain = {'optimizer.name': c.optimizer.name, 'lr_schedule': c.lr_schedule, 'finetune.mode': c.finetune.mode,
            'grad_accum_steps': c.grad_accum_steps}  # fmt: skip
   if plain != {'optimizer.name': 'adamw', 'lr_schedule': 'linear', 'finetune.mode': 'full', 'grad_accum_steps': 1}:
