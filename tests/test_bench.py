@@ -1,15 +1,25 @@
-"""tools/bench.py runs every mode end to end on a tiny shape: one result layout, every figure positive, the JSON
-summary as the last line, and the jaxlm train step built by trainer.setup (no timing asserted)."""
+"""tools/bench.py runs every step mode end to end on a tiny shape: one result layout, every figure positive, the
+JSON summary as the last line, and the jaxlm train step built by trainer.setup (no timing asserted). The end-to-end
+modes' parts: the ragged set, timing a process by its lines, the PyTorch side following the jaxlm config."""
 
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from jaxlm import hostenv
+from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))  # The tools are scripts that import each other by name.
+import bench_data  # noqa: E402
+import bench_e2e  # noqa: E402
+
 # Figures that must be positive wherever a result has them; the rate of each mode must be there.
 FIGURES = ('examples_per_s', 'tokens_per_s', 'step_s', 'compile_s', 'model_tflops', 'peak_tflops', 'mfu',
            'peak_rss_gib', 'tokens_per_s_per_core')  # fmt: skip
@@ -83,3 +93,73 @@ def test_bench_infer_mode_compares_dtypes_with_torch(tmp_path):
   for name in ('float32', 'bfloat16', 'int8'):
     assert r['ratios'][f'jaxlm_{name}/torch_float32'] > 0 and r['results'][f'jaxlm_{name}']['compile_s'] > 0
   assert 'int8' in stdout
+
+
+# ----------------------------------------------------------------------------- the end-to-end modes' parts
+
+
+def test_make_ragged_is_deterministic_balanced_and_ragged(tmp_path, minilm_dir):
+  # The command line, in a process of its own (another hash seed), and the function here write the same files.
+  out = tmp_path / 'cli'
+  cmd = [sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), '--mode=make-ragged', f'--out={out}',
+         '--train_examples=400', '--test_examples=80', f'--model_dir={minilm_dir}']  # fmt: skip
+  res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  summary = json.loads(res.stdout.strip().splitlines()[-1])
+  assert summary['mode'] == 'make-ragged' and set(summary['results']) == {'train', 'test'}
+  stats = bench_data.make_ragged(str(tmp_path / 'here'), 400, 80, seed=0)
+  other = bench_data.make_ragged(str(tmp_path / 'seed1'), 400, 80, seed=1)
+  for split in ('train', 'test'):
+    text = (out / f'{split}.jsonl').read_text()
+    assert text == (tmp_path / 'here' / f'{split}.jsonl').read_text()
+    assert text != (tmp_path / 'seed1' / f'{split}.jsonl').read_text()
+  rows = {split: bench_data.read_jsonl(str(out / f'{split}.jsonl')) for split in ('train', 'test')}
+  assert not {r['text'] for r in rows['train']} & {r['text'] for r in rows['test']}
+  for split, n in (('train', 400), ('test', 80)):
+    words = [len(r['text'].split()) for r in rows[split]]
+    assert len(rows[split]) == n and min(words) >= 5 and max(words) <= 60
+    assert stats[split]['labels'] == other[split]['labels'] == {label: n // 2 for label in bench_data.TOPICS}
+    assert stats[split]['words']['mean'] < 25 < max(words)  # Mostly short, a few long: ragged.
+    # Labels do not follow the file order: a shuffled split.
+    assert {r['label'] for r in rows[split][: n // 4]} == set(bench_data.TOPICS)
+    r = summary['results'][split]
+    assert r['labels'] == stats[split]['labels'] and r['tokens']['max'] >= r['tokens']['p90'] > r['words']['p90']
+    assert r['tokens_longest_of_32'] > r['tokens']['p90']  # What padding each batch to its longest costs.
+
+
+def test_e2e_times_a_process_by_its_lines(tmp_path):
+  script = 'import time\nprint("ready", flush=True)\ntime.sleep(0.3)\nprint("done", flush=True)\nprint("{\\"n\\": 1}")'
+  p = bench_e2e.run_process([sys.executable, '-c', script], dict(os.environ))
+  assert 0.3 <= p.at('^done') - p.at('^ready') <= p.wall_s and p.last_json() == {'n': 1}
+  assert p.peak_rss_gib > 0
+  with pytest.raises(SystemExit, match='printed no line'):
+    p.at('^never')
+  with pytest.raises(SystemExit, match='exit 3'):
+    bench_e2e.run_process([sys.executable, '-c', 'raise SystemExit(3)'], dict(os.environ))
+
+
+def test_torch_side_follows_the_jaxlm_config(minilm_dir):
+  import bench_torch
+
+  from jaxlm import optim
+
+  args = argparse.Namespace(model_dir=minilm_dir, steps=50, batch=8, seq=64, jaxlm_args='')
+  hp = bench_e2e.torch_hyperparameters(args, '/data')
+  assert (hp['steps'], hp['batch'], hp['seq_len'], hp['lr'], hp['warmup_steps']) == (50, 8, 64, 2e-5, 5)
+  assert (hp['clip'], hp['weight_decay'], hp['hidden_dropout'], hp['attention_dropout']) == (1.0, 0.01, 0.1, 0.1)
+  # Overrides reach PyTorch as python -m jaxlm.train parses them.
+  args.jaxlm_args = '--config.learning_rate=3e-5 --config.warmup_steps=7 --config.model.attention_dropout=0.0'
+  hp = bench_e2e.torch_hyperparameters(args, '/data')
+  assert (hp['lr'], hp['warmup_steps'], hp['attention_dropout']) == (3e-5, 7, 0.0)
+  # PyTorch's learning rate is jaxlm's, step by step.
+  jaxlm_lr = optim.make_schedule(hp['lr'], hp['warmup_steps'], hp['steps'])
+  torch_factor = bench_torch._schedule(hp['warmup_steps'], hp['steps'])
+  np.testing.assert_allclose([hp['lr'] * torch_factor(s) for s in range(50)], [jaxlm_lr(s) for s in range(50)],
+                             rtol=1e-6, atol=1e-12)  # fmt: skip
+  args.jaxlm_args = '--config.optimizer.name=lamb'
+  with pytest.raises(SystemExit, match='lamb'):
+    bench_e2e.torch_hyperparameters(args, '/data')
+  for bad in ('--config.data.no_such_key=1', '--config.learning_rate=fast'):
+    args.jaxlm_args = bad
+    with pytest.raises(UsageError, match='--jaxlm_args'):
+      bench_e2e.torch_hyperparameters(args, '/data')

@@ -1,10 +1,17 @@
-"""Benchmark: the train step `python -m jaxlm.train` runs, MiniLM inference and the input pipeline, against PyTorch.
+"""Benchmark: the train step `python -m jaxlm.train` runs, MiniLM inference and the input pipeline, against PyTorch;
+and fine-tuning and predicting end to end, process start to exit.
 
   python tools/bench.py --compare torch --rounds 3   # MLM step, L=4 H=512 A=8, seq 128, batch 16, float32
   python tools/bench.py --preset base --dtype bfloat16 --batch 256   # on a TPU / GPU
   python tools/bench.py --mode finetune             # MiniLM + 2-class head train step vs PyTorch
   python tools/bench.py --mode infer                # MiniLM classifier forward: f32 / bf16 / int8 vs PyTorch
   python tools/bench.py --mode data --train_tokens_per_s 1533   # the input pipeline
+  python tools/bench.py --mode make-ragged --out DIR            # real, ragged labelled sentences (bench_data.py)
+  python tools/bench.py --mode finetune-e2e --rounds 2          # python -m jaxlm.train vs transformers, end to end
+  python tools/bench.py --mode predict-e2e --rounds 2           # python -m jaxlm.predict vs transformers, end to end
+
+The end-to-end modes (bench_e2e.py, the PyTorch side in bench_torch.py) time whole commands on
+the ragged set; the modes below time one compiled step in a worker process.
 
 The jaxlm train step is the one `python -m jaxlm.train` runs: the worker builds the config
 (jaxlm.config.pretraining or finetuning, with these flags' shapes), calls trainer.setup and
@@ -16,11 +23,11 @@ on labelled texts that fill --seq. PyTorch runs transformers' BertForMaskedLM (s
 BertForSequenceClassification (MiniLM) with torch.optim.AdamW (same clipping and decay) on random
 full-length ids; inference times `jaxlm.load` in float32, bfloat16 and int8 against torch.no_grad().
 
-Each framework runs in its own subprocess (its own peak memory and threads) on the same shapes,
-alternated over --rounds; in each, after --warmup steps, --repeats rounds of --steps steps are
-timed and the best round of all counts. MFU is model FLOPs per second over the chip's peak: the
-published dense bf16 peak on TPU / GPU, on CPU a float32 matmul measured in the same run. Every
-mode prints a line per result and ratio, then the JSON summary as the last line (also --json):
+In the step modes each framework runs in its own subprocess (its own peak memory and threads)
+on the same shapes, alternated over --rounds; in each, after --warmup steps, --repeats rounds of
+--steps steps are timed and the best round of all counts. MFU is model FLOPs per second over the
+chip's peak: the published dense bf16 peak on TPU / GPU, on CPU a float32 matmul measured in the
+same run. Every mode prints a line per result and ratio, then the JSON summary as the last line (also --json):
 {mode, config: the flags, results: {name: figures}, ratios}.
 """
 
@@ -36,9 +43,12 @@ import sys
 import tempfile
 import time
 
+import bench_data
+import bench_e2e
 import numpy as np
 
 from jaxlm import hostenv
+from jaxlm.errors import UsageError
 
 # Workers import their own framework inside the function (`# lazy:` below): a PyTorch worker's
 # peak memory and threads are PyTorch's alone, and the driver stays light.
@@ -334,23 +344,68 @@ def _line(name: str, r: dict, unit: str) -> str:
   return s + (f'  peak device {r["peak_device_gib"]:.2f} GiB' if r.get('peak_device_gib') else '')
 
 
+def _split_line(name: str, r: dict) -> str:
+  """One split of the ragged set, human-readable."""
+  s = f'{name:6s} {r["examples"]:6d} examples {r["labels"]}'
+  for unit in ('words', 'tokens'):
+    if unit in r:
+      x = r[unit]
+      s += f'  {unit}: mean {x["mean"]:.1f} p50 {x["p50"]:.0f} p90 {x["p90"]:.0f} max {x["max"]}'
+  return s
+
+
+E2E = ('finetune-e2e', 'predict-e2e')
+
+
+def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
+  """(results, ratios, what the summary's config gains) of --mode."""
+  if args.mode == 'make-ragged':
+    if not args.out:
+      raise UsageError('--mode make-ragged: --out DIR is required')
+    stats = bench_data.make_ragged(args.out, args.train_examples, args.test_examples, args.data_seed, args.model_dir)
+    return stats, {}, {}
+  if args.mode in E2E:
+    return bench_e2e.run(args)
+  ratios = {}
+  if args.mode == 'data':
+    results = run_data(args)
+    for name, r in results.items():
+      if args.train_tokens_per_s:
+        ratios[f'{name}/train_step'] = r['tokens_per_s'] / args.train_tokens_per_s
+    return results, ratios, {}
+  # Alternate the frameworks over --rounds and keep each result's best: this machine's speed
+  # drifts, and alternating spreads the drift over both.
+  runs = {}
+  for _ in range(args.rounds):
+    for framework in ('jaxlm', 'torch') if args.mode in ('finetune', 'infer') or args.compare else ('jaxlm',):
+      for name, r in _worker(argv, args, framework).items():
+        runs.setdefault(name, []).append(r)
+  results = {name: {**max(rs, key=lambda r: r[unit]), 'runs': [r[unit] for r in rs]} for name, rs in runs.items()}
+  baseline = next((n for n in results if n.startswith('torch')), None)
+  for name in results:
+    if baseline and name.startswith('jaxlm'):
+      ratios[f'{name}/{baseline}'] = results[name][unit] / results[baseline][unit]
+  return results, ratios, {}
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data'], default='train',
-                 help='MLM train step, MiniLM classifier train step or forward, input pipeline')  # fmt: skip
+  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data', 'make-ragged', *E2E], default='train',
+                 help='MLM / MiniLM classifier train step, MiniLM forward, input pipeline; or end to end')  # fmt: skip
   p.add_argument('--preset', default='small', help='model preset (small = L4 H512 A8)')
   p.add_argument('--layers', type=int, default=0, help='override the number of layers')
   p.add_argument('--hidden', type=int, default=0, help='override the hidden size (heads = hidden/64)')
   p.add_argument('--heads', type=int, default=0, help='override the number of heads (with --hidden)')
-  p.add_argument('--seq', type=int, default=128, help='sequence length')
-  p.add_argument('--batch', type=int, default=None, help='global batch size (16; finetune / infer: 32)')
+  p.add_argument('--seq', type=int, default=128, help='sequence length (end to end: truncation)')
+  p.add_argument('--batch', type=int, default=None, help='global batch size (16; finetune, infer, end to end: 32)')
   p.add_argument('--max_predictions', type=int, default=20, help='masked positions per sequence')
   p.add_argument('--dtype', default='float32', help='compute dtype (bfloat16 on TPU/GPU)')
   p.add_argument('--remat', default='none', help='rematerialisation policy')
   p.add_argument('--unroll', action='store_true', help='unroll the layers (default: scan only above 6 layers)')
   p.add_argument('--scan', action='store_true', help='run the layers with lax.scan (default: only above 6 layers)')
-  p.add_argument('--steps', type=int, default=None, help='timed steps per round (10; finetune / infer: 5)')
+  p.add_argument('--steps', type=int, default=None,
+                 help='timed steps per round (10; finetune / infer: 5); finetune-e2e: train steps (400)')  # fmt: skip
   p.add_argument('--repeats', type=int, default=None, help='timed rounds in each worker (1; finetune / infer: 3)')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   p.add_argument('--compare', choices=['torch'], help='train mode: also run the PyTorch baseline')
@@ -363,12 +418,28 @@ def main(argv=None) -> int:
                  help='data mode: tokens/s the train step consumes (from train mode), for the ratio')  # fmt: skip
   p.add_argument('--hugepages', choices=['jaxlm', 'both', 'none'], default='jaxlm',
                  help='which workers run with glibc.malloc.hugetlb=1, as python -m jaxlm.train does (jaxlm/hostenv.py)')  # fmt: skip
+  e2e = p.add_argument_group('end to end (make-ragged, finetune-e2e, predict-e2e)')
+  e2e.add_argument('--out', help='make-ragged: the directory of train.jsonl and test.jsonl')
+  e2e.add_argument('--data', help='a directory of train.jsonl and test.jsonl (default: a ragged set made now)')
+  e2e.add_argument('--train_examples', type=int, default=12800, help='the ragged set: training examples')
+  e2e.add_argument('--test_examples', type=int, default=1600, help='the ragged set: test examples')
+  e2e.add_argument('--data_seed', type=int, default=0, help='the ragged set: which sentences, in which order')
+  e2e.add_argument('--jaxlm_args', default='', help='more flags for python -m jaxlm.train, e.g. "--config.x=y"')
+  e2e.add_argument('--jaxlm_env', action='append', default=[], metavar='KEY=VALUE',
+                   help='an environment variable of the jaxlm commands (repeatable)')  # fmt: skip
+  e2e.add_argument('--jaxlm_cache', choices=['fresh', 'shared', 'default'], default='fresh',
+                   help="JAXLM_COMPILATION_CACHE: empty per jaxlm process, one for this bench, or the user's")  # fmt: skip
+  e2e.add_argument('--group_by_length', action='store_true', help="finetune-e2e: also PyTorch with Trainer's sampler")
+  e2e.add_argument('--keep', help="finetune-e2e: keep the last round's data and runs in this new directory")
+  e2e.add_argument('--checkpoint', help='predict-e2e: the model of jaxlm (default: MiniLM with a new head)')
+  e2e.add_argument('--torch_checkpoint', help="predict-e2e: PyTorch's Hugging Face directory (default: exported)")
+  e2e.add_argument('--torch_threads', type=int, default=0, help="end to end: torch threads (0: PyTorch's default)")
   p.add_argument('--json', help='also write the JSON summary here')
   p.add_argument('--_worker', choices=['jaxlm', 'torch'], help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  classifier = args.mode in ('finetune', 'infer')
+  classifier = args.mode in ('finetune', 'infer', 'make-ragged', *E2E)
   args.batch = args.batch or (32 if classifier else 16)
-  args.steps = args.steps or (5 if classifier else 10)
+  args.steps = args.steps or (400 if args.mode == 'finetune-e2e' else 5 if classifier else 10)
   args.repeats = args.repeats or (3 if classifier else 1)
   if not args.model_dir and args.mode != 'data':
     try:
@@ -383,29 +454,16 @@ def main(argv=None) -> int:
     return 0
 
   unit = 'examples_per_s' if classifier else 'tokens_per_s'
-  ratios = {}
-  if args.mode == 'data':
-    results = run_data(args)
-    for name, r in results.items():
-      if args.train_tokens_per_s:
-        ratios[f'{name}/train_step'] = r['tokens_per_s'] / args.train_tokens_per_s
-  else:
-    # Alternate the frameworks over --rounds and keep each result's best: this machine's speed
-    # drifts, and alternating spreads the drift over both.
-    runs = {}
-    for _ in range(args.rounds):
-      for framework in ('jaxlm', 'torch') if classifier or args.compare else ('jaxlm',):
-        for name, r in _worker(argv, args, framework).items():
-          runs.setdefault(name, []).append(r)
-    results = {name: {**max(rs, key=lambda r: r[unit]), 'runs': [r[unit] for r in rs]} for name, rs in runs.items()}
-    baseline = next((n for n in results if n.startswith('torch')), None)
-    for name in results:
-      if baseline and name.startswith('jaxlm'):
-        ratios[f'{name}/{baseline}'] = results[name][unit] / results[baseline][unit]
+  try:
+    results, ratios, more_config = _measure(args, argv, unit)
+  except UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')} | {'cores': os.cpu_count()}
-  summary = {'mode': args.mode, 'config': config, 'results': results, 'ratios': ratios}
+  summary = {'mode': args.mode, 'config': config | more_config, 'results': results, 'ratios': ratios}
   for name, r in results.items():
-    print(_line(name, r, unit))
+    print(_split_line(name, r) if args.mode == 'make-ragged' else bench_e2e.line(name, r) if args.mode in E2E
+          else _line(name, r, unit))  # fmt: skip
   for name, ratio in ratios.items():
     print(f'ratio  {name} {unit.replace("_per_s", "/s")} = {ratio:.2f}x')
   if args.json:
