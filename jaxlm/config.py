@@ -123,8 +123,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.lowercase = True  # Lowercase when training a tokenizer.
   c.data.shuffle_buffer = 1000  # Sequences in the shuffle buffer (0: no shuffling).
   c.data.bucket_lengths = ''  # Fine-tuning / evaluation: a batch is padded to the smallest of these
-  #   lengths that holds its longest example (one compiled program each): '' = powers of two from
-  #   16 up to data.seq_len, 'none' = always data.seq_len, or e.g. '32,64,96,128'.
+  #   lengths that holds its longest example (one compiled program each): '' = 16, 24, 32, 48, 64,
+  #   96, ... (powers of two and 1.5 times them) up to data.seq_len, 'none' = always data.seq_len, or e.g. '32,64,96,128'.
   c.data.length_window = 16  # Fine-tuning: sort the shuffled examples by length in windows of this
   #   many batches and run the window's batches in a random order (less padding); 1 = no sorting.
   return c

@@ -112,7 +112,8 @@ def test_batches_are_padded_to_length_buckets_grouped_by_length_and_split_across
   tok = tokenizer_lib.load(minilm_dir)
   cfg = {'text_field': 'text', 'label_field': 'label', 'length_window': 3}
   kw = dict(labels=['0', '1'], seq_len=32, global_batch_size=4, repeat=True, seed=5)
-  assert classify.bucket_lengths({}, 32) == (16, 32) and classify.bucket_lengths({}, 100) == (16, 32, 64, 100)
+  assert classify.bucket_lengths({}, 32) == (16, 24, 32)
+  assert classify.bucket_lengths({}, 100) == (16, 24, 32, 48, 64, 96, 100)
   assert classify.bucket_lengths({'bucket_lengths': '24,8'}, 32) == (8, 24, 32)
   assert classify.bucket_lengths({'bucket_lengths': 'none'}, 32) == (32,)
   with pytest.raises(UsageError, match=r"data.bucket_lengths='8,40': lengths must be between 1 and data.seq_len=32"):
@@ -128,7 +129,7 @@ def test_batches_are_padded_to_length_buckets_grouped_by_length_and_split_across
   for b in window:
     ids = [tuple(r[m > 0].tolist()) for r, m in zip(b['input_ids'], b['attention_mask'])]
     longest = max(length[i] for i in ids)
-    assert b['input_ids'].shape[1] == (16 if longest <= 16 else 32)  # The smallest bucket that holds it.
+    assert b['input_ids'].shape[1] == min(n for n in (16, 24, 32) if n >= longest)  # The smallest that holds it.
     assert (b['attention_mask'].sum(1) == [length[i] for i in ids]).all()  # No real token cut.
     seen += ids
   assert sorted(seen) == sorted(tuple(ids) for ids in full[:12])

@@ -57,13 +57,14 @@ def label_set(spec: str, data_cfg: dict, key: str = 'data.train') -> list[str]:
 
 
 def bucket_lengths(data_cfg: dict, seq_len: int) -> tuple[int, ...]:
-  """The ascending lengths a batch is padded to, seq_len the last: `data.bucket_lengths` is '' (powers
-  of two from 16 below seq_len), 'none' (seq_len only) or comma-separated lengths."""
+  """The ascending lengths a batch is padded to, seq_len the last: `data.bucket_lengths` is '' (16, 24,
+  32, 48, 64, 96, ...: powers of two and 1.5 times them, below seq_len), 'none' (seq_len only) or
+  comma-separated lengths."""
   spec = str(data_cfg.get('bucket_lengths') or '').strip()
   if spec == 'none':
     return (seq_len,)
   if not spec:
-    lengths = [16 << i for i in range(seq_len.bit_length()) if 16 << i < seq_len]
+    lengths = [m << i for i in range(seq_len.bit_length()) for m in (16, 24) if m << i < seq_len]
   else:
     try:
       lengths = [int(x) for x in spec.split(',') if x.strip()]
