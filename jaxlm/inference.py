@@ -24,7 +24,8 @@ from jaxlm import quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Powers of two and 1.5 times them: a batch pads at most a third beyond its longest input.
+LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:

@@ -145,12 +145,12 @@ def test_bad_input_is_one_line_and_exit_2(hf_mlm_dir, minilm_dir, tmp_path, caps
 def test_a_run_that_stops_leaves_the_output_as_it_was(hf_cls_dir, tmp_path, capsys):
   # A bad line far into the file: windows before it were already predicted and written, to the
   # temporary file, which is removed; the old output stays whole.
-  rows = [{'text': f'example number {i}'} for i in range(70)] + [{'wrong': 1}]
+  rows = [{'text': f'example number {i}'} for i in range(300)] + [{'wrong': 1}]
   src = _jsonl(tmp_path / 'in.jsonl', rows)
   out = tmp_path / 'out.jsonl'
   out.write_text('{"old": 1}\n')
   rc, err = _run(capsys, '--checkpoint', hf_cls_dir, '--input', src, '--output', out, '--batch_size', 4)
-  assert rc == 2 and 'in.jsonl:71' in err
+  assert rc == 2 and 'in.jsonl:301' in err
   assert out.read_text() == '{"old": 1}\n' and sorted(os.listdir(tmp_path)) == ['in.jsonl', 'out.jsonl']
   reader = predict.read_inputs(src, 'jsonl')
   assert next(reader) == (1, 'example number 0')  # A generator: nothing read past what is asked.
