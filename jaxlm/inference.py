@@ -12,6 +12,7 @@ training code.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ class Predictor:
       graphdef = self.graphdef
 
       def run(params, ids, mask, types, positions=None):
-        out = model_lib.apply(graphdef, params, ids, mask, types, positions)
+        out = model_lib.apply(graphdef, params, ids, mask, types, positions, first_token_only=kind == 'classify')
         if kind == 'embed':
           return out['hidden'].astype(jnp.float32)
         if kind == 'mlm':  # The real vocabulary only: padding rows (model.vocab_multiple) are no token.
@@ -98,6 +99,27 @@ class Predictor:
         ids[r, : len(i)], mask[r, : len(i)], types[r, : len(t)] = i, 1, t
       yield ids, mask, types, len(chunk)
 
+  def _outputs(self, kind: str, inputs: Sequence) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(mask, output, n_real) per batch of `inputs`. The programs of the shapes that come later compile
+    in a background thread while the earlier batches run: compiling keeps one CPU core busy, running
+    all of them."""
+    batches = list(self._batches(inputs))
+    fn = self._fn(kind)
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
+    compile_ = lambda shape: fn.lower(self.params, spec(shape), spec(shape), spec(shape)).compile()  # noqa: E731
+    pool = ThreadPoolExecutor(1)
+    try:
+      ahead = {}
+      for ids, *_ in batches[1:]:
+        if ids.shape != batches[0][0].shape and ids.shape not in ahead:
+          ahead[ids.shape] = pool.submit(compile_, ids.shape)
+      for ids, mask, types, n in batches:
+        if ids.shape in ahead:
+          ahead.pop(ids.shape).result()  # Compiled into `fn`'s cache: the call below runs it.
+        yield mask, np.asarray(fn(self.params, ids, mask, types)), n
+    finally:
+      pool.shutdown(cancel_futures=True)
+
   # --------------------------------------------------------------------------- public API
 
   def logits(self, input_ids, attention_mask, token_type_ids) -> jax.Array:
@@ -112,8 +134,7 @@ class Predictor:
       raise UsageError(f'pooling={pooling!r}: expected "mean" or "cls"')
     texts = [texts] if isinstance(texts, str) else list(texts)
     out = []
-    for ids, mask, types, n in self._batches(texts):
-      h_BxTxD = np.asarray(self._fn('embed')(self.params, ids, mask, types))
+    for mask, h_BxTxD, n in self._outputs('embed', texts):
       if pooling == 'cls':
         v = h_BxTxD[:, 0]
       else:
@@ -174,9 +195,8 @@ class Predictor:
       raise UsageError('predict needs a model with a classifier head; this one has none')
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     out = []
-    for ids, mask, types, n in self._batches(inputs):
-      logits = np.asarray(self._fn('classify')(self.params, ids, mask, types))[:n]
-      for row in logits:
+    for _, logits, n in self._outputs('classify', inputs):
+      for row in logits[:n]:
         if self.config.num_labels == 1:
           out.append({'score': float(row[0])})
           continue
@@ -194,13 +214,17 @@ def load(
 ) -> Predictor:
   """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
-  remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype).
+  remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype). The layers
+  run as a lax.scan unless `scan_layers=False` is given.
   `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
   path = str(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
 
   overrides['dtype'] = dtype or default_dtype()
+  # One compiled layer, looped: each new input shape compiles in about a third of the unrolled stack's
+  # time, and without training's saved activations the loop runs as fast (tools/bench.py predict-e2e).
+  overrides.setdefault('scan_layers', True)
   with store.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
     graphdef, params, tok_dir, labels = store.load_model(path, **overrides)
   if quantize not in (None, 'none', 'int8'):

@@ -346,8 +346,10 @@ class Layers(nnx.Module):
         setattr(self, f'{name}_scale', scale)
       self.names = self.NAMES + tuple(f'{n}_scale' for n in INT8_KERNELS)
 
-  def __call__(self, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
+  def __call__(self, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, first_token_only: bool = False):
     stacked = {name: getattr(self, name)[...] for name in self.names}
+    if first_token_only:  # Inference of the [CLS] vector: the last layer computes that one query.
+      return self._first_token(stacked, x_BxTxD, valid_BxT, segment_BxT, cfg)
     rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
     def body(x, inputs):
@@ -369,6 +371,19 @@ class Layers(nnx.Module):
         x_BxTxD, _ = body(x_BxTxD, layer_inputs)
     return x_BxTxD
 
+  def _first_token(self, stacked, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig):
+    """[B,1,D]: the first position's output, with the last layer's attention, projections and FFN
+    computed for that position only (its keys and values still come from every token). No dropout."""
+    L = cfg.num_layers
+    layer = lambda i: jax.tree.map(lambda a: a[i], stacked)  # noqa: E731
+    body = lambda x, i: (_layer(layer(i), x, valid_BxT, segment_BxT, cfg, None), None)  # noqa: E731
+    if cfg.scanned:  # Indexes the whole stack: slicing off the last layer would copy the others' weights.
+      x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, jnp.arange(L - 1))
+    else:
+      for i in range(L - 1):
+        x_BxTxD, _ = body(x_BxTxD, i)
+    return _layer(layer(L - 1), x_BxTxD, valid_BxT, segment_BxT, cfg, None, queries=1)
+
 
 def _attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
   """Multi-head self-attention over the valid (non-padding) keys, or within each segment."""
@@ -389,16 +404,23 @@ def _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg: Mode
   return jnp.einsum('bnts,bsnk->btnk', p_BxNxTxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
 
 
-def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng):
-  """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, queries: int | None = None):
+  """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). `queries`: only the
+  first that many positions are computed (and returned), attending to every key; no dropout."""
   dt = x_BxTxD.dtype
   p = {
     k: _weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v
     for k, v in p.items()
   }  # fmt: skip
   attn_rng, drop1, drop2, drop3 = _split(rng, 4)
-  q, k, v = (jnp.einsum('btd,dnk->btnk', x_BxTxD, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4) for n in 'qkv')
-  a_BxTxNxK = _attention(q, k, v, valid_BxT, segment_BxT, cfg, attn_rng)
+  proj = lambda x, n: jnp.einsum('btd,dnk->btnk', x, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4)  # noqa: E731
+  k, v = proj(x_BxTxD, 'k'), proj(x_BxTxD, 'v')
+  if queries is None:
+    a_BxTxNxK = _attention(proj(x_BxTxD, 'q'), k, v, valid_BxT, segment_BxT, cfg, attn_rng)
+  else:
+    x_BxTxD = x_BxTxD[:, :queries]
+    mask_Bx1xQxT = attention.mask(valid_BxT, segment_BxT)[:, :, :queries]
+    a_BxTxNxK = _explicit_attention(proj(x_BxTxD, 'q'), k, v, mask_Bx1xQxT, cfg, None)
   a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + _bcast(p['o_bias'], 3)
   a_BxTxD = _dropout(a_BxTxD, cfg.hidden_dropout, drop1)
   x_BxTxD = _layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
@@ -495,6 +517,7 @@ class Bert(nnx.Module):
     segment_ids=None,
     position_ids=None,
     rng: jax.Array | None = None,
+    first_token_only: bool = False,
   ) -> dict[str, jax.Array]:
     """Runs the encoder and every head present; dropout is on iff `rng` is given.
 
@@ -502,6 +525,10 @@ class Bert(nnx.Module):
     `segment_ids` [B,T] (0 = padding, 1, 2, ... = the document of each token; a token attends
     only to its own document, padding to padding; `attention_mask` is then ignored) and
     `position_ids` [B,T] (each document's positions from 0; None = 0..T-1).
+
+    `first_token_only` (inference: `rng` None) computes the last layer for the first position
+    alone, which is all that `pooled`, `nsp_logits` and `logits` read: `hidden` is then [B,1,D]
+    and `mlm_logits` is left out.
 
     Returns a dict with `hidden` [B,T,D] and, where the heads exist, `pooled` [B,D],
     `mlm_logits` ([B,P,V] at `masked_positions` [B,P] if given, else [B,T,V]),
@@ -517,11 +544,12 @@ class Bert(nnx.Module):
     x_BxTxD = self.embeddings(input_ids, token_type_ids, cfg, position_ids).astype(dt)
     x_BxTxD = _dropout(x_BxTxD, cfg.hidden_dropout, emb_rng)
     valid_BxT = attention_mask.astype(bool) if segment_ids is None else segment_ids > 0
-    x_BxTxD = self.layers(x_BxTxD, valid_BxT, segment_ids, cfg, layers_rng)
+    first_only = first_token_only and rng is None
+    x_BxTxD = self.layers(x_BxTxD, valid_BxT, segment_ids, cfg, layers_rng, first_only)
     out = {'hidden': x_BxTxD}
     if self.pooler is not None:
       out['pooled'] = jnp.tanh(self.pooler(x_BxTxD[:, 0]))
-    if self.mlm is not None:
+    if self.mlm is not None and not first_only:
       h = x_BxTxD
       if masked_positions is not None:
         # Gather before the vocabulary projection: only P of T positions pay for it.

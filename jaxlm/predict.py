@@ -53,7 +53,7 @@ FORMATS = ('txt', 'jsonl', 'csv', 'tsv')
 MODES = ('classify', 'fill-mask', 'embed')
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl',
                '.csv': 'csv', '.tsv': 'tsv'}  # fmt: skip
-WINDOW_BATCHES = 32  # Batches read, length-sorted and run together.
+WINDOW_BATCHES = 64  # Batches read, length-sorted and run together.
 
 
 def input_format(path: str, fmt: str | None) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxlm
-from jaxlm import inference, predict
+from jaxlm import inference, model, predict
 from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +162,26 @@ def test_batches_bucket_length_and_batch_size(hf_cls_dir):
   assert shapes == {1: [(1, 16)], 3: [(4, 16)], 5: [(8, 16)], 16: [(16, 16)], 17: [(16, 16), (1, 16)],
                     40: [(16, 16), (16, 16), (8, 16)]}  # fmt: skip
   assert {ids.shape[1] for ids, *_ in m._batches(['word ' * 20, 'word ' * 40, 'word ' * 100])} == {128}
+
+
+@pytest.mark.parametrize('quantize', [None, 'int8'])
+def test_the_fast_inference_path_equals_the_full_forward(hf_cls_dir, quantize):
+  # load() scans the layers, computes the last one for [CLS] alone when classifying, and compiles later
+  # shapes while earlier batches run: the logits are the full unrolled forward's, for ragged inputs.
+  texts = ['word ' * n for n in (3, 40, 1, 17, 90, 5, 33)]
+  fast = jaxlm.load(hf_cls_dir, batch_size=2, quantize=quantize)
+  full = jaxlm.load(hf_cls_dir, batch_size=2, quantize=quantize, scan_layers=False)
+  assert fast.config.scanned and not full.config.scanned
+  got = np.array([p['logits'] for p in fast.predict(texts, return_logits=True)])
+  want = np.concatenate([np.asarray(model.apply(full.graphdef, full.params, ids, mask, types)['logits'])[:n]
+                         for ids, mask, types, n in full._batches(texts)])  # fmt: skip
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # The [CLS]-only model output: one position of `hidden`, no MLM logits, the same pooled vector.
+  ids, mask, types, _ = next(fast._batches(texts[4:5]))
+  one = model.apply(fast.graphdef, fast.params, ids, mask, types, first_token_only=True)
+  every = model.apply(fast.graphdef, fast.params, ids, mask, types)
+  assert one['hidden'].shape[1] == 1 and every['hidden'].shape[1] == ids.shape[1]
+  np.testing.assert_allclose(one['pooled'], every['pooled'], atol=1e-5)
 
 
 def test_default_dtype_per_platform(monkeypatch):
