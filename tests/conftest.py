@@ -11,8 +11,19 @@ import sys
 import tempfile
 import time
 
+# The suite compiles far more than it computes (tiny models, many programs): XLA's LLVM back end without
+# optimisation compiles in about half the time, and every comparison the tests make holds at either level.
+# This process and every process a test starts use the same flags (one compilation cache, the same numerics).
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
+
+def xla_flags(devices: int, optimized: bool = False) -> str:
+  """`optimized`: XLA's default back end, for the few runs whose steps cost more than their compiles."""
+  return f'--xla_force_host_platform_device_count={devices}' + ('' if optimized else f' {TEST_XLA_FLAGS}')
+
+
 # Before jax is imported anywhere: eight CPU devices stand in for an accelerator mesh.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = xla_flags(8)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # One persistent XLA compilation cache for the session, inherited by every process a test starts: a run
@@ -161,7 +172,7 @@ def minilm_finetune_run(tmp_path_factory, minilm_dir):
     '--config.log_every_steps=10', '--config.checkpoint_every_steps=30',
   ]  # fmt: skip
   t0 = time.perf_counter()
-  res = cli_ok('jaxlm.train', *args, devices=2)
+  res = cli_ok('jaxlm.train', *args, devices=2, optimized=True)
   return workdir, res.stdout, dev, time.perf_counter() - t0
 
 
@@ -194,16 +205,16 @@ def finetuned_cls_dir(tmp_path_factory, minilm_finetune_run):
 # ----------------------------------------------------------------------------- processes
 
 
-def cli(module, *args, devices=1, prefix=(), timeout=600):
+def cli(module, *args, devices=1, prefix=(), timeout=600, optimized=False):
   """`python [PREFIX] -m MODULE ARGS` from the repository root on DEVICES CPU devices (a CompletedProcess)."""
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(devices, optimized), 'PYTHONPATH': ROOT}
   return subprocess.run([sys.executable, *prefix, '-m', module, *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def start_cli(module, *args, devices=1, **popen):
+def start_cli(module, *args, devices=1, optimized=False, **popen):
   """cli() started, not waited for: a Popen with text pipes for stdout and stderr."""
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', 'PYTHONPATH': ROOT}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(devices, optimized), 'PYTHONPATH': ROOT}
   popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, 'text': True, **popen}
   return subprocess.Popen([sys.executable, '-m', module, *map(str, args)], cwd=ROOT, env=env, **popen)
 
@@ -225,9 +236,9 @@ def finish(procs) -> list[str]:
   return [out for out, _ in outs]
 
 
-def cli_ok(module, *args, devices=1, timeout=600):
+def cli_ok(module, *args, devices=1, timeout=600, optimized=False):
   """cli(), asserted to exit 0 without a traceback."""
-  res = cli(module, *args, devices=devices, timeout=timeout)
+  res = cli(module, *args, devices=devices, timeout=timeout, optimized=optimized)
   assert res.returncode == 0, f'{module} {args}\n{res.stderr[-3000:]}'
   assert 'Traceback' not in res.stderr, res.stderr[-3000:]
   return res

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from jaxlm import hostenv
 from jaxlm.errors import UsageError
@@ -29,7 +30,7 @@ def _bench(tmp_path, mode, *flags):
   """Runs the benchmark; checks the layout and the figures, returns (summary, stdout)."""
   out = tmp_path / f'{mode}.json'
   cmd = [sys.executable, os.path.join(ROOT, 'tools', 'bench.py'), f'--mode={mode}', *flags, f'--json={out}']
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': TEST_XLA_FLAGS}
   res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   summary = json.loads(res.stdout.strip().splitlines()[-1])  # The last line is the JSON summary.

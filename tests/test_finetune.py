@@ -335,7 +335,7 @@ def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir
     '--config.model.hidden_dropout=0.0', '--config.prune.sparsity=0.5', '--config.prune.begin_step=0',
     '--config.prune.end_step=16', '--config.prune.frequency=4',
   ]  # fmt: skip
-  cli_ok('jaxlm.train', *args, devices=2)
+  cli_ok('jaxlm.train', *args, devices=2, optimized=True)
   logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   last = {k: v for m in logged if m['step'] == 24 for k, v in m.items()}
   kernels = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 import jaxlm
 from jaxlm import inference, model, predict
@@ -205,7 +206,7 @@ print(json.dumps(sorted(sys.modules)))
 
 def test_inference_imports_no_tensorflow_nor_training_code(hf_cls_dir, tmp_path):
   (tmp_path / 'in.txt').write_text('one\ntwo\n')
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': TEST_XLA_FLAGS}
   res = subprocess.run([sys.executable, '-c', _LIGHT, hf_cls_dir, str(tmp_path / 'in.txt'), str(tmp_path / 'o.jsonl')],
                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
   assert res.returncode == 0, res.stderr[-3000:]

@@ -14,6 +14,9 @@ from jaxlm.errors import UsageError
 
 LOGICAL = {'vocab', 'embed', 'mlp', 'heads', 'kv', 'layers', None}
 
+# The model run as one compiled program (eagerly, each of its operations would compile on its own).
+_apply = jax.jit(model.apply, static_argnums=0)
+
 
 @pytest.fixture(scope='module')
 def tiny():
@@ -55,7 +58,7 @@ def test_every_parameter_has_logical_axes(tiny):
 
 def test_output_shapes(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
-  out = model.apply(graphdef, params, ids, mask, types)
+  out = _apply(graphdef, params, ids, mask, types)
   assert out['hidden'].shape == (3, 16, 32)
   assert out['pooled'].shape == (3, 32)
   assert out['mlm_logits'].shape == (3, 16, 97)
@@ -66,20 +69,20 @@ def test_output_shapes(tiny):
 def test_masked_positions_gather_before_the_vocabulary(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
   pos = np.array([[1, 5, 9], [0, 2, 3], [3, 3, 1]], np.int32)
-  full = model.apply(graphdef, params, ids, mask, types)['mlm_logits']
-  gathered = model.apply(graphdef, params, ids, mask, types, pos)['mlm_logits']
+  full = _apply(graphdef, params, ids, mask, types)['mlm_logits']
+  gathered = _apply(graphdef, params, ids, mask, types, pos)['mlm_logits']
   assert gathered.shape == (3, 3, 97)
   np.testing.assert_allclose(gathered, np.take_along_axis(np.asarray(full), pos[..., None], 1), atol=1e-5)
 
 
 def test_padding_does_not_change_valid_positions(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
-  short = model.apply(graphdef, params, ids[:, :10], mask[:, :10], types[:, :10])['hidden']
+  short = _apply(graphdef, params, ids[:, :10], mask[:, :10], types[:, :10])['hidden']
   padded_ids = ids.copy()
   padded_ids[:, 10:] = 0  # Whatever sits in padding must not leak into the valid positions.
   padded_mask = mask.copy()
   padded_mask[:, 10:] = 0
-  long = model.apply(graphdef, params, padded_ids, padded_mask, types)['hidden']
+  long = _apply(graphdef, params, padded_ids, padded_mask, types)['hidden']
   for row in range(3):
     n = int(padded_mask[row].sum())
     np.testing.assert_allclose(long[row, :n], short[row, :n], atol=1e-5)
@@ -92,12 +95,12 @@ def _loss(graphdef, params, ids, mask, types):
 
 def test_scan_unroll_and_remat_agree(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
-  ref_out = model.apply(graphdef, params, ids, mask, types)['hidden']
-  ref_grad = jax.grad(_loss, argnums=1)(graphdef, params, ids, mask, types)
+  ref_out = _apply(graphdef, params, ids, mask, types)['hidden']
+  ref_grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(graphdef, params, ids, mask, types)
   assert not cfg.scanned and model.preset('base').scanned  # Unrolled up to 6 layers by default.
   for variant in (dict(scan_layers=True), dict(remat='full', scan_layers=True), dict(remat='save_dots')):
     g, _ = model.abstract(cfg.replace(**variant))
-    np.testing.assert_allclose(model.apply(g, params, ids, mask, types)['hidden'], ref_out, atol=1e-5)
+    np.testing.assert_allclose(_apply(g, params, ids, mask, types)['hidden'], ref_out, atol=1e-5)
     grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(g, params, ids, mask, types)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -105,10 +108,10 @@ def test_scan_unroll_and_remat_agree(tiny):
 
 def test_dropout_only_with_an_rng(tiny):
   cfg, graphdef, params, ids, mask, types = tiny
-  det = model.apply(graphdef, params, ids, mask, types)['hidden']
-  a = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
-  b = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
-  c = model.apply(graphdef, params, ids, mask, types, rng=jax.random.key(2))['hidden']
+  det = _apply(graphdef, params, ids, mask, types)['hidden']
+  a = _apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
+  b = _apply(graphdef, params, ids, mask, types, rng=jax.random.key(1))['hidden']
+  c = _apply(graphdef, params, ids, mask, types, rng=jax.random.key(2))['hidden']
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(det)).max() > 1e-2
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
@@ -119,9 +122,9 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
   g, _ = model.abstract(cfg.replace(dtype='bfloat16'))
   out = jax.jit(lambda p: model.apply(g, p, ids, mask, types))(params)
   assert out['hidden'].dtype == jnp.bfloat16
-  ref = model.apply(model.abstract(cfg)[0], params, ids, mask, types)['hidden']
+  ref = _apply(model.abstract(cfg)[0], params, ids, mask, types)['hidden']
   assert np.abs(np.asarray(out['hidden'], np.float32) - np.asarray(ref)).max() < 0.1
-  grads = jax.grad(lambda p: model.apply(g, p, ids, mask, types)['logits'].astype(jnp.float32).sum())(params)
+  grads = jax.jit(jax.grad(lambda p: model.apply(g, p, ids, mask, types)['logits'].astype(jnp.float32).sum()))(params)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(grads))
 
 
@@ -230,7 +233,7 @@ def test_padded_vocabulary_changes_no_loss_gradient_or_prediction():
   assert top_level(hlo) == top_level(ref_hlo) and 'select' not in top_level(hlo)
   # In bfloat16 the padding logit is finite and the loss stays finite.
   g16, _ = model.abstract(padded_cfg.replace(dtype='bfloat16'))
-  out16 = model.apply(g16, padded, ids, None, None, pos)
+  out16 = _apply(g16, padded, ids, None, None, pos)
   batch = {'masked_ids': np.take_along_axis(ids, pos, -1), 'masked_weights': weights}
   assert np.isfinite(np.asarray(out16['mlm_logits'], np.float32)).all()
   assert abs(float(losses.mlm_loss(out16, batch)[0]) - loss) < 0.05

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from conftest import TEST_XLA_FLAGS
+
 from jaxlm import export, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +160,7 @@ def test_export_out_is_checked_and_replaced_whole(hf_cls_dir, hf_mlm_dir, tmp_pa
 def test_a_training_run_is_read_without_orbax_noise(minilm_finetune_run, tmp_path, caplog):
   workdir = str(minilm_finetune_run[0])
   (tmp_path / 'in.txt').write_text('what a great movie!\nthe meal was awful.\n')
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': ''}
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': TEST_XLA_FLAGS}
   args = ['--checkpoint', workdir, '--input', str(tmp_path / 'in.txt'), '--output', str(tmp_path / 'o.jsonl')]
   res = subprocess.run([sys.executable, '-m', 'jaxlm.predict', *args], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=300)  # fmt: skip

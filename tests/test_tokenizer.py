@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 from jaxlm import tokenizer
 from jaxlm.errors import UsageError
@@ -235,7 +236,7 @@ def test_processes_train_the_same_vocabulary_or_stop(corpora, tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
   # Both processes train on `a` into one workdir; then process 1 alone reads other data: both stop.
   procs = [
     subprocess.Popen([sys.executable, '-c', _TWO, f'127.0.0.1:{port}', str(i), a, [a, other][i],
