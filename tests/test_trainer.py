@@ -2,6 +2,7 @@
 evaluation against their training loss), itstime and the loop (logging, evaluation, checkpoints, NaN policies,
 meshes), on conftest's tiny run. Stages share one set-up per module, compiled once."""
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -23,7 +24,7 @@ from conftest import (
 from flax import nnx
 
 import jaxlm
-from jaxlm import checkpoint, losses, steps, tokenizer, trainer
+from jaxlm import checkpoint, losses, steps, tasks, tokenizer, trainer
 from jaxlm.data import classify as data_classify
 from jaxlm.errors import UsageError
 
@@ -151,6 +152,43 @@ def classify(straight, tmp_path_factory):
   with contextlib.redirect_stdout(out):
     run = trainer.setup(config, str(d / 'run'))
   return run, out.getvalue()
+
+
+def test_a_new_task_is_one_registered_class(classify, monkeypatch):
+  # What a new module in jaxlm/tasks/ would hold: a class and @register. set-up, the heads, the eval sets and the
+  # best-checkpoint metric come from it; the trainer names no task.
+  class ByF1(tasks.TASKS['classification']):
+    name = 'classification_by_f1'
+
+    def default_best_metric(self):
+      return 'eval_f1', 'max'
+
+  monkeypatch.setitem(tasks.TASKS, ByF1.name, ByF1)
+  assert tasks.register(ByF1) is ByF1 and tasks.get('classification_by_f1') is ByF1
+  config = classify[0].config.copy_and_resolve_references()
+  config.task = 'classification_by_f1'
+  run = trainer.setup(config, classify[0].workdir + '_by_f1')
+  assert type(run.task) is ByF1 and run.task.best_metric() == ('eval_f1', 'max')
+  assert run.mcfg.num_labels == 2 and list(run.eval_sets) == list(classify[0].eval_sets)
+  with pytest.raises(UsageError, match="task='no_such_task'"):
+    tasks.get('no_such_task')
+
+
+def test_imports_inside_functions_say_why():
+  # Imports live at the top of each module; the few inside a function carry a `# lazy: ...` reason.
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxlm')
+  inner = []
+  for dirpath, _, files in os.walk(root):
+    for name in (f for f in files if f.endswith('.py')):
+      path = os.path.join(dirpath, name)
+      lines = open(path).read().split('\n')
+      for fn in ast.walk(ast.parse('\n'.join(lines))):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+          for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+              inner.append((path, node.lineno, ' '.join(lines[node.lineno - 3 : node.end_lineno])))
+  assert inner and len(inner) <= 5, inner
+  assert all('# lazy:' in text for _, _, text in inner), [(p, n) for p, n, text in inner if '# lazy:' not in text]
 
 
 def test_restore_or_init_starts_from_init_from_with_the_new_heads_named(classify, straight, capsys):
