@@ -11,6 +11,7 @@ training code.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from jaxlm.errors import UsageError
 
 # Powers of two and 1.5 times them: a batch pads at most a third beyond its longest input.
 LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+LOOKAHEAD = 64  # Batches tokenized ahead, whose shapes compile while the first ones run.
 
 
 def _bucket(n: int, buckets: Sequence[int], cap: int) -> int:
@@ -100,23 +102,23 @@ class Predictor:
       yield ids, mask, types, len(chunk)
 
   def _outputs(self, kind: str, inputs: Sequence) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(mask, output, n_real) per batch of `inputs`. The programs of the shapes that come later compile
-    in a background thread while the earlier batches run: compiling keeps one CPU core busy, running
-    all of them."""
-    batches = list(self._batches(inputs))
+    """(mask, output, n_real) per batch of `inputs`, tokenized LOOKAHEAD batches at a time. The programs of
+    the shapes that come later in those compile in a background thread while the earlier batches run:
+    compiling keeps one CPU core busy, running all of them."""
     fn = self._fn(kind)
     spec = lambda shape: jax.ShapeDtypeStruct(shape, np.int32)  # noqa: E731
     compile_ = lambda shape: fn.lower(self.params, spec(shape), spec(shape), spec(shape)).compile()  # noqa: E731
-    pool = ThreadPoolExecutor(1)
+    pool, ahead = ThreadPoolExecutor(1), {}
+    batches = self._batches(inputs)
     try:
-      ahead = {}
-      for ids, *_ in batches[1:]:
-        if ids.shape != batches[0][0].shape and ids.shape not in ahead:
-          ahead[ids.shape] = pool.submit(compile_, ids.shape)
-      for ids, mask, types, n in batches:
-        if ids.shape in ahead:
-          ahead.pop(ids.shape).result()  # Compiled into `fn`'s cache: the call below runs it.
-        yield mask, np.asarray(fn(self.params, ids, mask, types)), n
+      while chunk := list(itertools.islice(batches, LOOKAHEAD)):
+        for ids, *_ in chunk[1:]:
+          if ids.shape != chunk[0][0].shape and ids.shape not in ahead:
+            ahead[ids.shape] = pool.submit(compile_, ids.shape)
+        for ids, mask, types, n in chunk:
+          if ids.shape in ahead:  # Compiled into `fn`'s cache (once: later lookups hit it): the call runs it.
+            ahead[ids.shape].result()
+          yield mask, np.asarray(fn(self.params, ids, mask, types)), n
     finally:
       pool.shutdown(cancel_futures=True)
 
