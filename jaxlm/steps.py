@@ -20,9 +20,9 @@ from jaxlm import model as model_lib
 from jaxlm.optim import trainable_of
 
 
-def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
+def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None, first_token_only: bool = False) -> dict:
   """Runs the model on a batch dict (input_ids, attention_mask, token_type_ids[, masked_positions,
-  segment_ids, position_ids]: packed rows carry the last two)."""
+  segment_ids, position_ids]: packed rows carry the last two). `first_token_only`: see model.Bert."""
   return model_lib.apply(
     graphdef,
     params,
@@ -33,6 +33,7 @@ def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None) -> dict:
     segment_ids=batch.get('segment_ids'),
     position_ids=batch.get('position_ids'),
     rng=rng,
+    first_token_only=first_token_only,
   )
 
 

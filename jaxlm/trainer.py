@@ -129,7 +129,9 @@ def setup(config, workdir: str) -> Run:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Eval outputs are replicated: every process sees each whole global batch.
   eval_fn = jax.jit(
-    sharding.in_mesh(mesh, lambda p, b: task.eval_step(steps.forward(graphdef, p, b), b, mesh)),
+    sharding.in_mesh(
+      mesh, lambda p, b: task.eval_step(steps.forward(graphdef, p, b, None, task.first_token_only), b, mesh)
+    ),
     out_shardings=replicated,
   )
   export_params = jax.jit(opt.model_params, out_shardings=state_sh['params'])

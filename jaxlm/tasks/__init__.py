@@ -46,6 +46,7 @@ class Task(abc.ABC):
   finetuning: bool = False  # Starts from a pretrained encoder: finetune.mode (head, LoRA) applies.
   labels: list[str] | None = None
   predictions: int = 0
+  first_token_only: bool = False  # Evaluation reads only the first position's output (model.Bert).
 
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer

@@ -20,6 +20,7 @@ class _Supervised(Task):
   """What classification and regression share: fields, batches, evaluation."""
 
   finetuning = True
+  first_token_only = True  # The losses read the pooled [CLS] vector alone.
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
