@@ -23,7 +23,7 @@ def xla_flags(devices: int, optimized: bool = False) -> str:
 
 
 # Before jax is imported anywhere: eight CPU devices stand in for an accelerator mesh.
-os.environ['XLA_FLAGS'] = xla_flags(8)
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags(8)}'.strip()
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # One persistent XLA compilation cache for the session, inherited by every process a test starts: a run
