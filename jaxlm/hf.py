@@ -33,7 +33,7 @@ _HF_ACT = {
 }  # fmt: skip
 _TO_HF_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu', 'silu': 'silu'}
 TOKENIZER_FILES = (
-  'tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json',
+  'tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
 )  # fmt: skip
 # Tensors transformers keeps as buffers or ties; never reported as unused.
 _IGNORED = ('embeddings.position_ids', 'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')
@@ -213,8 +213,8 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
 SUPPORTED_ARCHITECTURES = ('BertModel', 'BertForMaskedLM', 'BertForPreTraining', 'BertForSequenceClassification')
 
 
-def read_config(path: str) -> dict:
-  """config.json of an HF directory, checked to be a BERT architecture jaxlm can load."""
+def read_config(path: str, supported: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> dict:
+  """config.json of an HF directory, checked to be one of the `supported` architectures."""
   cfg_path = os.path.join(path, 'config.json')
   if not os.path.isdir(path):
     raise UsageError(f'{path}: no such directory')
@@ -226,8 +226,8 @@ def read_config(path: str) -> dict:
   except json.JSONDecodeError as e:
     raise UsageError(f'{cfg_path}: not valid JSON ({e})') from e
   for arch in cfg.get('architectures') or []:
-    if arch not in SUPPORTED_ARCHITECTURES:
-      raise UsageError(f'{cfg_path}: architecture {arch!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}')
+    if arch not in supported:
+      raise UsageError(f'{cfg_path}: architecture {arch!r} is not supported; expected one of {supported}')
   return cfg
 
 
@@ -363,6 +363,11 @@ def save(
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(config_to_hf(cfg, id2label), f, indent=2)
   save_file(params_to_hf(params, cfg), os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  copy_tokenizer_files(tokenizer_dir, out_dir)
+
+
+def copy_tokenizer_files(tokenizer_dir: str | None, out_dir: str) -> None:
+  """Copies the tokenizer files (TOKENIZER_FILES) of `tokenizer_dir`, if any, into `out_dir`."""
   if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out_dir):
     for name in TOKENIZER_FILES:
       src = os.path.join(tokenizer_dir, name)

@@ -352,3 +352,25 @@ def straight_cli(vocab_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('straight_cli')
   cli_ok('jaxlm.train', *tiny_flags(vocab_dir, workdir))
   return workdir
+
+
+def save_random_causal_lm(family: str, out_dir: str, seed: int = 0, **kw) -> str:
+  """A randomly initialised transformers causal LM saved to `out_dir` (std 0.2: logits far from uniform)."""
+  import torch
+  import transformers
+
+  cls, cfg_cls = {
+    'gpt2': (transformers.GPT2LMHeadModel, transformers.GPT2Config),
+    'llama': (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+  }[family]
+  torch.manual_seed(seed)
+  cfg = cfg_cls(initializer_range=0.2, bos_token_id=1, eos_token_id=2, **kw)
+  model = cls(cfg).eval()
+  with torch.no_grad():  # Non-trivial norms and biases too.
+    for name, p in model.named_parameters():
+      if name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight', 'layernorm.weight', 'norm.weight')):
+        p.add_(0.1 * torch.randn_like(p))
+      elif name.endswith('bias'):
+        p.normal_(0.0, 0.1)
+  model.save_pretrained(out_dir)
+  return out_dir

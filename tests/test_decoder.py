@@ -1,0 +1,193 @@
+"""Decoder-only models (decoder.py, hf_causal.py): parity with transformers' GPT-2 and Llama on random
+weights of several shapes, Hugging Face round trips, packing without cross-document attention, and the
+key/value cache against the whole-row forward."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import save_random_causal_lm as save_random_hf
+from safetensors.numpy import load_file
+
+from jaxlm import decoder, hf_causal
+from jaxlm.errors import UsageError
+
+# (family, transformers config kwargs): the shapes parity is checked on.
+SHAPES = {
+  'gpt2': ('gpt2', dict(vocab_size=301, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+  'gpt2-inner': (
+    'gpt2',
+    dict(
+      vocab_size=257,
+      n_embd=48,
+      n_layer=3,
+      n_head=3,
+      n_inner=80,
+      n_positions=40,
+      activation_function='gelu_pytorch_tanh',
+      layer_norm_epsilon=1e-6,
+    ),
+  ),  # fmt: skip
+  'llama-gqa': (
+    'llama',
+    dict(
+      vocab_size=311,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=8,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=False,
+      rope_theta=500000.0,
+    ),
+  ),  # fmt: skip
+  'llama-tied-mha': (
+    'llama',
+    dict(
+      vocab_size=263,
+      hidden_size=48,
+      intermediate_size=64,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      max_position_embeddings=64,
+      tie_word_embeddings=True,
+      rms_norm_eps=1e-5,
+    ),
+  ),  # fmt: skip
+}
+
+
+@pytest.fixture(scope='module')
+def hf_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('hf_causal')
+  return {
+    name: save_random_hf(fam, str(root / name), seed=i, **kw) for i, (name, (fam, kw)) in enumerate(SHAPES.items())
+  }
+
+
+def _torch_logits(path, ids, mask=None):
+  import transformers
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager').eval()
+  with torch.no_grad():
+    out = model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
+  return out.logits.float().numpy()
+
+
+@functools.cache
+def _forward(graphdef):
+  return jax.jit(
+    lambda p, ids, mask, seg, pos: decoder.apply(graphdef, p, ids, mask, segment_ids=seg, position_ids=pos)
+  )
+
+
+def _logits(graphdef, params, ids, mask=None, segment_ids=None, position_ids=None):
+  return np.asarray(_forward(graphdef)(params, ids, mask, segment_ids, position_ids)['logits'])
+
+
+@pytest.mark.parametrize('shape', list(SHAPES))
+def test_logits_match_transformers_on_random_weights(hf_dirs, shape):
+  path = hf_dirs[shape]
+  graphdef, params, _ = hf_causal.load(path)
+  cfg = graphdef_cfg(graphdef, params)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 7:] = 0  # Right padding: the real tokens' logits are unaffected.
+  ours = _logits(graphdef, params, ids, mask)
+  theirs = _torch_logits(path, ids, mask)
+  assert ours.shape == theirs.shape == (2, 11, cfg.vocab_size)
+  np.testing.assert_allclose(ours[0], theirs[0], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ours[1, :7], theirs[1, :7], atol=1e-4, rtol=1e-4)
+  assert np.abs(theirs).max() > 1.0  # Weights large enough that a wrong layout shows.
+
+
+def graphdef_cfg(graphdef, params) -> decoder.DecoderConfig:
+  return decoder.merge(graphdef, params).cfg
+
+
+@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa', 'llama-tied-mha'])
+def test_hugging_face_round_trip_is_bitwise(hf_dirs, shape, tmp_path):
+  path = hf_dirs[shape]
+  graphdef, params, _ = hf_causal.load(path, vocab_multiple=64)
+  cfg = graphdef_cfg(graphdef, params)
+  assert cfg.padded_vocab_size % 64 == 0 and cfg.padded_vocab_size > cfg.vocab_size
+  hf_causal.save(params, cfg, str(tmp_path / 'out'))
+  before = load_file(os.path.join(path, 'model.safetensors'))
+  after = load_file(str(tmp_path / 'out' / 'model.safetensors'))
+  assert sorted(after) == sorted(k for k in before if not k.endswith(('.attn.bias', '.attn.masked_bias')))
+  for k in after:
+    assert after[k].dtype == before[k].dtype and np.array_equal(after[k], before[k]), k
+  ids = np.arange(1, 9, dtype=np.int32)[None] % cfg.vocab_size
+  np.testing.assert_allclose(_torch_logits(str(tmp_path / 'out'), ids), _torch_logits(path, ids), atol=0, rtol=0)
+
+
+def test_scanned_and_unrolled_layers_agree(hf_dirs):
+  graphdef, params, _ = hf_causal.load(hf_dirs['llama-gqa'], scan_layers=True)
+  graphdef2, params2, _ = hf_causal.load(hf_dirs['llama-gqa'], scan_layers=False)
+  ids = np.arange(3, 19, dtype=np.int32).reshape(2, 8)
+  np.testing.assert_allclose(_logits(graphdef, params, ids), _logits(graphdef2, params2, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa'])
+def test_a_packed_document_never_sees_its_neighbours(hf_dirs, shape):
+  graphdef, params, _ = hf_causal.load(hf_dirs[shape])
+  rng = np.random.default_rng(1)
+  a, b, c = (rng.integers(3, 250, n).astype(np.int32) for n in (5, 6, 6))
+  row = lambda second: np.concatenate([a, second, [0]])[None]  # noqa: E731 (two documents + padding)
+  seg = np.array([[1] * 5 + [2] * 6 + [0]], np.int32)
+  pos = np.array([list(range(5)) + list(range(6)) + [0]], np.int32)
+  with_b = _logits(graphdef, params, row(b), segment_ids=seg, position_ids=pos)
+  with_c = _logits(graphdef, params, row(c), segment_ids=seg, position_ids=pos)
+  alone = _logits(graphdef, params, a[None])
+  np.testing.assert_allclose(with_b[0, :5], alone[0], atol=1e-5)  # Document 1 as if it were alone.
+  np.testing.assert_allclose(with_b[0, :5], with_c[0, :5], atol=1e-6)  # Changing document 2 changes nothing in it.
+  second_alone = _logits(graphdef, params, b[None])
+  np.testing.assert_allclose(with_b[0, 5:11], second_alone[0], atol=1e-5)  # Nor document 1 in document 2.
+
+
+@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa'])
+def test_cached_decoding_equals_the_whole_row(hf_dirs, shape):
+  """A left-padded prefill then one token per call gives the logits of the unpadded whole-row forward."""
+  graphdef, params, _ = hf_causal.load(hf_dirs[shape])
+  model = decoder.merge(graphdef, params)
+  cfg = model.cfg
+  ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12]], np.int32)
+  full = _logits(graphdef, params, ids)[0]
+  pad = 3  # The prompt (first 5 tokens) is left-padded to 8 slots; 3 more tokens follow one by one.
+  prompt = np.concatenate([np.zeros((1, pad), np.int32), ids[:, :5]], 1)
+  valid = np.concatenate([np.zeros((1, pad), bool), np.ones((1, 5), bool), np.zeros((1, 3), bool)], 1)
+  positions = np.maximum(np.cumsum(valid[:, :8], 1) - 1, 0).astype(np.int32)
+  cache = decoder.init_cache(cfg, 1, 11)
+  step = jax.jit(lambda p, i, pos, v, c, idx: decoder.merge(graphdef, p).decode(i, pos, v, c, idx))
+  logits, cache = step(params, prompt, positions, jnp.asarray(valid), cache, 0)
+  np.testing.assert_allclose(np.asarray(logits)[0, pad:], full[:5], atol=1e-4)
+  for t in range(3):
+    valid[:, 8 + t] = True
+    logits, cache = step(params, ids[:, 5 + t : 6 + t], np.array([[5 + t]], np.int32), jnp.asarray(valid), cache, 8 + t)
+    np.testing.assert_allclose(np.asarray(logits)[0, 0], full[5 + t], atol=1e-4)
+
+
+def test_unsupported_hugging_face_configs_are_named(hf_dirs, tmp_path):
+  with pytest.raises(UsageError, match='rope type'):
+    hf_causal.config_from_hf({'model_type': 'llama', 'vocab_size': 10, 'hidden_size': 8, 'num_hidden_layers': 1,
+                              'num_attention_heads': 2, 'intermediate_size': 8,
+                              'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1.0}})  # fmt: skip
+  with pytest.raises(UsageError, match='model_type'):
+    hf_causal.config_from_hf({'model_type': 'bert', 'vocab_size': 10})
+  with pytest.raises(UsageError, match='num_kv_heads'):
+    decoder.preset('llama-tiny', num_kv_heads=3)
+  tensors = load_file(os.path.join(hf_dirs['gpt2'], 'model.safetensors'))
+  cfg = hf_causal.config_from_hf(hf_causal.hf_bert.read_config(hf_dirs['gpt2'], hf_causal.ARCHITECTURES))
+  tensors['transformer.h.1.mlp.c_fc.weight'] = tensors['transformer.h.1.mlp.c_fc.weight'][:, :10]
+  with pytest.raises(UsageError, match=r'layer 1 tensor for layers/wi_kernel has shape'):
+    hf_causal.params_from_hf(tensors, cfg, 'model.safetensors')
+  del tensors['transformer.h.1.mlp.c_fc.weight']
+  with pytest.raises(UsageError, match=r"'h.1.mlp.c_fc.weight' is missing"):
+    hf_causal.params_from_hf(tensors, cfg, 'model.safetensors')

@@ -1,0 +1,102 @@
+"""Generation and perplexity (generate.py) against transformers on the same random GPT-2 and Llama weights:
+greedy output token for token, perplexity within 1e-4, one compile per shape, sampling controls."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_random_causal_lm
+
+from jaxlm import generate, hf_causal
+
+SHAPES = {
+  'gpt2': ('gpt2', dict(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=96)),
+  'llama': (
+    'llama',
+    dict(
+      vocab_size=300,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=8,
+      num_key_value_heads=2,
+      max_position_embeddings=96,
+      tie_word_embeddings=False,
+    ),
+  ),  # fmt: skip
+}
+PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [250], [3, 3, 3, 3, 3]]
+
+
+@pytest.fixture(scope='module', params=list(SHAPES))
+def model(request, tmp_path_factory):
+  family, kw = SHAPES[request.param]
+  path = save_random_causal_lm(family, str(tmp_path_factory.mktemp(request.param)), seed=3, **kw)
+  graphdef, params, _ = hf_causal.load(path)
+  return path, generate.Generator(graphdef, params, tokenizer=None, batch_size=4)
+
+
+def _hf_greedy(path, prompt, n, eos=None):
+  import transformers
+
+  m = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  with torch.no_grad():
+    out = m.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
+                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))  # fmt: skip
+  return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_generation_equals_transformers_token_for_token(model):
+  path, gen = model
+  ours = gen.generate_ids(PROMPTS, max_new_tokens=12, stop_ids=[])
+  for prompt, row in zip(PROMPTS, ours):
+    assert row == _hf_greedy(path, prompt, 12)
+  assert len({tuple(r) for r in ours}) > 1  # The prompts lead to different continuations.
+
+
+def test_a_stop_token_ends_its_row_only(model):
+  path, gen = model
+  free = gen.generate_ids(PROMPTS, max_new_tokens=12, stop_ids=[])
+  stop = free[1][4]  # A token the second prompt produces as its fifth.
+  rows = gen.generate_ids(PROMPTS, max_new_tokens=12, stop_ids=[stop])
+  for f, r in zip(free, rows):
+    cut = f.index(stop) + 1 if stop in f else len(f)
+    assert r == f[:cut]
+  assert rows[1] == _hf_greedy(path, PROMPTS[1], 12, eos=stop)
+
+
+def test_one_compile_per_shape_not_per_token_or_prompt(model):
+  _, gen = model
+  generate._generate_fn.cache_clear()
+  first = gen.generate_ids([[5, 6, 7]], max_new_tokens=6)
+  fn = generate._generate_fn(gen.graphdef, gen.batch_size, 16, 6, False)
+  assert fn._cache_size() == 1
+  gen.generate_ids([[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [1, 2]], max_new_tokens=6)  # Same bucket (16), new lengths.
+  gen.generate_ids([[5, 6, 7]], max_new_tokens=6, stop_ids=[1, 2, 3])  # Other stop tokens.
+  assert fn._cache_size() == 1 and generate._generate_fn.cache_info().currsize == 1
+  assert gen.generate_ids([[5, 6, 7]], max_new_tokens=6) == first
+
+
+def test_sampling_is_seeded_and_its_controls_act(model):
+  _, gen = model
+  kw = dict(max_new_tokens=16, stop_ids=[])
+  a = gen.generate_ids(PROMPTS, temperature=1.0, seed=1, **kw)
+  assert a == gen.generate_ids(PROMPTS, temperature=1.0, seed=1, **kw)
+  assert a != gen.generate_ids(PROMPTS, temperature=1.0, seed=2, **kw)
+  greedy = gen.generate_ids(PROMPTS, **kw)
+  assert gen.generate_ids(PROMPTS, temperature=1.0, top_k=1, seed=5, **kw) == greedy  # top-1 is argmax.
+  assert gen.generate_ids(PROMPTS, temperature=1.0, top_p=1e-6, seed=5, **kw) == greedy  # So is the top-p nucleus.
+  assert gen.generate_ids(PROMPTS, temperature=1e-4, seed=5, **kw) == greedy  # Nearly cold: the argmax.
+
+
+def test_perplexity_equals_transformers(model, monkeypatch):
+  import transformers
+
+  path, gen = model
+  texts = [[5, 6, 7, 8, 9, 10], list(range(20, 61)), [100, 200]]
+  monkeypatch.setattr(gen, '_encode', lambda _: texts)  # Token ids in, as a tokenizer would give them.
+  ours = gen.perplexity(['a', 'b', 'c'])
+  m = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  for ids, p in zip(texts, ours):
+    with torch.no_grad():
+      loss = m(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    np.testing.assert_allclose(p, np.exp(loss), rtol=1e-4)
