@@ -42,8 +42,8 @@ _BPE_SPECIALS = {
 
 
 class Tokenizer:
-  """A fast tokenizer plus its special ids: `kind` 'wordpiece' (BERT: [PAD] [CLS] [SEP] [MASK]) or 'bpe'
-  (GPT-2 / Llama: `eos_id`, `bos_id` or None, `pad_id` the padding token's or else the eos id).
+  """A fast tokenizer plus its special ids: `kind` 'wordpiece' (BERT: [PAD] [CLS] [SEP] [MASK]) or 'bpe' (a BPE
+  model without [CLS], as GPT-2 / Llama: `eos_id`, `bos_id` or None, `pad_id` the padding token's or else eos_id).
 
   `special_tokens` (role -> token, from tokenizer_config.json: 'eos', 'bos', 'pad', 'unk') names the special
   tokens of a BPE vocabulary; a role it leaves out is found by its usual names."""
@@ -89,7 +89,7 @@ class Tokenizer:
       self.special_tokens[role] = name
     ids = {role: None if n is None else self._tok.token_to_id(n) for role, n in self.special_tokens.items()}
     self.eos_id, self.bos_id, self.unk_id = ids['eos'], ids['bos'], ids['unk']
-    self.pad_id = self.eos_id if ids['pad'] is None else ids['pad']  # Padding is never a target: any id will do.
+    self.pad_id = self.eos_id if ids['pad'] is None else ids['pad']  # Padding weighs nothing in a loss: eos will do.
     if self.pad_id is None:
       raise UsageError(f'{self.source}: the BPE vocabulary has no end-of-text token ({", ".join(_BPE_SPECIALS["eos"])})'
                        ' and no padding token')  # fmt: skip
@@ -115,7 +115,8 @@ class Tokenizer:
     return tok
 
   def encode(self, inputs: Sequence[TextOrPair], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, type_ids) per input, with [CLS]/[SEP], truncated to `max_length` tokens."""
+    """(ids, type_ids) per input, with the special tokens of the tokenizer's template ([CLS]/[SEP] for BERT,
+    none or <s> for a BPE), truncated to `max_length` tokens."""
     if self._encoder is None or self._encoder[0] != max_length:
       self._encoder = (max_length, self.fresh_backend(truncation=max_length))
     batch = [tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs]
