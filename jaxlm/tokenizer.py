@@ -1,13 +1,17 @@
-"""WordPiece tokenizers from a directory (tokenizer.json or vocab.txt), via Hugging Face `tokenizers`.
+"""Tokenizers from a directory (tokenizer.json or vocab.txt), via Hugging Face `tokenizers`.
 
 A thin wrapper that gives the rest of jaxlm one interface: encode single texts or pairs with
-truncation, and know the special ids. It imports neither TensorFlow nor transformers, so the
-inference path stays light.
+truncation, encode plain texts, decode, and know the special ids. Two kinds: BERT's WordPiece
+([PAD] [CLS] [SEP]) and the byte-level BPE of GPT-2 / Llama style models (an end-of-text token
+such as <|endoftext|> or </s>). It imports neither TensorFlow nor transformers, so the inference
+path stays light.
 
 `train_wordpiece` trains a vocabulary with the algorithm of Hugging Face's WordPiece trainer,
 in Python and deterministic: the same texts give a byte-identical tokenizer in every process
 and on every run (Hugging Face's trainer breaks ties between equally frequent pairs in hash
-order, which changes from process to process).
+order, which changes from process to process). `train_bpe` trains a GPT-2 style byte-level BPE with
+Hugging Face's BPE trainer, which is deterministic here: every symbol is one of the 256 byte
+symbols, whose ids are fixed, and equal counts are broken by the pair's ids.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 
 from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.implementations import BertWordPieceTokenizer
 
 from jaxlm.errors import UsageError
@@ -28,15 +32,36 @@ from jaxlm.errors import UsageError
 TextOrPair = str | tuple[str, str] | list
 
 
-class Tokenizer:
-  """A fast WordPiece tokenizer plus the special tokens BERT needs."""
+# The special tokens of a BPE vocabulary, by role, tried in order when tokenizer_config.json names none.
+_BPE_SPECIALS = {
+  'eos': ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>'),
+  'bos': ('<s>', '<|begin_of_text|>', '<bos>'),
+  'pad': ('<pad>', '<|pad|>', '[PAD]'),
+  'unk': ('<unk>',),
+}
 
-  def __init__(self, tok: _HFTokenizer, source: str = '', do_lower_case: bool | None = None):
+
+class Tokenizer:
+  """A fast tokenizer plus its special ids: `kind` 'wordpiece' (BERT: [PAD] [CLS] [SEP] [MASK]) or 'bpe' (a BPE
+  model without [CLS], as GPT-2 / Llama: `eos_id`, `bos_id` or None, `pad_id` the padding token's or else eos_id).
+
+  `special_tokens` (role -> token, from tokenizer_config.json: 'eos', 'bos', 'pad', 'unk') names the special
+  tokens of a BPE vocabulary; a role it leaves out is found by its usual names."""
+
+  def __init__(self, tok: _HFTokenizer, source: str = '', do_lower_case: bool | None = None,
+               special_tokens: dict[str, str | None] | None = None):  # fmt: skip
     self._tok = tok
     self._tok.no_padding()
     self._tok.no_truncation()
     self.source = source
     self.do_lower_case = do_lower_case
+    self._encoder = None  # (max_length, backend copy with that truncation), made on first use.
+    self._plain = None  # The backend copy of encode_plain, made on first use.
+    if tok.token_to_id('[CLS]') is None and isinstance(tok.model, models.BPE):
+      self._init_bpe(special_tokens or {})
+      return
+    self.kind = 'wordpiece'
+    self.eos_id = self.bos_id = None
     ids = {name: tok.token_to_id(name) for name in ('[PAD]', '[CLS]', '[SEP]', '[MASK]', '[UNK]')}
     for name in ('[PAD]', '[CLS]', '[SEP]'):
       if ids[name] is None:
@@ -50,7 +75,25 @@ class Tokenizer:
       )
     self.mask_id, self.unk_id = ids['[MASK]'], ids['[UNK]']
     self.mask_token = '[MASK]'
-    self._encoder = None  # (max_length, backend copy with that truncation), made on first use.
+
+  def _init_bpe(self, special_tokens: dict[str, str | None]) -> None:
+    self.kind = 'bpe'
+    self.special_tokens = {}
+    for role, names in _BPE_SPECIALS.items():
+      if role in special_tokens:  # Named by the tokenizer's config (None: it has none).
+        name = special_tokens[role]
+        if name is not None and self._tok.token_to_id(name) is None:
+          raise UsageError(f'{self.source}: {role}_token {name!r} of tokenizer_config.json is not in the vocabulary')
+      else:
+        name = next((n for n in names if self._tok.token_to_id(n) is not None), None)
+      self.special_tokens[role] = name
+    ids = {role: None if n is None else self._tok.token_to_id(n) for role, n in self.special_tokens.items()}
+    self.eos_id, self.bos_id, self.unk_id = ids['eos'], ids['bos'], ids['unk']
+    self.pad_id = self.eos_id if ids['pad'] is None else ids['pad']  # Padding weighs nothing in a loss: eos will do.
+    if self.pad_id is None:
+      raise UsageError(f'{self.source}: the BPE vocabulary has no end-of-text token ({", ".join(_BPE_SPECIALS["eos"])})'
+                       ' and no padding token')  # fmt: skip
+    self.cls_id = self.sep_id = self.mask_id = self.mask_token = None
 
   @property
   def vocab_size(self) -> int:
@@ -72,7 +115,8 @@ class Tokenizer:
     return tok
 
   def encode(self, inputs: Sequence[TextOrPair], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, type_ids) per input, with [CLS]/[SEP], truncated to `max_length` tokens."""
+    """(ids, type_ids) per input, with the special tokens of the tokenizer's template ([CLS]/[SEP] for BERT,
+    none or <s> for a BPE), truncated to `max_length` tokens."""
     if self._encoder is None or self._encoder[0] != max_length:
       self._encoder = (max_length, self.fresh_backend(truncation=max_length))
     batch = [tuple(x) if isinstance(x, (list, tuple)) else x for x in inputs]
@@ -82,25 +126,43 @@ class Tokenizer:
     encs = self._encoder[1].encode_batch(batch)
     return [(e.ids, e.type_ids) for e in encs]
 
+  def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text: no special tokens added, no truncation. Text that spells a special token
+    ('<|endoftext|>') is encoded as text, so a special id in the output is always one that the caller adds."""
+    if isinstance(texts, str):
+      raise TypeError('encode_plain takes a sequence of texts, not one str')
+    if self._plain is None:
+      tok = self.fresh_backend()
+      tok.encode_special_tokens = True
+      self._plain = tok
+    return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
   def decode(self, ids: Sequence[int]) -> str:
+    """The text of `ids`, special tokens left out."""
     return self._tok.decode(list(ids))
 
   def id_to_token(self, i: int) -> str:
     return self._tok.id_to_token(i)
 
   def save(self, out_dir: str, extra_files: dict[str, str] | None = None) -> None:
-    """Writes tokenizer.json, vocab.txt, tokenizer_config.json (readable by transformers) and `extra_files`
-    (name -> text); local or gs://. A save killed half way leaves no tokenizer.json in `out_dir`."""
+    """Writes tokenizer.json, tokenizer_config.json (readable by transformers), vocab.txt (WordPiece only) and
+    `extra_files` (name -> text); local or gs://. A save killed half way leaves no tokenizer.json in `out_dir`."""
     out = epath.Path(out_dir)
     tmp = out.parent / f'{out.name}.partial'  # Beside `out`, so the final rename stays on one filesystem.
     if tmp.exists():  # Left by a save that was killed.
       tmp.rmtree()
     tmp.mkdir(parents=True)
     (tmp / 'tokenizer.json').write_bytes(self._tok.to_str(pretty=True).encode())
-    vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
-    (tmp / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
-    cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case), 'pad_token': '[PAD]',
-           'cls_token': '[CLS]', 'sep_token': '[SEP]', 'mask_token': '[MASK]', 'unk_token': '[UNK]'}  # fmt: skip
+    if self.kind == 'bpe':
+      # PreTrainedTokenizerFast runs tokenizer.json as it is; clean-up would change the spaces of decoded text.
+      names = {**self.special_tokens, 'pad': self.special_tokens['pad'] or self.special_tokens['eos']}
+      cfg = {'tokenizer_class': 'PreTrainedTokenizerFast', 'clean_up_tokenization_spaces': False,
+             **{f'{role}_token': n for role, n in names.items() if n}}  # fmt: skip
+    else:
+      vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
+      (tmp / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
+      cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case), 'pad_token': '[PAD]',
+             'cls_token': '[CLS]', 'sep_token': '[SEP]', 'mask_token': '[MASK]', 'unk_token': '[UNK]'}  # fmt: skip
     (tmp / 'tokenizer_config.json').write_text(json.dumps(cfg, indent=2))
     for name, text in (extra_files or {}).items():
       (tmp / name).write_text(text)
@@ -121,17 +183,30 @@ def _publish(tmp: epath.Path, out: epath.Path) -> None:
   tmp.rmtree()
 
 
+def _special_names(p: epath.Path) -> tuple[bool | None, dict[str, str | None]]:
+  """do_lower_case and the special tokens by role ('eos' -> '</s>') that a Hugging Face directory's
+  tokenizer_config.json and special_tokens_map.json name (the config wins)."""
+  lower, names = None, {}
+  for name in ('special_tokens_map.json', 'tokenizer_config.json'):
+    if (p / name).exists():
+      cfg = json.loads((p / name).read_bytes())
+      lower = cfg.get('do_lower_case', lower)
+      for role in _BPE_SPECIALS:
+        if f'{role}_token' in cfg:
+          v = cfg[f'{role}_token']
+          names[role] = v.get('content') if isinstance(v, dict) else v  # An AddedToken is a dict.
+  return lower, names
+
+
 def load(path: str) -> Tokenizer:
   """A tokenizer from a directory holding tokenizer.json or vocab.txt, or a tokenizer.json file (local or gs://)."""
   p = epath.Path(path)
   if p.is_file():
     return Tokenizer(_HFTokenizer.from_str(p.read_bytes().decode()), path)
-  lower = None
-  if (p / 'tokenizer_config.json').exists():
-    lower = json.loads((p / 'tokenizer_config.json').read_bytes()).get('do_lower_case')
+  lower, names = _special_names(p)
   tj, vocab = p / 'tokenizer.json', p / 'vocab.txt'
   if tj.exists():
-    return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower)
+    return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower, names)
   if vocab.exists():
     lower = True if lower is None else lower
     words = {w.rstrip(): i for i, w in enumerate(vocab.read_bytes().decode().split('\n')) if w.rstrip()}
@@ -265,3 +340,27 @@ def train_wordpiece(texts, vocab_size: int, lowercase: bool = True, show_progres
   if show_progress:
     print(f'{len(counts)} distinct words, {sum(counts.values())} in all ({time.perf_counter() - t0:.1f}s)', flush=True)
   return wordpiece_tokenizer(wordpiece_vocab(counts, vocab_size), lowercase)
+
+
+BPE_EOS = '<|endoftext|>'  # Id 0 of every trained BPE vocabulary: the end of each document.
+
+
+def train_bpe(texts, vocab_size: int, show_progress: bool = False) -> Tokenizer:
+  """Trains a GPT-2 style byte-level BPE (<|endoftext|> = id 0, the 256 byte symbols, then merges) on an iterable
+  of texts.
+
+  Deterministic: the same texts give a byte-identical tokenizer in every process (Hugging Face's trainer
+  numbers the byte symbols in sorted order and breaks equal counts by the pair's ids, never by hash order)."""
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < len(alphabet) + 1:
+    raise UsageError(f'vocab_size={vocab_size}: a byte-level BPE needs at least {len(alphabet) + 1} tokens'
+                     f' (the {len(alphabet)} bytes and {BPE_EOS})')  # fmt: skip
+  tok = _HFTokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.post_processor = processors.ByteLevel(trim_offsets=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size, special_tokens=[BPE_EOS], initial_alphabet=alphabet, show_progress=show_progress
+  )
+  tok.train_from_iterator(texts, trainer)
+  return Tokenizer(tok, 'trained')

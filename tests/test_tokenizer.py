@@ -251,3 +251,123 @@ def test_processes_train_the_same_vocabulary_or_stop(corpora, tmp_path):
     assert f'SHA {saved}' in out, out
     assert f'ERROR data.train={[a, other][i]!r}: the processes trained different vocabularies' in out, out
   assert os.listdir(tmp_path / 'w1') == ['tokenizer'] and not os.path.exists(tmp_path / 'w2' / 'tokenizer')
+
+
+# ---- byte-level BPE (GPT-2 / Llama style)
+
+_TRAIN_BPE = """
+import sys
+from jaxlm import tokenizer
+texts = open(sys.argv[1], encoding='utf-8').read().split('\\n')
+tokenizer.train_bpe(texts, 400).save(sys.argv[2])
+"""
+
+_UNICODE = 'Héllo wörld — 日本語 🙂\n\tdef f(x):  return x  # ünïcode'
+
+
+@pytest.fixture(scope='module')
+def bpe(docs):
+  return tokenizer.train_bpe(docs, 400)
+
+
+def test_bpe_training_is_byte_identical_in_a_fresh_process(docs, bpe, tmp_path):
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('\n'.join(docs), encoding='utf-8')
+  env = {**os.environ, 'PYTHONHASHSEED': '3'}
+  res = subprocess.run([sys.executable, '-c', _TRAIN_BPE, str(corpus), str(tmp_path / 'tok')], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+  assert res.returncode == 0, res.stderr[-3000:]
+  bpe.save(str(tmp_path / 'here'))
+  assert (tmp_path / 'tok' / 'tokenizer.json').read_bytes() == (tmp_path / 'here' / 'tokenizer.json').read_bytes()
+  assert tokenizer.train_bpe(list(reversed(docs)), 400).backend.to_str() == bpe.backend.to_str()
+
+
+def test_trained_bpe_is_a_gpt2_style_tokenizer(docs, bpe, tmp_path):
+  import transformers
+
+  assert (bpe.kind, bpe.vocab_size, bpe.eos_id, bpe.pad_id, bpe.bos_id, bpe.unk_id) == ('bpe', 400, 0, 0, None, None)
+  assert bpe.id_to_token(0) == '<|endoftext|>' and bpe.id_to_token(1) == '!' and bpe.id_to_token(257) is not None
+  assert (bpe.cls_id, bpe.sep_id, bpe.mask_id) == (None, None, None)
+  [ids] = bpe.encode_plain([_UNICODE])
+  assert bpe.decode(ids) == _UNICODE and 0 not in ids and max(ids) < 400
+  # Text that spells the end-of-text token is text: only the caller puts id 0 in a stream.
+  [spelled] = bpe.encode_plain(['a<|endoftext|>b'])
+  assert 0 not in spelled and bpe.decode(spelled) == 'a<|endoftext|>b'
+  assert bpe.encode([_UNICODE], 5) == [(ids[:5], [0] * 5)]  # No special tokens added, truncated.
+  with pytest.raises(TypeError):
+    bpe.encode_plain('one text')
+  bpe.save(str(tmp_path / 'tok'))
+  assert sorted(os.listdir(tmp_path / 'tok')) == ['tokenizer.json', 'tokenizer_config.json']
+  again = tokenizer.load(str(tmp_path / 'tok'))
+  assert (again.kind, again.eos_id, again.pad_id, again.bos_id) == ('bpe', 0, 0, None)
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'tok'))
+  assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id) == (0, 0, None)
+  for text in [*docs[:20], _UNICODE]:
+    want = bpe.encode_plain([text])[0]
+    assert hf(text)['input_ids'] == want and again.encode_plain([text])[0] == want
+    assert hf.decode(want) == bpe.decode(want) == text
+  with pytest.raises(UsageError) as e:
+    tokenizer.train_bpe(docs, 256)
+  assert str(e.value) == 'vocab_size=256: a byte-level BPE needs at least 257 tokens (the 256 bytes and <|endoftext|>)'
+
+
+def _llama_style(docs):
+  """A Llama-style BPE (SentencePiece spaces '▁', <unk> <s> </s> = ids 0-2, <s> before every text)."""
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+  tok = HFTokenizer(models.BPE(unk_token='<unk>'))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=['<unk>', '<s>', '</s>']))
+  tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', 1)])
+  return tok
+
+
+def test_llama_style_bpe_loads_with_its_config_and_saves_for_transformers(docs, tmp_path):
+  import transformers
+
+  d = tmp_path / 'llama'
+  d.mkdir()
+  (d / 'tokenizer.json').write_text(_llama_style(docs).to_str())
+  added = lambda t: {'__type': 'AddedToken', 'content': t, 'lstrip': False, 'rstrip': False}  # noqa: E731
+  config = {'tokenizer_class': 'LlamaTokenizer', 'bos_token': added('<s>'), 'eos_token': added('</s>'),
+            'unk_token': added('<unk>'), 'pad_token': None}  # fmt: skip
+  (d / 'tokenizer_config.json').write_text(json.dumps(config))
+  tok = tokenizer.load(str(d))
+  assert (tok.kind, tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == ('bpe', 0, 1, 2, 2)
+  text = 'Return the sorted list, plain.'
+  [plain] = tok.encode_plain([text])
+  assert tok.encode([text], 64)[0][0] == [1, *plain] and tok.decode(plain) == text
+  tok.save(str(tmp_path / 'saved'))
+  hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'saved'))
+  assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 2, 0)
+  for t in [*docs[:10], text]:
+    assert hf(t)['input_ids'] == tok.encode([t], 10_000)[0][0]
+  # Without a config the usual names are found; a config naming a token outside the vocabulary is an error.
+  os.remove(d / 'tokenizer_config.json')
+  found = tokenizer.load(str(d))
+  assert (found.bos_id, found.eos_id, found.pad_id) == (1, 2, 2)
+  (d / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|eot_id|>'}))
+  with pytest.raises(UsageError) as e:
+    tokenizer.load(str(d))
+  assert str(e.value) == f"{d}/tokenizer.json: eos_token '<|eot_id|>' of tokenizer_config.json is not in the vocabulary"
+
+
+def test_train_tokenizer_cli_trains_bpe(docs, tmp_path, capsys):
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import train_tokenizer
+
+  (tmp_path / 'corpus.txt').write_text('\n'.join(docs[:100]))
+  out = tmp_path / 'out'
+  assert train_tokenizer.main(['--input', f'text:{tmp_path}/corpus.txt', '--out', str(out), '--kind', 'bpe',
+                               '--vocab_size', '300']) == 0  # fmt: skip
+  tok = tokenizer.load(str(out))
+  assert (tok.kind, tok.vocab_size, tok.eos_id) == ('bpe', 300, 0)
+  (tmp_path / 'blank.txt').write_text('\n  \n')
+  args = ['--input', f'text:{tmp_path}/blank.txt', '--out', str(tmp_path / 'none'), '--kind', 'bpe']
+  assert train_tokenizer.main(args) == 2
+  assert (
+    capsys.readouterr().err.strip() == f"error: --input='text:{tmp_path}/blank.txt': no text to train a tokenizer on"
+  )
+  assert not os.path.exists(tmp_path / 'none')
