@@ -106,6 +106,10 @@ class Generator:
     self.batch_size = batch_size
 
   @property
+  def config(self) -> decoder.DecoderConfig:
+    return self.cfg
+
+  @property
   def eos_id(self) -> int | None:
     tok_eos = getattr(self.tokenizer, 'eos_id', None)
     return self.cfg.eos_token_id if self.cfg.eos_token_id is not None else tok_eos

@@ -33,8 +33,16 @@ _TO_GPT2_ACT = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu':
 _IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq')
 
 
-def is_causal_config(hf: dict) -> bool:
-  return hf.get('model_type') in MODEL_TYPES
+def is_causal_dir(path: str) -> bool:
+  """True for a Hugging Face directory whose config.json names a GPT-2 or Llama model."""
+  cfg_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(cfg_path):
+    return False
+  try:
+    with open(cfg_path) as f:
+      return json.load(f).get('model_type') in MODEL_TYPES
+  except (OSError, ValueError):
+    return False  # The BERT reader names what is wrong with it.
 
 
 def _rope_theta(hf: dict, source: str) -> float:

@@ -21,8 +21,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from jaxlm import decoder, generate, hf_causal, quant, store
 from jaxlm import model as model_lib
-from jaxlm import quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -213,8 +213,9 @@ class Predictor:
 
 def load(
   path: str, dtype: str | None = None, batch_size: int = 32, quantize: str | None = None, **overrides
-) -> Predictor:
-  """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
+) -> Predictor | generate.Generator:
+  """A Generator (generate.py) for a causal LM: a Hugging Face GPT-2 / Llama directory or a jaxlm causal run.
+  Otherwise a Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
   remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype). The layers
   run as a lax.scan unless `scan_layers=False` is given.
@@ -222,15 +223,22 @@ def load(
   path = str(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
+  if quantize not in (None, 'none', 'int8'):
+    raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
 
   overrides['dtype'] = dtype or default_dtype()
+  if hf_causal.is_causal_dir(path):  # A Hugging Face GPT-2 or Llama directory.
+    if quantize == 'int8':
+      raise UsageError(f'{path}: quantize="int8" is for encoders; a causal LM runs float kernels')
+    graphdef, params, _ = hf_causal.load(path, **overrides)
+    return generate.Generator(graphdef, params, tokenizer_lib.load(path), batch_size)
   # One compiled layer, looped: each new input shape compiles in about a third of the unrolled stack's
   # time, and without training's saved activations the loop runs as fast (tools/bench.py predict-e2e).
   overrides.setdefault('scan_layers', True)
   with store.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
     graphdef, params, tok_dir, labels = store.load_model(path, **overrides)
-  if quantize not in (None, 'none', 'int8'):
-    raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
+  if isinstance(nnx.merge(graphdef, params).cfg, decoder.DecoderConfig):  # A causal LM trained with jaxlm.
+    return generate.Generator(graphdef, params, tokenizer_lib.load(tok_dir), batch_size)
   if quantize == 'int8':
     graphdef, params = quant.quantize(graphdef, params)
   return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)

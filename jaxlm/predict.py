@@ -1,10 +1,12 @@
 """Batch inference over a file: `python -m jaxlm.predict --checkpoint PATH --input FILE --output OUT.jsonl`.
 
-  --checkpoint  anything jaxlm.load reads: a Hugging Face BERT directory, a training workdir,
+  --checkpoint  anything jaxlm.load reads: a Hugging Face BERT, GPT-2 or Llama directory, a training workdir,
                 a checkpoint step, a jaxlm export (float or int8)
   --mode        classify   {"label": ..., "probabilities": {label: p}}, or {"score": x} for regression
                 fill-mask  {"masks": [[{"token", "token_str", "score", "sequence"} x top_k] per [MASK]]}
                 embed      {"embedding": [...]} (--pooling mean | cls, --normalize)
+                generate   {"generated": "..."}, the continuation of each prompt, from a causal LM
+                           (--max_new_tokens, --temperature, --top_k, --top_p, --seed, --stop)
   --input       .txt (one text per line, every line counts), .jsonl (one object per non-blank
                 line), .csv / .tsv (a header row); the text is in --text_field, and the second
                 segment of a pair in --text_pair_field. --format overrides the extension.
@@ -46,11 +48,11 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from jaxlm import inference
+from jaxlm import generate, inference
 from jaxlm.errors import UsageError
 
 FORMATS = ('txt', 'jsonl', 'csv', 'tsv')
-MODES = ('classify', 'fill-mask', 'embed')
+MODES = ('classify', 'fill-mask', 'embed', 'generate')
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl',
                '.csv': 'csv', '.tsv': 'tsv'}  # fmt: skip
 WINDOW_BATCHES = 64  # Batches read, length-sorted and run together.
@@ -185,8 +187,12 @@ def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
   if mode == 'embed':
     vecs = predictor.embed(inputs, pooling=args.pooling, normalize=args.normalize)
     return [{'embedding': [float(f'{x:.7g}') for x in v]} for v in vecs]
+  if mode == 'generate':
+    texts = predictor.generate(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
+    return [{'generated': t} for t in texts]
   out = []
-  for res in predictor.fill_mask(inputs, top_k=args.top_k):
+  for res in predictor.fill_mask(inputs, top_k=args.top_k or 5):
     masks = [res] if res and isinstance(res[0], dict) else res
     out.append({'masks': masks})
   return out
@@ -245,7 +251,7 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
   """Runs `records` (from read_inputs) through the predictor, one JSON line per input to `out`, in
   input order; returns the number of inputs."""
   stats = stats if stats is not None else ReadStats()
-  mask = predictor.tokenizer.mask_token
+  mask = getattr(predictor.tokenizer, 'mask_token', None)
   n, named = 0, 0
   try:
     fmt = input_format(args.input, args.format)
@@ -280,7 +286,7 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
 
 
 def _check_flags(args) -> None:
-  for flag in ('batch_size', 'max_length', 'top_k'):
+  for flag in ('batch_size', 'max_length', 'top_k', 'max_new_tokens'):
     value = getattr(args, flag)
     if value is not None and value < 1:
       raise UsageError(f'--{flag}={value}: must be at least 1')
@@ -297,7 +303,12 @@ def main(argv=None) -> int:
   p.add_argument('--text_pair_field', help='JSONL field / CSV column holding the second segment')
   p.add_argument('--batch_size', type=int, default=32, help='inputs per forward pass')
   p.add_argument('--max_length', type=int, default=None, help='truncate to this many tokens (default 512)')
-  p.add_argument('--top_k', type=int, default=5, help='fill-mask: fillers per [MASK]')
+  p.add_argument('--top_k', type=int, help='fill-mask: fillers per [MASK] (5); generate: sample from the k likeliest')
+  p.add_argument('--max_new_tokens', type=int, default=64, help='generate: tokens per prompt at most')
+  p.add_argument('--temperature', type=float, default=0.0, help='generate: 0 = greedy, else sampling')
+  p.add_argument('--top_p', type=float, default=1.0, help='generate: nucleus sampling mass')
+  p.add_argument('--seed', type=int, default=0, help='generate: sampling seed')
+  p.add_argument('--stop', action='append', help='generate: a string that ends the continuation (repeatable)')
   p.add_argument('--pooling', choices=['mean', 'cls'], default='mean', help='embed: mean of tokens or [CLS]')
   p.add_argument('--normalize', action='store_true', help='embed: unit-length vectors')
   p.add_argument('--dtype', help='compute dtype (default: bfloat16 on TPU / GPU, float32 on CPU)')
@@ -313,7 +324,11 @@ def main(argv=None) -> int:
     records = itertools.chain([first] if first is not None else [], records)
     with output_file(args.output, args.input) as out:
       predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
-      if args.max_length:
+      causal = isinstance(predictor, generate.Generator)
+      if causal != (args.mode == 'generate'):
+        raise UsageError(f'{args.checkpoint}: --mode {args.mode} needs ' + ('an encoder; this is a causal LM (--mode generate)'
+                         if causal else 'a causal LM (GPT-2, Llama); this is an encoder'))  # fmt: skip
+      if args.max_length and not causal:
         predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)
       if args.mode == 'classify' and not predictor.config.num_labels:
         raise UsageError(f'{args.checkpoint}: --mode classify needs a classifier head; this model has none')

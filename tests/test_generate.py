@@ -100,3 +100,47 @@ def test_perplexity_equals_transformers(model, monkeypatch):
     with torch.no_grad():
       loss = m(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     np.testing.assert_allclose(p, np.exp(loss), rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def gpt2_dir(tmp_path_factory):
+  """A random GPT-2 with a real byte-level BPE tokenizer (trained here) in one Hugging Face directory."""
+  from jaxlm import tokenizer
+  from jaxlm.data import sources
+
+  path = str(tmp_path_factory.mktemp('gpt2_bpe'))
+  tok = tokenizer.train_bpe(list(sources.BUILTIN['stdlib']())[:200], 400)
+  save_random_causal_lm('gpt2', path, seed=4, vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+  tok.save(path)
+  return path
+
+
+def test_load_generates_text_like_transformers_and_predict_streams_it(gpt2_dir, tmp_path, capsys):
+  import json
+
+  import transformers
+
+  import jaxlm
+  from jaxlm import predict
+
+  gen = jaxlm.load(gpt2_dir)
+  assert isinstance(gen, generate.Generator)
+  prompts = ['def read(path):', 'The module', 'Return the']
+  texts = gen.generate(prompts, max_new_tokens=8)
+  tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+  for prompt, text in zip(prompts, texts):
+    ids = tok(prompt)['input_ids']
+    assert text == tok.decode(_hf_greedy(gpt2_dir, ids, 8, eos=tok.eos_token_id), skip_special_tokens=True)
+  assert len(texts[0]) > 5
+  cut = texts[0][2:5]  # A stop string: the text ends before it.
+  assert gen.generate(prompts[:1], max_new_tokens=8, stop=[cut])[0] == texts[0][: texts[0].index(cut)]
+
+  src, out = tmp_path / 'prompts.txt', tmp_path / 'out.jsonl'
+  src.write_text('\n'.join(prompts) + '\n')
+  args = ['--checkpoint', gpt2_dir, '--input', str(src), '--output', str(out), '--mode', 'generate']
+  assert predict.main([*args, '--max_new_tokens', '8', '--batch_size', '2']) == 0
+  assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == texts
+  before = out.read_text()
+  assert predict.main([*args[:-1], 'classify']) == 2
+  assert 'needs an encoder; this is a causal LM' in capsys.readouterr().err
+  assert out.read_text() == before  # A refused run leaves the earlier output.
