@@ -176,24 +176,26 @@ def rope(x_BxTxHxK, positions_BxT, theta: float):
   return (x * cos + rotated * sin).astype(x_BxTxHxK.dtype)
 
 
-def _attend(q_BxTxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg: DecoderConfig):
-  """softmax(q k^T / sqrt(K)) v over the keys `mask` allows, grouped-query (N = G * heads per group)."""
+def _attend(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
+  """softmax(q k^T / sqrt(K)) v over the keys `mask` allows, grouped-query (N = G * heads per group).
+  Keys and values are head-major (the cache's layout), so neither dot transposes them."""
   B, T, N, K = q_BxTxNxK.shape
-  G = k_BxSxGxK.shape[2]
+  G = k_BxGxSxK.shape[1]
   q = q_BxTxNxK.reshape(B, T, G, N // G, K)
-  s = jnp.einsum('btgrk,bsgk->bgrts', q, k_BxSxGxK).astype(jnp.float32) / math.sqrt(K)
+  s = jnp.einsum('btgrk,bgsk->bgrts', q, k_BxGxSxK).astype(jnp.float32) / math.sqrt(K)
   s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
-  return jnp.einsum('bgrts,bsgk->btgrk', p, v_BxSxGxK).reshape(B, T, N, K)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxGxSxK.dtype)
+  return jnp.einsum('bgrts,bgsk->btgrk', p, v_BxGxSxK).reshape(B, T, N, K)
 
 
-def _fused_causal(q, k, v, valid_BxT, cfg: DecoderConfig):
+def _fused_causal(q, k_BxGxTxK, v_BxGxTxK, valid_BxT, cfg: DecoderConfig):
   """Causal attention over right-padded rows by cuDNN's fused kernel (GPU, 16-bit), else None."""
   impl = cfg.attention_impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
   K = q.shape[-1]
   if impl != 'cudnn' or jax.default_backend() != 'gpu' or q.dtype not in (jnp.bfloat16, jnp.float16) or K % 8:
     return None
   lengths = jnp.maximum(valid_BxT.sum(-1, dtype=jnp.int32), 1)
+  k, v = k_BxGxTxK.transpose(0, 2, 1, 3), v_BxGxTxK.transpose(0, 2, 1, 3)
   try:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                         key_value_seq_lengths=lengths, implementation='cudnn')  # fmt: skip
@@ -281,15 +283,18 @@ class Decoder(nnx.Module):
     drop1, drop2 = blocks._split(rng, 2)
     h = _norm(x, p['attn_norm_scale'], p.get('attn_norm_bias'), cfg)
 
-    def proj(n):
-      y = jnp.einsum('btd,dhk->bthk', h, p[f'{n}_kernel'])
+    B, T, D = x.shape
+
+    def proj(n):  # Kernels as [D, heads * K] matrices: one plain dot, no transposed copy of the weights.
+      w = p[f'{n}_kernel']
+      y = (h.reshape(B * T, D) @ w.reshape(D, -1)).reshape(B, T, *w.shape[1:])
       return y + blocks._bcast(p[f'{n}_bias'], 4) if f'{n}_bias' in p else y
 
     q, k, v = proj('q'), proj('k'), proj('v')
     if cfg.family == 'llama':
       q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
-    a, extra = attend(q, k, v)
-    a = jnp.einsum('btnk,nkd->btd', a, p['o_kernel'])
+    a, extra = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    a = (a.reshape(B * T, -1) @ p['o_kernel'].reshape(-1, D)).reshape(B, T, D)
     if 'o_bias' in p:
       a = a + blocks._bcast(p['o_bias'], 3)
     x = x + blocks._dropout(a, cfg.hidden_dropout, drop1)
@@ -333,9 +338,9 @@ class Decoder(nnx.Module):
       valid_BxT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
       mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
 
-    def attend(q, k, v):
+    def attend(q, k, v):  # k, v: [B,G,T,K]
       fused = None if segment_ids is not None else _fused_causal(q, k, v, valid_BxT, cfg)
-      return (_attend(q, k, v, mask_BxTxT, cfg) if fused is None else fused), None
+      return (_attend(q, k, v, mask_BxTxT) if fused is None else fused), None
 
     def body(x, inputs):
       p, layer_rng = inputs
@@ -364,7 +369,7 @@ class Decoder(nnx.Module):
 
   def decode(self, ids_BxT, positions_BxT, valid_BxS, cache: dict, index):
     """T new tokens at cache slots [index, index+T): their keys and values are written into
-    `cache` ({'k', 'v'}: [L,B,S,G,K] each, init_cache) and each attends to the valid slots
+    `cache` ({'k', 'v'}: [L,B,G,S,K] each, init_cache) and each attends to the valid slots
     (`valid_BxS`, which must already mark the new ones) at or before its own.
     Returns (logits [B,T,V] float32, the updated cache)."""
     cfg = self.cfg
@@ -375,11 +380,11 @@ class Decoder(nnx.Module):
     stacked = self._stacked()
 
     def layer(i, x, ck, cv):
-      def attend(q, k, v):
-        at = (i, 0, index, 0, 0)
+      def attend(q, k, v):  # k, v: [B,G,T,K], written at slots [index, index + T) of layer i.
+        at = (i, 0, 0, index, 0)
         ck2 = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
         cv2 = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        return _attend(q, ck2[i], cv2[i], mask_BxTxS, cfg), (ck2, cv2)
+        return _attend(q, ck2[i], cv2[i], mask_BxTxS), (ck2, cv2)
 
       p = jax.tree.map(lambda a: a[i], stacked)
       return self._block(p, x, positions_BxT, None, attend)
@@ -401,7 +406,7 @@ class Decoder(nnx.Module):
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> dict:
   """An empty key/value cache of `length` slots per row, in the compute dtype."""
-  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
+  shape = (cfg.num_layers, batch, cfg.kv_heads, length, cfg.head_size)
   return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
 
 

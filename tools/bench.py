@@ -9,6 +9,7 @@ and fine-tuning and predicting end to end, process start to exit.
   python tools/bench.py --mode make-ragged --out DIR            # real, ragged labelled sentences (bench_data.py)
   python tools/bench.py --mode finetune-e2e --rounds 2          # python -m jaxlm.train vs transformers, end to end
   python tools/bench.py --mode predict-e2e --rounds 2           # python -m jaxlm.predict vs transformers, end to end
+  python tools/bench.py --mode generate --rounds 2 --seq 128    # GPT-2 shape, 4 layers: 8 prompts, 128 new tokens
 
 The end-to-end modes (bench_e2e.py, the PyTorch side in bench_torch.py) time whole commands on
 the ragged set; the modes below time one compiled step in a worker process.
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 
+import bench_causal
 import bench_data
 import bench_e2e
 import numpy as np
@@ -301,7 +303,8 @@ def run_data(args) -> dict:
 
 
 WORKERS = {('train', 'jaxlm'): jaxlm_train, ('finetune', 'jaxlm'): jaxlm_train, ('infer', 'jaxlm'): jaxlm_infer,
-           ('train', 'torch'): torch_train, ('finetune', 'torch'): torch_train, ('infer', 'torch'): torch_infer}  # fmt: skip
+           ('train', 'torch'): torch_train, ('finetune', 'torch'): torch_train, ('infer', 'torch'): torch_infer,
+           ('generate', 'jaxlm'): bench_causal.jaxlm_generate, ('generate', 'torch'): bench_causal.torch_generate}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- driver
@@ -377,7 +380,9 @@ def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
   # drifts, and alternating spreads the drift over both.
   runs = {}
   for _ in range(args.rounds):
-    for framework in ('jaxlm', 'torch') if args.mode in ('finetune', 'infer') or args.compare else ('jaxlm',):
+    for framework in (
+      ('jaxlm', 'torch') if args.mode in ('finetune', 'infer', 'generate') or args.compare else ('jaxlm',)
+    ):
       for name, r in _worker(argv, args, framework).items():
         runs.setdefault(name, []).append(r)
   results = {name: {**max(rs, key=lambda r: r[unit]), 'runs': [r[unit] for r in rs]} for name, rs in runs.items()}
@@ -391,8 +396,9 @@ def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data', 'make-ragged', *E2E], default='train',
-                 help='MLM / MiniLM classifier train step, MiniLM forward, input pipeline; or end to end')  # fmt: skip
+  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data', 'make-ragged', 'generate', *E2E],
+                 default='train', help='MLM / MiniLM classifier train step, MiniLM forward, input pipeline,'
+                 ' causal-LM generation (bench_causal.py); or end to end')  # fmt: skip
   p.add_argument('--preset', default='small', help='model preset (small = L4 H512 A8)')
   p.add_argument('--layers', type=int, default=0, help='override the number of layers')
   p.add_argument('--hidden', type=int, default=0, help='override the hidden size (heads = hidden/64)')
