@@ -21,8 +21,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from jaxlm import generate, models, quant, store
 from jaxlm import model as model_lib
-from jaxlm import quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -213,10 +213,11 @@ class Predictor:
 
 def load(
   path: str, dtype: str | None = None, batch_size: int = 32, quantize: str | None = None, **overrides
-) -> Predictor:
+) -> Predictor | generate.Generator:
   """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
-  remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype). The layers
+  remote (gs://); a generate.Generator when the jaxlm directory holds a decoder (a causal LM). The
+  compute dtype is chosen for the platform unless given (default_dtype). The layers
   run as a lax.scan unless `scan_layers=False` is given.
   `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
   path = str(path)
@@ -232,5 +233,7 @@ def load(
   if quantize not in (None, 'none', 'int8'):
     raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
   if quantize == 'int8':
-    graphdef, params = quant.quantize(graphdef, params)
+    graphdef, params = quant.quantize(graphdef, params)  # Refuses a decoder (UsageError).
+  if models.family(nnx.merge(graphdef, params).cfg) == 'decoder':
+    return generate.Generator(graphdef, params, tokenizer_lib.load(tok_dir), batch_size)
   return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)
