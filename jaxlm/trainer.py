@@ -99,10 +99,11 @@ class Run:
     return jax.process_index() == 0
 
 
-def setup(config, workdir: str) -> Run:
-  """Checks the config, then builds everything a run needs, compiled lazily (no step has run)."""
-  check_config(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def setup(config, workdir: str, devices=None) -> Run:
+  """Checks the config, then builds everything a run needs, compiled lazily (no step has run). The mesh spans
+  `devices` (default: all of them)."""
+  check_config(config, jax.device_count() if devices is None else len(devices))
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   task_cls = tasks.get(config.task)
   tokenizer = vocab.for_run(config, workdir, 'bpe' if task_cls.family == 'decoder' else 'wordpiece')
   task = task_cls(config, tokenizer)
@@ -196,7 +197,7 @@ def restore_or_init(run: Run) -> tuple[dict, int, pretrain.Iterator, checkpoint.
     _write_metadata(run)
   n_params = models.count_params(state['params'])
   m = run.mcfg
-  print(f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, mesh'
+  print(f'{jax.process_count()} process(es), {run.mesh.size} {jax.devices()[0].platform} devices, mesh'
         f' {dict(run.mesh.shape)}; {n_params / 1e6:.1f}M parameters (layers {m.num_layers}, hidden {m.hidden_size},'
         f' vocab {m.vocab_size})', flush=True)  # fmt: skip
   if run.task.finetuning:
@@ -351,10 +352,11 @@ def print_samples(run: Run, state: dict, max_new_tokens: int = 32) -> list[str]:
   return texts
 
 
-def train(config, workdir: str) -> dict:
-  """Runs the whole training (pretraining or fine-tuning) on a locked workdir; returns the last logged metrics."""
+def train(config, workdir: str, devices=None) -> dict:
+  """Runs the whole training (pretraining or fine-tuning) on a locked workdir, on a mesh of `devices` (default:
+  all); returns the last logged metrics."""
   with WorkdirLock(workdir):  # Before anything is written: a second run on the workdir stops here.
-    run = setup(config, workdir)
+    run = setup(config, workdir, devices)
     state, start, train_iter, ckpt = restore_or_init(run)
     return loop(run, state, start, train_iter, ckpt)
 
