@@ -313,6 +313,8 @@ def main(argv=None) -> int:
     records = itertools.chain([first] if first is not None else [], records)
     with output_file(args.output, args.input) as out:
       predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
+      if not isinstance(predictor, inference.Predictor):
+        raise UsageError(f'{args.checkpoint}: a causal LM; predict runs encoders (use jaxlm.load(path).generate)')
       if args.max_length:
         predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)
       if args.mode == 'classify' and not predictor.config.num_labels:

@@ -4,7 +4,10 @@
                              config; optimizer; shardings; the jitted step, eval and export functions
   restore_or_init(run)       the newest intact checkpoint, else model.init_from, else a fresh
                              initialisation; then the run's metadata
-  loop(run, state, ...)      step, log, evaluate, checkpoint; stop saved on SIGTERM / Ctrl-C
+  loop(run, state, ...)      step, log, evaluate, checkpoint; stop saved on SIGTERM / Ctrl-C; after the
+                             last step, a decoder's greedy continuations of config.sample_prompts
+
+The model is an encoder or a decoder as config.model.preset says (models.py); the task says which it trains.
 
 The loop knows tasks only through the `tasks.Task` interface. `python -m jaxlm.train` (train.py)
 is the command line around `train`; a notebook or tools/bench.py can call the stages themselves.
