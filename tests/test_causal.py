@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import _write_jsonl, assert_same_params, config_file, logged, saved_arrays
+from conftest import _write_jsonl, assert_same_params, config_file, logged, save_random_causal_lm, saved_arrays
+from flax import nnx
 
 import jaxlm
-from jaxlm import decoder, export, generate, losses, quant, steps, store, tokenizer, trainer
+from jaxlm import decoder, export, generate, hf_causal, losses, quant, steps, store, tokenizer, trainer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
 
@@ -188,3 +189,13 @@ def test_the_causal_lm_loss_is_the_mean_weighted_next_token_nll():
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   want = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * w).sum() / w.sum()
   assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_init_from_reads_a_hugging_face_gpt2_directory(tmp_path):
+  path = save_random_causal_lm('gpt2', str(tmp_path), vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+  # A run's overrides: the encoder's head fields are left out for a decoder, the execution knobs set.
+  graphdef, params, new = store.load_for_init(path, mlm_head=False, num_labels=0, vocab_multiple=128, remat='full')
+  cfg = nnx.merge(graphdef, params).cfg
+  assert cfg.family == 'gpt2' and cfg.padded_vocab_size == 384 and cfg.remat == 'full' and new == []
+  _, want, _ = hf_causal.load(path)
+  np.testing.assert_array_equal(params['layers']['q_kernel'][...], want['layers']['q_kernel'][...])
