@@ -1,6 +1,7 @@
-"""jaxlm: pretrain, fine-tune and serve BERT-style encoders with JAX and Flax NNX.
+"""jaxlm: pretrain, fine-tune and serve BERT-style encoders and causal LMs with JAX and Flax NNX.
 
-`jaxlm.load(path)` returns a Predictor (embed / fill_mask / predict); `jaxlm.preset(name)`
+`jaxlm.load(path)` returns a Predictor (embed / fill_mask / predict), or a generate.Generator
+(generate / perplexity) for a causal LM run or export; `jaxlm.preset(name)`
 returns a ModelConfig of the published BERT family. Training is `python -m jaxlm.train`.
 """
 

@@ -28,7 +28,8 @@ def split_spec(spec: str, key: str) -> tuple[str, str]:
 def base() -> ml_collections.ConfigDict:
   """The full schema with defaults; a config file may change values but not add keys."""
   c = ml_collections.ConfigDict()
-  c.task = 'mlm'  # 'mlm' (masked-LM pretraining), 'classification' or 'regression' (fine-tuning).
+  c.task = 'mlm'  # 'mlm' (masked-LM pretraining), 'classification' or 'regression' (fine-tuning);
+  #   'causal_lm' (next-token pretraining of a decoder) or 'sft' (prompt -> response fine-tuning of one).
   c.task_name = ''  # A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): sets task,
   #   data.* and the metrics (configs/finetune_glue.py).
   c.seed = 0  # Seeds parameters, dropout and the data order.
@@ -64,6 +65,8 @@ def base() -> ml_collections.ConfigDict:
   c.best_mode = 'min'  # 'min' or 'max' of best_metric (ignored for 'auto').
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
+  c.sample_prompts = ''  # Decoders: prompts separated by '|' that the final parameters continue (greedy,
+  #   32 tokens), printed as 'sample: <prompt> -> <text>' after the last step ('' = none).
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.mode = 'full'  # What trains: 'full', 'head' (pooler + classifier on a frozen
@@ -71,7 +74,8 @@ def base() -> ml_collections.ConfigDict:
   c.finetune.lora_rank = 8  # r of the LoRA adapters.
   c.finetune.lora_alpha = 16.0  # The adapters' update is scaled by alpha / r.
   c.finetune.lora_targets = 'q,k,v,o,wi,wo'  # Matrices with adapters: attention q, k, v, o and
-  #   feed-forward wi (in), wo (out). Merged into the dense weights on export.
+  #   feed-forward wi (in), wo (out) (and wg, the gate of a Llama-shaped decoder). Merged into the
+  #   dense weights on export.
 
   c.prune = ml_collections.ConfigDict()
   c.prune.sparsity = 0.0  # Gradual magnitude pruning of the encoder's dense kernels to this
@@ -81,8 +85,9 @@ def base() -> ml_collections.ConfigDict:
   c.prune.frequency = 10  # Masks are recomputed every this many steps in between.
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = 'base'  # tiny, mini, small, medium, base or large.
-  c.model.init_from = ''  # Hugging Face BERT directory or jaxlm run / export to start from
+  c.model.preset = 'base'  # BERT encoders: tiny, mini, small, medium, base or large; decoders (causal_lm,
+  #   sft): gpt2-tiny, gpt2-mini, gpt2, gpt2-medium, ..., llama-tiny, llama-mini, llama-160m, llama-1b, llama-7b.
+  c.model.init_from = ''  # Hugging Face BERT / GPT-2 / Llama directory or jaxlm run / export to start from
   #   ('' = random init). Parameters it lacks (e.g. a new classifier) are initialised fresh.
   c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU. Parameters stay float32.
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)  # lax.scan over layers: compile time
@@ -108,6 +113,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.text_field = 'text'  # Field / column holding the text (jsonl, csv, tsv, tfds).
   c.data.text_pair_field = ''  # Field of the second text of a pair ('' = single texts).
   c.data.label_field = 'label'  # Field of the label (fine-tuning).
+  c.data.prompt_field = 'prompt'  # task=sft: field of the prompt (no loss on its tokens) ...
+  c.data.response_field = 'response'  # ... and of the response the model learns to write.
   c.data.text_docs = 'line'  # text: sources: 'line' (a document per line) or 'blank_line'
   #   (documents separated by blank lines, e.g. one sentence per line).
   c.data.whole_word_masking = False  # Mask all WordPieces of a word together.
@@ -118,8 +125,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.separate_documents = False  # Pretraining: the documents packed into a sequence attend only
   #   to themselves (segment_ids) and their positions restart at 0 (position_ids); not with data.nsp.
   c.data.tokenizer = ''  # Tokenizer dir or tokenizer.json; '' = from model.init_from or trained.
-  c.data.train_tokenizer_vocab = 0  # >0: train a WordPiece vocabulary of this size on data.train
-  #   into WORKDIR/tokenizer (when data.tokenizer is '').
+  c.data.train_tokenizer_vocab = 0  # >0: train a vocabulary of this size on data.train into
+  #   WORKDIR/tokenizer (when data.tokenizer is ''): WordPiece for an encoder, byte-level BPE for a decoder.
   c.data.lowercase = True  # Lowercase when training a tokenizer.
   c.data.shuffle_buffer = 1000  # Sequences in the shuffle buffer (0: no shuffling).
   c.data.bucket_lengths = ''  # Fine-tuning / evaluation: a batch is padded to the smallest of these

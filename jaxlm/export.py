@@ -5,6 +5,7 @@
                 BERT directory
   --format      jaxlm: model_config.json + params/ (Orbax) + tokenizer/   (default)
                 hf:    config.json + model.safetensors + tokenizer files, for transformers
+                       (a BERT, or the GPT-2 / Llama of a causal LM run)
   --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
                 (quant.py), in a jaxlm export that `jaxlm.load` runs as it is
 

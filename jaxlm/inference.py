@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from jaxlm import decoder, generate, hf_causal, quant, store
+from jaxlm import generate, hf_causal, models, quant, store
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
@@ -214,10 +214,11 @@ class Predictor:
 def load(
   path: str, dtype: str | None = None, batch_size: int = 32, quantize: str | None = None, **overrides
 ) -> Predictor | generate.Generator:
-  """A Generator (generate.py) for a causal LM: a Hugging Face GPT-2 / Llama directory or a jaxlm causal run.
-  Otherwise a Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
+  """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
-  remote (gs://); the compute dtype is chosen for the platform unless given (default_dtype). The layers
+  remote (gs://); a generate.Generator for a causal LM (a Hugging Face GPT-2 / Llama directory, or a
+  jaxlm directory holding a decoder). The
+  compute dtype is chosen for the platform unless given (default_dtype). The layers
   run as a lax.scan unless `scan_layers=False` is given.
   `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
   path = str(path)
@@ -237,8 +238,8 @@ def load(
   overrides.setdefault('scan_layers', True)
   with store.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
     graphdef, params, tok_dir, labels = store.load_model(path, **overrides)
-  if isinstance(nnx.merge(graphdef, params).cfg, decoder.DecoderConfig):  # A causal LM trained with jaxlm.
-    return generate.Generator(graphdef, params, tokenizer_lib.load(tok_dir), batch_size)
   if quantize == 'int8':
-    graphdef, params = quant.quantize(graphdef, params)
+    graphdef, params = quant.quantize(graphdef, params)  # Refuses a decoder (UsageError).
+  if models.family(nnx.merge(graphdef, params).cfg) == 'decoder':
+    return generate.Generator(graphdef, params, tokenizer_lib.load(tok_dir), batch_size)
   return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)

@@ -1,7 +1,9 @@
 """Losses as pure functions of model outputs and a batch; the tasks (tasks/) choose among them.
 
 Pretraining: masked-LM cross-entropy over the gathered masked positions, weighted (padding
-predictions have weight 0), plus the optional next-sentence loss. Fine-tuning:
+predictions have weight 0), plus the optional next-sentence loss; causal LMs: next-token
+cross-entropy at every position, weighted by `loss_weights` (0 on padding, on a prompt's tokens
+in supervised fine-tuning, across documents). Fine-tuning:
 classification cross-entropy or regression squared error. Every function returns
 (loss, metrics) with float32 scalars; evaluation reuses the same functions reduced
 differently (sums over an eval set, or one value per example). MLM logits span the padded vocabulary
@@ -73,6 +75,8 @@ def normalizers(batch: dict) -> dict:
   if 'labels' in batch:
     w = batch.get('weights')
     norm['cls'] = jnp.maximum(w.astype(jnp.float32).sum(), 1.0) if w is not None else jnp.float32(batch['labels'].size)
+  if 'loss_weights' in batch:
+    norm['lm'] = jnp.maximum(batch['loss_weights'].astype(jnp.float32).sum(), 1.0)
   if 'nsp_labels' in batch:
     w = batch.get('nsp_weights')
     norm['nsp'] = (
@@ -102,6 +106,19 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
     loss = loss + metrics['nsp_loss']
   metrics['loss'] = loss
   return loss, metrics
+
+
+def causal_lm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
+  """Next-token cross-entropy of a causal LM: the logits [B,T,V] against `targets`, weighted by
+  `loss_weights` (both [B,T]); vocabulary-parallel when the mesh's `tensor` axis is larger than 1."""
+  norm = normalizers(batch) if norm is None else norm
+  args = (out['logits'], batch['targets'], batch['loss_weights'])
+  if mesh is not None and mesh.shape['tensor'] > 1:
+    nll, correct, _ = vocab_parallel_xent(*args, mesh)
+  else:
+    nll, correct, _ = weighted_xent(*args)
+  loss = nll / norm['lm']
+  return loss, {'loss': loss, 'accuracy': correct / norm['lm']}
 
 
 def per_example_classification(out: dict, batch: dict) -> dict:

@@ -1,8 +1,13 @@
 """Parameter-efficient fine-tuning: train the head only, or LoRA adapters on a frozen encoder.
 
   full   every parameter trains (the default)
-  head   only the pooler and the classifier train; the encoder is frozen
-  lora   low-rank adapters (Hu et al. 2021) on the chosen dense matrices, plus the head
+  head   only the pooler and the classifier train; the encoder is frozen (a decoder: its final
+         norm and untied LM head train)
+  lora   low-rank adapters (Hu et al. 2021) on the chosen dense matrices, plus the encoder's head
+         (a decoder: the adapters alone)
+
+The adapters' kernels have the same names in both model families (a decoder's grouped-query k / v
+kernels have G heads where q has N: an adapter's output is whatever its kernel's is).
 
 A LoRA adapter of a kernel W [L, in..., out...] is a pair A [L, in, r], B [L, r, out]; the
 layer uses W + (alpha / r) * A @ B. B starts at zero, so training starts from the pretrained
@@ -28,9 +33,10 @@ MODES = ('full', 'head', 'lora')
 # Adapter name -> (stacked kernel in model.Layers, number of input axes after the layer axis).
 LORA_TARGETS = {
   'q': ('q_kernel', 1), 'k': ('k_kernel', 1), 'v': ('v_kernel', 1), 'o': ('o_kernel', 2),
-  'wi': ('wi_kernel', 1), 'wo': ('wo_kernel', 1),
+  'wi': ('wi_kernel', 1), 'wo': ('wo_kernel', 1), 'wg': ('wg_kernel', 1),
 }  # fmt: skip
 HEAD_PREFIXES = ('pooler/', 'classifier/')
+LM_HEAD_PREFIXES = ('final_norm_', 'lm_head')  # A decoder's head: trained under finetune.mode=head only.
 
 
 def parse_targets(spec: str) -> tuple[str, ...]:
@@ -52,6 +58,8 @@ def init_adapters(params: nnx.State, targets: tuple[str, ...], rank: int, seed: 
   out, key = {}, jax.random.key(seed)
   for i, name in enumerate(targets):
     kernel, n_in = LORA_TARGETS[name]
+    if f'layers/{kernel}' not in flat:
+      raise UsageError(f'finetune.lora_targets: {name!r} names layers/{kernel}, which this model has none of')
     shape = flat[f'layers/{kernel}'].shape
     L, d_in, d_out = shape[0], math.prod(shape[1 : 1 + n_in]), math.prod(shape[1 + n_in :])
     bound = 1.0 / math.sqrt(d_in)
@@ -84,7 +92,8 @@ def labels(params: nnx.State, mode: str):
 
   def label(path, _):
     name = _path_str(path)
-    return 'train' if mode == 'full' or name.startswith(HEAD_PREFIXES) else 'freeze'
+    head = name.startswith(HEAD_PREFIXES) or (mode == 'head' and name.startswith(LM_HEAD_PREFIXES))
+    return 'train' if mode == 'full' or head else 'freeze'
 
   return jax.tree_util.tree_map_with_path(label, params)
 

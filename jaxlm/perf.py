@@ -7,6 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxlm.decoder import DecoderConfig
 from jaxlm.model import ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip, by jax device_kind prefix (vendors' published figures).
@@ -17,9 +18,16 @@ PEAK_TFLOPS = {
 }  # fmt: skip
 
 
-def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, max_predictions: int) -> float:
-  """Training FLOPs of one step (3x forward): encoder matmuls, attention, MLM head at the masked positions."""
+def train_flops_per_step(cfg: ModelConfig | DecoderConfig, batch: int, seq_len: int, max_predictions: int) -> float:
+  """Training FLOPs of one step (3x forward): encoder matmuls, attention, MLM head at the masked positions;
+  for a decoder 6 x (matmul parameters) per token, attention, and the LM head at `max_predictions` positions."""
   D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+  if isinstance(cfg, DecoderConfig):
+    N, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    layer_params = D * (N + 2 * G) * K + N * K * D + (3 if cfg.family == 'llama' else 2) * D * F
+    # The scores and the weighted values over all T x T pairs, as computed (the causal mask halves neither).
+    per_token = L * (2 * layer_params + 2 * 2 * seq_len * N * K)
+    return 3.0 * (batch * seq_len * per_token + batch * max_predictions * 2 * D * V)
   per_token = L * (2 * (4 * D * D + 2 * D * F) + 2 * 2 * seq_len * D)
   per_prediction = 2 * (D * D + D * V) if cfg.mlm_head else 0
   return 3.0 * (batch * seq_len * per_token + batch * max_predictions * per_prediction)

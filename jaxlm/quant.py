@@ -7,6 +7,7 @@ max |w| over the channel's inputs / 127). Embeddings, LayerNorm, biases and the 
 classifier / next-sentence heads stay float32. The model dequantizes each kernel inside the
 jitted forward (model._weight), so the weights stay int8 in memory and on disk;
 `python -m jaxlm.export --quantize int8` writes such an export and `jaxlm.load` runs it.
+Decoders (decoder.py) run float kernels only: quantizing one is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlm import model as model_lib
+from jaxlm import models
 from jaxlm.errors import UsageError
 
 SCALE_SUFFIX = '_scale'
@@ -52,6 +54,8 @@ def _kernels(params) -> dict[tuple, tuple]:
 def quantize(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
   """The int8 model of a float one: (graphdef, params) of `cfg.replace(quantization='int8')`."""
   cfg = _config(graphdef, params)
+  if models.family(cfg) == 'decoder':
+    raise UsageError(f'int8 quantization is for BERT encoders; this model is a {cfg.family} decoder (float kernels)')
   if cfg.quantization == 'int8':
     return graphdef, params
   qgraphdef, qparams = model_lib.abstract(cfg.replace(quantization='int8'))

@@ -15,17 +15,19 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxlm import losses, peft
-from jaxlm import model as model_lib
+from jaxlm import decoder, losses, peft
 from jaxlm.optim import trainable_of
 
 
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None, first_token_only: bool = False) -> dict:
   """Runs the model on a batch dict (input_ids, attention_mask, token_type_ids[, masked_positions,
-  segment_ids, position_ids]: packed rows carry the last two). `first_token_only`: see model.Bert."""
-  return model_lib.apply(
-    graphdef,
-    params,
+  segment_ids, position_ids]: packed rows carry the last two). `first_token_only`: see model.Bert.
+  A decoder (decoder.Decoder) reads input_ids[, attention_mask, segment_ids, position_ids]."""
+  module = nnx.merge(graphdef, params)
+  if isinstance(module, decoder.Decoder):
+    return module(batch['input_ids'], batch.get('attention_mask'), segment_ids=batch.get('segment_ids'),
+                  position_ids=batch.get('position_ids'), rng=rng)  # fmt: skip
+  return module(
     batch['input_ids'],
     batch.get('attention_mask'),
     batch.get('token_type_ids'),

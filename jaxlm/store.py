@@ -7,6 +7,9 @@
   jaxlm export       model_config.json + params/ (Orbax) + labels.json + tokenizer/; float or int8
   Hugging Face dir   config.json + model.safetensors (or pytorch_model.bin) + tokenizer files
 
+Each holds a BERT encoder or a decoder (GPT-2 / Llama shape); the saved model config says which
+(models.config_from_dict), a Hugging Face directory its model_type.
+
 `load_model` reads any of them for inference (`jaxlm.load`, `python -m jaxlm.predict`),
 `load_for_init` for starting a run from one (`model.init_from`: float parameters, new heads
 initialised), `tokenizer_dir` finds the tokenizer of any of them. `write_jaxlm` and `write_hf`
@@ -35,7 +38,7 @@ from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 
-from jaxlm import checkpoint, hf, peft, quant
+from jaxlm import checkpoint, decoder, hf, hf_causal, models, peft, quant
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
@@ -121,13 +124,13 @@ def _read_step(path) -> tuple[epath.Path, epath.Path, dict, dict]:
       print(f'warning: {step_dir} cannot be read ({why}); using step {dirs[i + 1].name}', file=sys.stderr)
 
 
-def _fill(cfg: model_lib.ModelConfig, raw: dict, source: str, missing: list | None = None, seed: int = 0):
+def _fill(cfg: models.Config, raw: dict, source: str, missing: list | None = None, seed: int = 0):
   """The model's parameters from a nested dict of arrays. A parameter the dict lacks is an error,
   or, given a `missing` list, initialised fresh (seeded) and its path appended to the list."""
   if missing is None:
-    graphdef, params = model_lib.abstract(cfg)
+    graphdef, params = models.abstract(cfg)
   else:
-    graphdef, params = model_lib.init(cfg, seed)
+    graphdef, params = models.init(cfg, seed)
   for path, var in nnx.to_flat_state(params):
     node = raw
     for k in path:
@@ -169,17 +172,19 @@ def _merge_adapters(raw: dict, meta: dict) -> dict:
 
 def _load(path: str, overrides: dict, missing: list | None = None, seed: int = 0):
   """(graphdef, params, tokenizer directory, labels, missing) of a jaxlm directory, whatever number
-  of processes saved it."""
+  of processes saved it. Loading for init (`missing` given) leaves out overrides the model's family
+  has no field for (the caller checks the family)."""
   p = _path(path)
+  lenient = missing is not None
   if (p / 'params').is_dir():  # A --format jaxlm export.
-    cfg = model_lib.ModelConfig(**{**json.loads((p / 'model_config.json').read_text()), **overrides})
+    cfg = models.config_from_dict(json.loads((p / 'model_config.json').read_text()), overrides, lenient)
     raw = checkpoint.read_arrays(p / 'params')
     labels_path = p / 'labels.json'
     labels = json.loads(labels_path.read_text()) if labels_path.exists() else None
     filled = _fill(cfg, raw, str(p / 'params'), missing, seed)
     return (*filled, str(p / 'tokenizer'), labels, missing)
   step_dir, workdir, meta, saved = _read_step(p)
-  cfg = model_lib.ModelConfig(**{**meta['model'], **overrides})
+  cfg = models.config_from_dict(meta['model'], overrides, lenient)
   raw = _merge_adapters(saved, meta) if 'adapters' in saved else saved['params']
   graphdef, params = _fill(cfg, raw, str(step_dir / 'state'), missing, seed)
   return graphdef, params, _run_tokenizer(workdir, meta.get('config', {})), meta.get('labels'), missing
@@ -192,12 +197,18 @@ def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, st
 
 def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
   """(graphdef, params, tokenizer directory, labels) from any model path jaxlm reads: a training
-  workdir, a checkpoint step, a jaxlm export (float or int8) or a Hugging Face BERT directory."""
+  workdir, a checkpoint step, a jaxlm export (float or int8) or a Hugging Face BERT, GPT-2 or Llama directory."""
   path = os.fspath(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
   if is_jaxlm_dir(path):
     return load_checkpoint(path, **overrides)
+  if hf_causal.is_causal_dir(path):  # A Hugging Face GPT-2 or Llama directory.
+    if overrides.pop('quantization', 'none') != 'none':
+      raise UsageError(f'{path}: a causal LM runs float kernels (model.quantization="none")')
+    fields = {f.name for f in dataclasses.fields(decoder.DecoderConfig)}
+    graphdef, params, _ = hf_causal.load(path, **{k: v for k, v in overrides.items() if k in fields})
+    return graphdef, params, path, None
   if (epath.Path(path) / 'config.json').exists():
     quantization = overrides.pop('quantization', 'none')
     graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
@@ -215,13 +226,26 @@ def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, li
 
 def load_for_init(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State, list[str]]:
   """(graphdef, float params, new parameter paths) to start a run from a jaxlm run or export or an HF
-  directory: parameters the source lacks (a new classifier head, say) are initialised fresh from `seed`."""
+  directory (BERT, GPT-2 or Llama): parameters the source lacks (a new classifier head, say) are initialised
+  fresh from `seed`. Overrides the source's kind of model has no field for are left out."""
   if is_jaxlm_dir(path):  # Parameters only, whatever mesh wrote them.
     graphdef, params, _, _, new = _load(path, overrides, missing=[], seed=seed)
     graphdef, params = quant.dequantize(graphdef, params)  # An int8 export trains from float kernels.
     return graphdef, params, new
+  if hf_causal.is_causal_config(_hf_config(path)):
+    fields = {f.name for f in dataclasses.fields(decoder.DecoderConfig)}
+    graphdef, params, _ = hf_causal.load(path, seed=seed, **{k: v for k, v in overrides.items() if k in fields})
+    return graphdef, params, []
   graphdef, params, _, report = hf.load(path, seed=seed, **overrides)
   return graphdef, params, list(report.missing)
+
+
+def _hf_config(path: str) -> dict:
+  """config.json of a Hugging Face directory ({} when there is none or it is not JSON: the loaders say so)."""
+  try:
+    return json.loads((_path(path) / 'config.json').read_text())
+  except (OSError, ValueError):
+    return {}
 
 
 @contextlib.contextmanager
@@ -282,7 +306,10 @@ def write_hf(
   """Writes a Hugging Face directory (config.json, model.safetensors, tokenizer files); int8 kernels as float."""
   graphdef, params = quant.dequantize(graphdef, params)  # Hugging Face holds float tensors.
   cfg = nnx.merge(graphdef, params).cfg
-  hf.save(out_dir, params, cfg, id2label=dict(enumerate(labels)) if labels else None)
+  if models.family(cfg) == 'decoder':
+    hf_causal.save(params, cfg, out_dir)
+  else:
+    hf.save(out_dir, params, cfg, id2label=dict(enumerate(labels)) if labels else None)
   tokenizer.save(out_dir)
 
 

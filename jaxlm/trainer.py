@@ -4,7 +4,10 @@
                              config; optimizer; shardings; the jitted step, eval and export functions
   restore_or_init(run)       the newest intact checkpoint, else model.init_from, else a fresh
                              initialisation; then the run's metadata
-  loop(run, state, ...)      step, log, evaluate, checkpoint; stop saved on SIGTERM / Ctrl-C
+  loop(run, state, ...)      step, log, evaluate, checkpoint; stop saved on SIGTERM / Ctrl-C; after the
+                             last step, a decoder's greedy continuations of config.sample_prompts
+
+The model is an encoder or a decoder as config.model.preset says (models.py); the task says which it trains.
 
 The loop knows tasks only through the `tasks.Task` interface. `python -m jaxlm.train` (train.py)
 is the command line around `train`; a notebook or tools/bench.py can call the stages themselves.
@@ -27,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, model, optim, perf, prune, report, sharding, steps, store, tasks
+from jaxlm import checkpoint, generate, models, optim, perf, prune, report, sharding, steps, store, tasks
 from jaxlm import config as config_lib
 from jaxlm.data import pretrain, sources, vocab
 from jaxlm.errors import UsageError
@@ -47,7 +50,13 @@ def check_config(config, num_devices: int) -> None:
   config_lib.validate(config, num_devices)
   task_cls = tasks.get(config.task)
   sources.check_config(config.data)
-  model.from_config(config.model)
+  family = models.family_of_preset(config.model.preset)
+  if family != task_cls.family:
+    raise UsageError(f'model.preset={config.model.preset!r} is {models.a(family)}; task={config.task!r} trains'
+                     f' {models.a(task_cls.family)} (presets: {", ".join(models.presets(task_cls.family))})')  # fmt: skip
+  if config.sample_prompts and family != 'decoder':
+    raise UsageError(f'sample_prompts={config.sample_prompts!r}: only a decoder (a causal LM) writes text')
+  models.from_config(config.model)
   optim.check_config(config, task_cls.finetuning)
   task_cls.check_config(config)
 
@@ -66,7 +75,7 @@ class Run:
   mesh: jax.sharding.Mesh
   tokenizer: Any
   task: tasks.Task
-  mcfg: model.ModelConfig
+  mcfg: models.Config
   graphdef: nnx.GraphDef
   opt: optim.Optimizer
   init: nnx.State | None  # Parameters from model.init_from, or None.
@@ -93,21 +102,23 @@ class Run:
     return jax.process_index() == 0
 
 
-def setup(config, workdir: str) -> Run:
-  """Checks the config, then builds everything a run needs, compiled lazily (no step has run)."""
-  check_config(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  tokenizer = vocab.for_run(config, workdir)
-  task = tasks.get(config.task)(config, tokenizer)
+def setup(config, workdir: str, devices=None) -> Run:
+  """Checks the config, then builds everything a run needs, compiled lazily (no step has run). The mesh spans
+  `devices` (default: all of them)."""
+  check_config(config, jax.device_count() if devices is None else len(devices))
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  task_cls = tasks.get(config.task)
+  tokenizer = vocab.for_run(config, workdir, 'bpe' if task_cls.family == 'decoder' else 'wordpiece')
+  task = task_cls(config, tokenizer)
   train_ds = task.train_dataset(config.seed)
   # Read once, in full, now: a problem with the eval set stops the run before any training time is spent.
   eval_sets = task.eval_sets() if config.data.eval and config.eval_every_steps else {}
 
-  mcfg = model.from_config(config.model, tokenizer.vocab_size, **task.heads())
+  mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads())
   init = None
   if config.model.init_from:
     mcfg, init = _init_from(config, mcfg, tokenizer)
-  graphdef, abstract_params = model.abstract(mcfg)
+  graphdef, abstract_params = models.abstract(mcfg)
   warmup = optim.warmup_steps(config)
   if warmup > config.num_train_steps // 2:
     print(f'warning: warmup covers {warmup} of {config.num_train_steps} steps, so the learning rate barely decays;'
@@ -139,11 +150,14 @@ def setup(config, workdir: str) -> Run:
              state_sh, batch_sh, step_fn, eval_fn, export_params)  # fmt: skip
 
 
-def _init_from(config, mcfg: model.ModelConfig, tokenizer) -> tuple[model.ModelConfig, nnx.State]:
+def _init_from(config, mcfg: models.Config, tokenizer) -> tuple[models.Config, nnx.State]:
   """The model config and parameters of model.init_from, with this run's heads (new ones fresh)."""
-  overrides = {k: getattr(mcfg, k) for k in INIT_OVERRIDES}
+  overrides = {k: getattr(mcfg, k) for k in INIT_OVERRIDES if hasattr(mcfg, k)}
   graphdef, params, new = store.load_for_init(config.model.init_from, seed=config.seed, **overrides)
   loaded = nnx.merge(graphdef, params).cfg
+  if models.family(loaded) != models.family(mcfg):
+    raise UsageError(f'model.init_from={config.model.init_from!r} is {models.a(models.family(loaded))};'
+                     f' task={config.task!r} trains {models.a(models.family(mcfg))}')  # fmt: skip
   if tokenizer.vocab_size > loaded.vocab_size:
     raise UsageError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.init_from has {loaded.vocab_size}')
   names = ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
@@ -180,13 +194,13 @@ def restore_or_init(run: Run) -> tuple[dict, int, pretrain.Iterator, checkpoint.
     state = jax.jit(lambda p: run.opt.init_state(p, c.seed), out_shardings=run.state_sh)(params)
   else:
     mcfg, seed = run.mcfg, c.seed
-    fresh = lambda: run.opt.init_state(nnx.split(model.Bert(mcfg, rngs=nnx.Rngs(seed)))[1], seed)  # noqa: E731
+    fresh = lambda: run.opt.init_state(models.fresh_params(mcfg, seed), seed)  # noqa: E731
     state = jax.jit(fresh, out_shardings=run.state_sh)()
   if run.is_main:
     _write_metadata(run)
-  n_params = model.count_params(state['params'])
+  n_params = models.count_params(state['params'])
   m = run.mcfg
-  print(f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} devices, mesh'
+  print(f'{jax.process_count()} process(es), {run.mesh.size} {jax.devices()[0].platform} devices, mesh'
         f' {dict(run.mesh.shape)}; {n_params / 1e6:.1f}M parameters (layers {m.num_layers}, hidden {m.hidden_size},'
         f' vocab {m.vocab_size})', flush=True)  # fmt: skip
   if run.task.finetuning:
@@ -316,13 +330,36 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
       reporter.close()
   if stopped_by == signal.SIGINT:  # Saved; the caller (a shell script, a notebook) still learns of the Ctrl-C.
     raise KeyboardInterrupt(f'saved the checkpoint of step {step}')
+  if step == total and c.sample_prompts:
+    print_samples(run, state)
   return last
 
 
-def train(config, workdir: str) -> dict:
-  """Runs the whole training (pretraining or fine-tuning) on a locked workdir; returns the last logged metrics."""
+def print_samples(run: Run, state: dict, max_new_tokens: int = 32) -> list[str]:
+  """Continues each of config.sample_prompts ('|'-separated) greedily with the final parameters; prints
+  `sample: <prompt> -> <text>` lines (process 0) and returns the texts."""
+  prompts = [p for p in run.config.sample_prompts.split('|') if p.strip()]
+  params = run.export_params(state)
+  # Every process gets the whole parameters and generates on its own devices; only process 0 prints.
+  params = jax.device_get(params) if jax.process_count() == 1 else multihost_utils.process_allgather(params, tiled=True)
+  longest = max(len(e.ids) for e in run.tokenizer.backend.encode_batch(prompts))
+  new = min(max_new_tokens, run.mcfg.max_position_embeddings - longest)
+  if new < 1:
+    print(f'warning: sample_prompts: a prompt of {longest} tokens leaves no room to generate', flush=True)
+    return []
+  gen = generate.Generator(run.graphdef, params, run.tokenizer, batch_size=len(prompts))
+  texts = gen.generate(prompts, max_new_tokens=new)
+  if run.is_main:
+    for p, t in zip(prompts, texts):
+      print(f'sample: {p} -> {t}', flush=True)
+  return texts
+
+
+def train(config, workdir: str, devices=None) -> dict:
+  """Runs the whole training (pretraining or fine-tuning) on a locked workdir, on a mesh of `devices` (default:
+  all); returns the last logged metrics."""
   with WorkdirLock(workdir):  # Before anything is written: a second run on the workdir stops here.
-    run = setup(config, workdir)
+    run = setup(config, workdir, devices)
     state, start, train_iter, ckpt = restore_or_init(run)
     return loop(run, state, start, train_iter, ckpt)
 

@@ -1,9 +1,9 @@
 """The tokenizer of a training run: `vocab.for_run(config, workdir)`.
 
 data.tokenizer, else the tokenizer of model.init_from, else WORKDIR/tokenizer when it was trained
-on this run's data and settings (training.json records them), else a WordPiece vocabulary trained
-on data.train (deterministic: every process trains the same one; process 0 saves it once it
-passed its checks). A saved vocabulary that does not match the run is an error, never reused.
+on this run's data and settings (training.json records them), else a vocabulary trained on
+data.train: WordPiece for an encoder, a byte-level BPE for a decoder (deterministic either way:
+every process trains the same one; process 0 saves it once it passed its checks). A saved vocabulary that does not match the run is an error, never reused.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from jaxlm.data import pretrain, sources
 from jaxlm.errors import UsageError
 
 
-def for_run(config, workdir: str) -> tokenizer_lib.Tokenizer:
+def for_run(config, workdir: str, kind: str = 'wordpiece') -> tokenizer_lib.Tokenizer:
   """data.tokenizer, else the tokenizer of model.init_from, else WORKDIR/tokenizer if it was trained on this run's
-  data and settings, else one trained on data.train (saved there once it passed its checks)."""
+  data and settings, else one of `kind` ('wordpiece' or 'bpe') trained on data.train (saved there once it passed
+  its checks)."""
   if config.data.tokenizer:
     return tokenizer_lib.load(config.data.tokenizer)
   if config.model.init_from:
@@ -34,15 +35,19 @@ def for_run(config, workdir: str) -> tokenizer_lib.Tokenizer:
   d = config.data
   saved = epath.Path(workdir) / 'tokenizer'  # Local or remote (gs://).
   if (saved / 'tokenizer.json').exists():
-    _check_saved_tokenizer(saved, config)
+    _check_saved_tokenizer(saved, config, kind)
     return tokenizer_lib.load(str(saved))
   if not d.train_tokenizer_vocab:
     raise UsageError('data.tokenizer is empty: set it, or model.init_from, or data.train_tokenizer_vocab')
   # Training is deterministic, so every process trains its own copy: no process waits on another's errors.
   t0 = time.perf_counter()
-  record = _tokenizer_record(config)  # Before reading: a file changed meanwhile shows as a mismatch next time.
-  tok = tokenizer_lib.train_wordpiece(pretrain.iter_texts(d.train, d.to_dict()), d.train_tokenizer_vocab, d.lowercase)
-  if tok.vocab_size <= len(tokenizer_lib.SPECIAL_TOKENS):
+  record = _tokenizer_record(config, kind)  # Before reading: a file changed meanwhile shows as a mismatch next time.
+  texts = pretrain.iter_texts(d.train, d.to_dict())
+  if kind == 'bpe':
+    tok = tokenizer_lib.train_bpe(texts, d.train_tokenizer_vocab)
+  else:
+    tok = tokenizer_lib.train_wordpiece(texts, d.train_tokenizer_vocab, d.lowercase)
+  if tok.vocab_size <= (len(tokenizer_lib.SPECIAL_TOKENS) if kind == 'wordpiece' else 257):
     raise UsageError(f'data.train={d.train!r}: no text to train a tokenizer on')
   if jax.process_count() > 1:  # The same vocabulary everywhere, or the processes read different data.
     digest = np.frombuffer(hashlib.sha256(tok.backend.to_str().encode()).digest(), np.uint8)
@@ -50,18 +55,23 @@ def for_run(config, workdir: str) -> tokenizer_lib.Tokenizer:
       raise UsageError(
         f'data.train={d.train!r}: the processes trained different vocabularies, so they read different data'
       )
-  print(f'trained a {tok.vocab_size}-token WordPiece vocabulary in {time.perf_counter() - t0:.1f}s', flush=True)
+  name = 'byte-level BPE' if kind == 'bpe' else 'WordPiece'
+  print(f'trained a {tok.vocab_size}-token {name} vocabulary in {time.perf_counter() - t0:.1f}s', flush=True)
   if jax.process_index() == 0:
     tok.save(str(saved), {'training.json': json.dumps(record, indent=2)})
   return tok
 
 
-def _tokenizer_record(config) -> dict:
-  """What a trained tokenizer depends on: the data.* settings that shape its texts, and (path, size, mtime)
-  of every file data.train names (the builtin corpora are named by data.train itself)."""
+def _tokenizer_record(config, tokenizer_kind: str = 'wordpiece') -> dict:
+  """What a trained tokenizer depends on: its kind (recorded for BPE only: records written before BPE
+  existed are WordPiece's), the data.* settings that shape its texts, and (path, size, mtime) of every
+  file data.train names (the builtin corpora are named by data.train itself)."""
   d = config.data
   kind, _ = sources.split_spec(d.train, 'data.train')
   rec = {'data.train': d.train, 'data.train_tokenizer_vocab': d.train_tokenizer_vocab, 'data.lowercase': d.lowercase}
+  if tokenizer_kind == 'bpe':
+    rec['tokenizer_kind'] = 'bpe'
+    del rec['data.lowercase']  # A byte-level BPE keeps the case.
   if kind == 'text':
     rec['data.text_docs'] = d.text_docs
   if kind in ('jsonl', 'csv', 'tsv', 'tfds'):
@@ -74,14 +84,14 @@ def _tokenizer_record(config) -> dict:
   return rec
 
 
-def _check_saved_tokenizer(saved, config) -> None:
+def _check_saved_tokenizer(saved, config, kind: str = 'wordpiece') -> None:
   """Accepts WORKDIR/tokenizer if its record matches this run (a run that trains none accepts any vocabulary
   size); an error naming the first difference otherwise."""
   d, path = config.data, saved / 'training.json'
   if not path.exists():  # Saved before records were kept.
     print(f'warning: {saved} has no record of its training data (training.json): using it unchecked', flush=True)
     return
-  old, new = json.loads(path.read_text()), _tokenizer_record(config)
+  old, new = json.loads(path.read_text()), _tokenizer_record(config, kind)
   if not d.train_tokenizer_vocab:
     del new['data.train_tokenizer_vocab']
   fix = f'use another workdir or delete {saved}'
@@ -90,7 +100,7 @@ def _check_saved_tokenizer(saved, config) -> None:
       f'{saved} was trained on data.train={old.get("data.train")!r} (vocab {old.get("data.train_tokenizer_vocab")})'
       f' but this run has data.train={d.train!r}: {fix}'
     )
-  for k, v in new.items():
+  for k, v in {**new, 'tokenizer_kind': new.get('tokenizer_kind')}.items():
     if k != 'files' and old.get(k) != v:
       raise UsageError(f'{saved} was trained with {k}={old.get(k)!r} but this run has {k}={v!r}: {fix}')
   if old.get('files') != new.get('files'):

@@ -3,6 +3,8 @@
   mlm.py       masked-LM pretraining, with optional next-sentence prediction
   classify.py  classification and regression of texts or text pairs, from files or a GLUE
                preset (glue.py)
+  causal.py    causal LM pretraining of a decoder (next token over packed documents) and its
+               supervised fine-tuning on prompt / response pairs (sft)
 
 The trainer knows a task only through the `Task` interface below and `get(config.task)`; a new
 kind of training is a new module whose class is decorated with `@register`. Losses themselves
@@ -39,7 +41,9 @@ class Task(abc.ABC):
 
   Batches are dicts of numpy arrays, this process's rows of each global batch. `labels` are the
   class names saved with every checkpoint (None when there are none); `predictions` is the
-  number of output positions per sequence that pay for a vocabulary projection (model FLOPs).
+  number of output positions per sequence that pay for a vocabulary projection (model FLOPs);
+  `family` the kind of model it trains (models.py), which also decides the kind of a vocabulary
+  trained for the run (WordPiece for an encoder, byte-level BPE for a decoder).
   """
 
   name: str = ''
@@ -47,6 +51,7 @@ class Task(abc.ABC):
   labels: list[str] | None = None
   predictions: int = 0
   first_token_only: bool = False  # Evaluation reads only the first position's output (model.Bert).
+  family: str = 'encoder'  # 'encoder' (model.py) or 'decoder' (decoder.py); config.model.preset must be one.
 
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
@@ -59,7 +64,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def heads(self) -> dict:
-    """The model's heads for this task: ModelConfig fields (mlm_head, nsp_head, pooler, num_labels)."""
+    """The model config fields this task sets: an encoder's heads (mlm_head, nsp_head, pooler, num_labels),
+    a decoder's special token ids."""
 
   @abc.abstractmethod
   def train_dataset(self, seed: int):
@@ -92,4 +98,4 @@ class Task(abc.ABC):
     return 'eval_loss', 'min'
 
 
-from jaxlm.tasks import classify, mlm  # noqa: E402, F401 (registers the tasks)
+from jaxlm.tasks import causal, classify, mlm  # noqa: E402, F401 (registers the tasks)

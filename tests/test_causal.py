@@ -1,0 +1,201 @@
+"""Causal LMs through the trainer (tasks/causal.py): pretraining trains and evaluates perplexity, the same losses on
+a 2x2x2 mesh as on one device, exact resume, SFT with LoRA on prompt / response pairs, `jaxlm.load` of the run as
+a Generator, and the Hugging Face export in transformers. One tiny GPT run on one device, shared by the module."""
+
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import _write_jsonl, assert_same_params, config_file, logged, save_random_causal_lm, saved_arrays
+from flax import nnx
+
+import jaxlm
+from jaxlm import decoder, export, generate, hf_causal, losses, quant, steps, store, tokenizer, trainer
+from jaxlm.data import pretrain
+from jaxlm.errors import UsageError
+
+# configs/quickstart_causal.py shrunk: 12 steps of 8 rows of 32 tokens, a checkpoint every 6 steps. The constant
+# schedule after 2 warmup steps makes the step independent of num_train_steps (resumes share its compile).
+TINY = {
+  'num_train_steps': 12, 'checkpoint_every_steps': 6, 'log_every_steps': 1, 'eval_every_steps': 12,
+  'global_batch_size': 8, 'data.seq_len': 32, 'model.max_position_embeddings': 64, 'warmup_steps': 2,
+  'lr_schedule': 'constant', 'learning_rate': 3e-3, 'data.shuffle_buffer': 64, 'sample_prompts': '',
+  'data.train_tokenizer_vocab': 0,
+}  # fmt: skip
+ONE = jax.devices()[:1]
+
+
+def _config(files, overrides=None):
+  return config_file('quickstart_causal', {**TINY, 'data.tokenizer': files['bpe'], 'data.train': files['train'],
+                                           'data.eval': files['eval'], **(overrides or {})})  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  """A 500-token byte-level BPE, 120 documents of the builtin corpus to train on, 6 others to evaluate on, and
+  a JSONL file of prompt / response pairs."""
+  d = tmp_path_factory.mktemp('causal_files')
+  docs = [t.replace('\n', ' ')[:300] for t, _ in zip(pretrain.iter_texts('builtin:stdlib'), range(126))]
+  (d / 'train.txt').write_text(''.join(t + '\n' for t in docs[:120]))
+  (d / 'eval.txt').write_text(''.join(t + '\n' for t in docs[120:]))
+  tokenizer.train_bpe(docs, 500).save(str(d / 'bpe'))
+  words = ['one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight']
+  pairs = [{'prompt': f'Q: what follows {w}? A:', 'response': f' {words[(i + 1) % 8]}'} for i, w in enumerate(words)]
+  _write_jsonl(d / 'sft.jsonl', pairs * 4)
+  return {'bpe': str(d / 'bpe'), 'train': f'text:{d}/train.txt', 'eval': f'text:{d}/eval.txt',
+          'sft': f'jsonl:{d}/sft.jsonl'}  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def run(files, tmp_path_factory):
+  """The tiny GPT trained 12 steps on one device, in this process: (workdir, last metrics)."""
+  workdir = tmp_path_factory.mktemp('causal_run')
+  last = trainer.train(_config(files), str(workdir), devices=ONE)
+  return workdir, last
+
+
+def test_check_config_names_the_bad_key(files, tmp_path):
+  wordpiece = tmp_path / 'wordpiece'
+  tokenizer.wordpiece_tokenizer(list(tokenizer.SPECIAL_TOKENS) + list('abcdefgh')).save(str(wordpiece))
+  bad = [
+    ({'data.tokenizer': str(wordpiece)}, f'data.tokenizer={str(wordpiece)!r}: a wordpiece vocabulary'),
+    ({'model.preset': 'tiny'}, "model.preset='tiny' is an encoder; task='causal_lm' trains a decoder"),
+    ({'task': 'mlm'}, "model.preset='gpt2-tiny' is a decoder; task='mlm' trains an encoder"),
+    ({'model.attention_dropout': 0.1}, 'model.attention_dropout=0.1: decoders have no attention dropout'),
+    ({'task': 'sft', 'model.init_from': '/m'}, f'data.train={files["train"]!r}: supervised fine-tuning reads'),
+    ({'task': 'sft', 'data.train': files['sft'], 'data.eval': '', 'data.tokenizer': ''}, 'model.init_from is empty'),
+    (
+      {
+        'task': 'sft',
+        'model.init_from': '/m',
+        'data.train': files['sft'],
+        'data.eval': '',
+        'data.separate_documents': True,
+      },
+      'data.separate_documents=True is for pretraining',
+    ),  # fmt: skip
+    ({'data.nsp': True}, 'data.nsp=True is for masked-LM pretraining'),
+  ]
+  for overrides, message in bad:
+    with pytest.raises(UsageError) as e:
+      trainer.train(_config(files, overrides), str(tmp_path / 'run'))
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+  enc = config_file('quickstart', {'sample_prompts': 'hello'})
+  with pytest.raises(UsageError, match='sample_prompts=.*only a decoder'):
+    trainer.check_config(enc, 8)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_pretraining_trains_and_evaluates_perplexity(run):
+  workdir, last = run
+  curve = logged(workdir)
+  assert sorted(curve) == list(range(1, 13)) and curve[12] < curve[1] - 0.5, curve
+  assert last['eval_perplexity'] == pytest.approx(math.exp(last['eval_loss']), rel=1e-6)
+  assert last['eval_loss'] < math.log(500)  # Better than uniform over the vocabulary.
+  meta = json.loads((workdir / 'model_config.json').read_text())
+  assert meta['family'] == 'gpt2' and meta['vocab_size'] == 500 and meta['eos_token_id'] == 0
+  assert json.loads((workdir / 'eval_results.json').read_text())['step'] == 12
+
+
+def test_the_loss_curve_on_a_2x2x2_mesh_is_that_of_one_device(run, files, tmp_path):
+  workdir, _ = run
+  config = _config(files, {'num_train_steps': 6, 'eval_every_steps': 0, 'mesh.data': 2, 'mesh.fsdp': 2,
+                           'mesh.tensor': 2})  # fmt: skip
+  trainer.train(config, str(tmp_path))
+  got, want = logged(tmp_path), logged(workdir)
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=0, atol=1e-5)
+
+
+def test_resume_is_exact(run, files, tmp_path):
+  workdir, _ = run
+  resumed = tmp_path / 'run'
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '12')  # Back to the checkpoint of step 6, then 6 more steps.
+  trainer.train(_config(files, {'eval_every_steps': 0}), str(resumed), devices=ONE)
+  assert_same_params(saved_arrays(resumed, 12), saved_arrays(workdir, 12))
+
+
+def test_sft_with_lora_trains_adapters_only_and_weighs_only_the_response(run, files, tmp_path):
+  workdir, _ = run
+  config = _config(files, {'task': 'sft', 'model.init_from': str(workdir), 'data.tokenizer': '', 'data.train':
+                           files['sft'], 'data.eval': files['sft'], 'finetune.mode': 'lora', 'num_train_steps': 4,
+                           'checkpoint_every_steps': 4, 'eval_every_steps': 4})  # fmt: skip
+  sft = trainer.setup(config, str(tmp_path), devices=ONE)
+  state, start, it, ckpt = trainer.restore_or_init(sft)
+  last = trainer.loop(sft, state, start, it, ckpt)
+  assert 'eval_perplexity' in last
+  saved = saved_arrays(tmp_path, 4)
+  assert_same_params(saved, saved_arrays(workdir, 12))  # Every weight of the decoder frozen, bitwise.
+  assert set(saved['adapters']) == {'q', 'k', 'v', 'o', 'wi', 'wo'}
+  assert any(np.abs(ab['b']).max() > 0 for ab in saved['adapters'].values())  # The adapters trained.
+  # The loss reads the response's targets only: changing a prompt token's target changes nothing.
+  batch = next(iter(pretrain.Iterator(sft.task.train_dataset(0))))
+  loss = lambda b: float(sft.task.loss_fn(None)(steps.forward(sft.graphdef, sft.init, b), b)[0])  # noqa: E731
+  w = batch['loss_weights'][0]
+  prompt_pos, response_pos = int(np.flatnonzero(w == 0)[0]), int(np.flatnonzero(w > 0)[0])
+  for pos, changes in ((prompt_pos, False), (response_pos, True)):
+    other = {**batch, 'targets': batch['targets'].copy()}
+    other['targets'][0, pos] = (other['targets'][0, pos] + 7) % 500
+    assert (loss(other) != loss(batch)) == changes, pos
+
+
+def test_jaxlm_load_gives_a_generator_whose_greedy_output_is_decoding_by_hand(run):
+  workdir, _ = run
+  gen = jaxlm.load(str(workdir), scan_layers=False)
+  assert isinstance(gen, generate.Generator) and gen.cfg.family == 'gpt2'
+  prompts = [gen.tokenizer.encode_plain(['def ', 'Return the'])[i] for i in range(2)]
+  got = gen.generate_ids(prompts, max_new_tokens=6, stop_ids=[])
+  forward = jax.jit(lambda p, ids: decoder.apply(gen.graphdef, p, ids)['logits'])
+  for prompt, new in zip(prompts, got):
+    ids = list(prompt)
+    for _ in range(6):
+      row = np.zeros((1, 32), np.int32)  # Causal: the padding after the last token changes none of its logits.
+      row[0, : len(ids)] = ids
+      ids.append(int(np.argmax(np.asarray(forward(gen.params, row))[0, len(ids) - 1, :500])))
+    assert new == ids[len(prompt) :]
+  with pytest.raises(UsageError, match='int8 quantization is for BERT encoders'):
+    quant.quantize(gen.graphdef, gen.params)
+
+
+def test_exports_load_back_and_in_transformers_with_the_same_logits(run, tmp_path):
+  import transformers
+
+  workdir, _ = run
+  assert export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'jx')]) == 0
+  graphdef, params, tok_dir, _ = store.load_model(str(tmp_path / 'jx'))
+  assert_same_params({'params': store.nested(params)}, saved_arrays(workdir, 12))
+  assert export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'hf'), '--format', 'hf']) == 0
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf')).eval()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  text = 'Return the number of items in the container.'
+  ids = tokenizer.load(tok_dir).encode_plain([text])[0]
+  assert hf_tok(text)['input_ids'] == ids
+  with torch.no_grad():
+    want = hf(torch.tensor([ids])).logits.numpy()
+  got = np.asarray(decoder.apply(graphdef, params, np.asarray([ids], np.int32))['logits'])[..., :500]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_causal_lm_loss_is_the_mean_weighted_next_token_nll():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 5)).astype(np.int32)
+  w = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  loss, _ = losses.causal_lm_loss({'logits': logits}, {'targets': targets, 'loss_weights': w})
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * w).sum() / w.sum()
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_init_from_reads_a_hugging_face_gpt2_directory(tmp_path):
+  path = save_random_causal_lm('gpt2', str(tmp_path), vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+  # A run's overrides: the encoder's head fields are left out for a decoder, the execution knobs set.
+  graphdef, params, new = store.load_for_init(path, mlm_head=False, num_labels=0, vocab_multiple=128, remat='full')
+  cfg = nnx.merge(graphdef, params).cfg
+  assert cfg.family == 'gpt2' and cfg.padded_vocab_size == 384 and cfg.remat == 'full' and new == []
+  _, want, _ = hf_causal.load(path)
+  np.testing.assert_array_equal(params['layers']['q_kernel'][...], want['layers']['q_kernel'][...])
