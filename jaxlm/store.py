@@ -232,20 +232,12 @@ def load_for_init(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, 
     graphdef, params, _, _, new = _load(path, overrides, missing=[], seed=seed)
     graphdef, params = quant.dequantize(graphdef, params)  # An int8 export trains from float kernels.
     return graphdef, params, new
-  if hf_causal.is_causal_config(_hf_config(path)):
+  if hf_causal.is_causal_dir(path):
     fields = {f.name for f in dataclasses.fields(decoder.DecoderConfig)}
     graphdef, params, _ = hf_causal.load(path, seed=seed, **{k: v for k, v in overrides.items() if k in fields})
     return graphdef, params, []
   graphdef, params, _, report = hf.load(path, seed=seed, **overrides)
   return graphdef, params, list(report.missing)
-
-
-def _hf_config(path: str) -> dict:
-  """config.json of a Hugging Face directory ({} when there is none or it is not JSON: the loaders say so)."""
-  try:
-    return json.loads((_path(path) / 'config.json').read_text())
-  except (OSError, ValueError):
-    return {}
 
 
 @contextlib.contextmanager
