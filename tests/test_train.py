@@ -12,7 +12,7 @@ import pytest
 from conftest import start_cli
 
 from jaxlm import config as config_lib
-from jaxlm import train, trainer
+from jaxlm import tasks, train, trainer
 from jaxlm.errors import UsageError
 from jaxlm.tasks import glue
 
@@ -29,7 +29,7 @@ def test_shipped_configs_validate_and_document_their_command(name):
     with pytest.raises(UsageError, match='data.train'):
       trainer.check_config(c, 8)
     c.data.train = 'text:/corpus/*.txt'
-  if c.task != 'mlm':
+  if tasks.get(c.task).finetuning:  # Fine-tuning starts from a model.
     with pytest.raises(UsageError, match='model.init_from'):
       trainer.check_config(c, 8)
     c.model.init_from = '/models/bert'
