@@ -346,13 +346,7 @@ class Decoder(nnx.Module):
       p, layer_rng = inputs
       return self._block(p, x, position_ids, layer_rng, attend)[0], None
 
-    if cfg.remat != 'none':
-      policy = {
-        'full': None,
-        'save_dots': jax.checkpoint_policies.checkpoint_dots,
-        'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      }[cfg.remat]
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scanned)
+    body = blocks.remat(body, cfg.remat, cfg.scanned)
     stacked = self._stacked()
     rngs = None if layers_rng is None else jax.random.split(layers_rng, cfg.num_layers)
     if cfg.scanned:

@@ -280,6 +280,18 @@ def _dropout(x, rate: float, rng):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def remat(body, policy: str, scanned: bool):
+  """`body` (one layer) rematerialised by `policy` (REMAT_POLICIES); as it is for 'none'."""
+  if policy == 'none':
+    return body
+  saved = {
+    'full': None,
+    'save_dots': jax.checkpoint_policies.checkpoint_dots,
+    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[policy]
+  return jax.checkpoint(body, policy=saved, prevent_cse=not scanned)
+
+
 def _split(rng, n: int):
   return [None] * n if rng is None else list(jax.random.split(rng, n))
 
@@ -356,13 +368,7 @@ class Layers(nnx.Module):
       p, layer_rng = inputs
       return _layer(p, x, valid_BxT, segment_BxT, cfg, layer_rng), None
 
-    if cfg.remat != 'none':
-      policy = {
-        'full': None,
-        'save_dots': jax.checkpoint_policies.checkpoint_dots,
-        'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      }[cfg.remat]
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scanned)
+    body = remat(body, cfg.remat, cfg.scanned)
     if cfg.scanned:
       x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, rngs))
     else:
