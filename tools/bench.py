@@ -116,6 +116,8 @@ def _train_config(args, tmp: str):
   scan = True if args.scan else False if args.unroll else None  # None: the model's default (model.SCAN_ABOVE)
   common = {'global_batch_size': args.batch, 'data.seq_len': args.seq, 'data.shuffle_buffer': 1000,
             'model.dtype': args.dtype, 'model.remat': args.remat, 'model.scan_layers': scan}  # fmt: skip
+  if args.mode == 'causal-train':
+    return bench_causal.train_config(args, tmp)
   if args.mode == 'finetune':
     path = os.path.join(tmp, 'train.jsonl')
     _write_labelled(path, args.seq)
@@ -142,7 +144,7 @@ def _write_labelled(path: str, seq: int) -> None:
 
 
 def jaxlm_train(args) -> dict:
-  """The MLM or fine-tune step of `python -m jaxlm.train`, built by trainer.setup on a temporary workdir."""
+  """The MLM, fine-tune or causal-LM step of `python -m jaxlm.train`, built by trainer.setup on a temporary workdir."""
   import jax  # lazy: see the note at the top
 
   from jaxlm import perf, trainer
@@ -174,7 +176,7 @@ def jaxlm_train(args) -> dict:
   return {'jaxlm': {
     'framework': 'jaxlm', 'built_by': 'trainer.setup', 'recipe': recipe, 'overrides': overrides,
     'backend': dev.platform, 'devices': jax.device_count(), 'dtype': args.dtype, 'scan_layers': run.mcfg.scanned,
-    'padding': float(1 - np.mean([b['attention_mask'].mean() for b in local])), **res, 'compile_s': compile_s,
+    'padding': float(1 - np.mean([b.get('attention_mask', b.get('loss_weights')).mean() for b in local])), **res, 'compile_s': compile_s,
     'model_tflops': tflops, 'peak_tflops': peak, 'peak_name': peak_name, 'mfu': tflops / peak,
     'peak_device_gib': (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30,
     'peak_rss_gib': _peak_rss_gib(), 'loss': float(box['metrics']['loss']),
@@ -306,7 +308,7 @@ def run_data(args) -> dict:
 WORKERS = {('train', 'jaxlm'): jaxlm_train, ('finetune', 'jaxlm'): jaxlm_train, ('infer', 'jaxlm'): jaxlm_infer,
            ('train', 'torch'): torch_train, ('finetune', 'torch'): torch_train, ('infer', 'torch'): torch_infer,
            ('generate', 'jaxlm'): bench_causal.jaxlm_generate, ('generate', 'torch'): bench_causal.torch_generate,
-           ('causal-train', 'jaxlm'): bench_causal.jaxlm_causal_train,
+           ('causal-train', 'jaxlm'): jaxlm_train,
            ('causal-train', 'torch'): bench_causal.torch_causal_train}  # fmt: skip
 
 

@@ -3,7 +3,8 @@
   python tools/bench.py --mode causal-train --rounds 2   # GPT-2-small shape cut to 4 layers, seq 128, batch 16
   python tools/bench.py --mode generate --rounds 2       # the same shape: 8 prompts, 128 new tokens each
 
-Training: the jaxlm step is the one `python -m jaxlm.train` builds for task causal_lm (trainer.setup,
+Training: the jaxlm step is the one `python -m jaxlm.train` builds for task causal_lm (train_config, timed
+by bench.jaxlm_train through trainer.setup,
 on the builtin corpus packed into full rows, with a byte-level BPE filled up to GPT-2's 50,257 tokens);
 transformers runs GPT2LMHeadModel with torch.optim.AdamW on full rows of random ids. No dropout on
 either side. The unit is trained tokens per second.
@@ -115,48 +116,20 @@ def _gpt2_tokenizer(out_dir: str, vocab: int) -> str:
   return out_dir
 
 
-def jaxlm_causal_train(args) -> dict:
-  """The causal-LM step `python -m jaxlm.train` runs (task causal_lm), built by trainer.setup, on the builtin
-  corpus packed into full rows."""
-  import tempfile
-
-  import jax  # lazy: the worker's own framework
-
-  from jaxlm import config as config_lib
-  from jaxlm import decoder, perf, trainer
+def train_config(args, tmp: str):
+  """(recipe, overrides, config): the causal-LM training config `python -m jaxlm.train` would get for these
+  flags (bench.jaxlm_train builds and times its step through trainer.setup, as for the MLM step)."""
+  from jaxlm import config as config_lib  # lazy: the worker's own framework
+  from jaxlm import decoder
 
   kw = _gpt2_kw(args)
   preset = f'gpt2-L{kw["n_layer"]}'
   decoder.PRESETS[preset] = decoder.preset('gpt2', num_layers=kw['n_layer'])
-  with tempfile.TemporaryDirectory(prefix='jaxlm-bench-') as tmp:
-    config = config_lib.base()
-    overrides = {'task': 'causal_lm', 'model.preset': preset, 'model.dtype': args.dtype, 'model.remat': args.remat,
-                 'model.hidden_dropout': 0.0, 'model.attention_dropout': 0.0, 'global_batch_size': args.batch,
-                 'data.seq_len': args.seq, 'data.train': 'builtin:stdlib', 'data.train_tokenizer_vocab': 0,
-                 'data.tokenizer': _gpt2_tokenizer(os.path.join(tmp, 'tok'), kw['vocab_size'])}  # fmt: skip
-    config.update_from_flattened_dict(overrides)
-    run = trainer.setup(config, os.path.join(tmp, 'run'))
-    state, _, train_iter, ckpt = trainer.restore_or_init(run)
-    ckpt.close()
-    local = [next(train_iter) for _ in range(1 + args.warmup + args.repeats * args.steps)]
-  batches = [run.to_global(b) for b in local]
-  t0 = time.perf_counter()
-  step = run.step_fn.lower(state, batches[0]).compile()
-  compile_s = time.perf_counter() - t0
-  box = {'state': state, 'i': 0}
-
-  def call():
-    box['i'] += 1
-    box['state'], box['metrics'] = step(box['state'], batches[box['i']])
-
-  res = _timed_steps(call, args, lambda: jax.block_until_ready(box['state']))
-  flops = perf.train_flops_per_step(run.mcfg, args.batch, args.seq, run.task.predictions)
-  peak, peak_name = perf.peak_tflops()
-  tflops = flops / res['step_s'] / 1e12
-  return {'jaxlm': {**res, 'framework': 'jaxlm', 'built_by': 'trainer.setup', 'overrides': overrides,
-                    'backend': jax.default_backend(), 'dtype': args.dtype, 'vocab': run.mcfg.vocab_size,
-                    'compile_s': compile_s, 'model_tflops': tflops, 'peak_tflops': peak, 'peak_name': peak_name,
-                    'mfu': tflops / peak, 'loss': float(box['metrics']['loss'])}}  # fmt: skip
+  overrides = {'task': 'causal_lm', 'model.preset': preset, 'model.dtype': args.dtype, 'model.remat': args.remat,
+               'model.hidden_dropout': 0.0, 'model.attention_dropout': 0.0, 'global_batch_size': args.batch,
+               'data.seq_len': args.seq, 'data.train': 'builtin:stdlib', 'data.train_tokenizer_vocab': 0,
+               'data.tokenizer': _gpt2_tokenizer(os.path.join(tmp, 'tok'), kw['vocab_size'])}  # fmt: skip
+  return 'jaxlm.config.base()', overrides, config_lib.base()
 
 
 def torch_causal_train(args) -> dict:

@@ -47,23 +47,7 @@ def _eos(tokenizer: Tokenizer) -> int:
 
 def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
   """One int32 token per element: every document's tokens followed by the end-of-text token."""
-  eos = _eos(tokenizer)
-  if 'input_ids' in recs.element_spec:  # Pre-tokenized.
-    return recs.map(lambda r: tf.concat([r['input_ids'], [eos]], 0)).unbatch()
-
-  def encode(texts: np.ndarray) -> np.ndarray:
-    docs = [ids + [eos] for ids in tokenizer.encode_plain([pretrain._decode(t) for t in texts]) if ids]
-    return np.concatenate(docs).astype(np.int32) if docs else np.zeros((0,), np.int32)
-
-  ids = (
-    recs.map(lambda r: r['text'])
-    .batch(_TOKENIZE_BATCH)
-    .map(
-      lambda t: tf.ensure_shape(tf.numpy_function(encode, [t], tf.int32, stateful=False), [None]),
-      num_parallel_calls=tf.data.AUTOTUNE,
-    )
-  )
-  return ids.unbatch()
+  return pretrain.token_stream(recs, tokenizer, _eos(tokenizer))
 
 
 def document_ids(tokens: tf.Tensor, seq_len: int, eos: int) -> tuple[tf.Tensor, tf.Tensor]:

@@ -67,9 +67,11 @@ def iter_texts(spec: str, cfg: dict | None = None, key: str = 'data.train'):
       yield _decode(rec['text'])
 
 
-def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer) -> tf.data.Dataset:
-  """One int32 token per element: every document's WordPieces followed by [SEP]."""
-  backend, sep = tokenizer.fresh_backend(), tokenizer.sep_id  # Whole documents: no truncation.
+def token_stream(recs: tf.data.Dataset, tokenizer: Tokenizer, end_id: int | None = None) -> tf.data.Dataset:
+  """One int32 token per element: every document's tokens followed by `end_id` ([SEP] by default; a causal
+  LM's end-of-text, data/causal.py)."""
+  backend = tokenizer.fresh_backend()  # Whole documents: no truncation.
+  sep = tokenizer.sep_id if end_id is None else end_id
   if 'input_ids' in recs.element_spec:  # Pre-tokenized.
     return recs.map(lambda r: tf.concat([r['input_ids'], [sep]], 0)).unbatch()
 
