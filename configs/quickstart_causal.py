@@ -6,7 +6,7 @@ The corpus is the Python standard library's documentation (read at run time, no 
 the end the run prints a greedy continuation of each of `sample_prompts`. 2 min 44 s on a 2-core
 CPU (`time`, 14,500 tokens/s); the training loss falls from ~8.3 to 3.35, and on the (seen) eval
 text eval_loss is 4.03 at step 500 and 3.44 at step 1000, eval_perplexity 31.3; e.g.
-`sample: Return a new -> object.`
+`sample: "Return a new" -> " object.\n..."`
 """
 
 from jaxlm.config import base

@@ -66,7 +66,7 @@ def base() -> ml_collections.ConfigDict:
   c.profile_start_step = -1  # Capture a jax.profiler trace from this step (-1: off) ...
   c.profile_num_steps = 5  # ... for this many steps, into WORKDIR/profile.
   c.sample_prompts = ''  # Decoders: prompts separated by '|' that the final parameters continue (greedy,
-  #   32 tokens), printed as 'sample: <prompt> -> <text>' after the last step ('' = none).
+  #   32 tokens), printed as 'sample: "<prompt>" -> "<text>"' after the last step ('' = none).
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.mode = 'full'  # What trains: 'full', 'head' (pooler + classifier on a frozen

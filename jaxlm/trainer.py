@@ -337,7 +337,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
 
 def print_samples(run: Run, state: dict, max_new_tokens: int = 32) -> list[str]:
   """Continues each of config.sample_prompts ('|'-separated) greedily with the final parameters; prints
-  `sample: <prompt> -> <text>` lines (process 0) and returns the texts."""
+  `sample: "<prompt>" -> "<text>"` lines (JSON strings; process 0) and returns the texts."""
   prompts = [p for p in run.config.sample_prompts.split('|') if p.strip()]
   params = run.export_params(state)
   # Every process gets the whole parameters and generates on its own devices; only process 0 prints.
@@ -351,7 +351,8 @@ def print_samples(run: Run, state: dict, max_new_tokens: int = 32) -> list[str]:
   texts = gen.generate(prompts, max_new_tokens=new)
   if run.is_main:
     for p, t in zip(prompts, texts):
-      print(f'sample: {p} -> {t}', flush=True)
+      # As JSON strings: a continuation of newlines or spaces stays one visible line.
+      print(f'sample: {json.dumps(p, ensure_ascii=False)} -> {json.dumps(t, ensure_ascii=False)}', flush=True)
   return texts
 
 

@@ -2,6 +2,8 @@
 a 2x2x2 mesh as on one device, exact resume, SFT with LoRA on prompt / response pairs, `jaxlm.load` of the run as
 a Generator, and the Hugging Face export in transformers. One tiny GPT run on one device, shared by the module."""
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -50,12 +52,17 @@ def files(tmp_path_factory):
           'sft': f'jsonl:{d}/sft.jsonl'}  # fmt: skip
 
 
+SAMPLE_PROMPTS = ('def ', 'Return the')
+
+
 @pytest.fixture(scope='module')
 def run(files, tmp_path_factory):
-  """The tiny GPT trained 12 steps on one device, in this process: (workdir, last metrics)."""
+  """The tiny GPT trained 12 steps on one device, in this process: (workdir, last metrics, what it printed)."""
   workdir = tmp_path_factory.mktemp('causal_run')
-  last = trainer.train(_config(files), str(workdir), devices=ONE)
-  return workdir, last
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    last = trainer.train(_config(files, {'sample_prompts': '|'.join(SAMPLE_PROMPTS)}), str(workdir), devices=ONE)
+  return workdir, last, printed.getvalue()
 
 
 def test_check_config_names_the_bad_key(files, tmp_path):
@@ -91,7 +98,7 @@ def test_check_config_names_the_bad_key(files, tmp_path):
 
 
 def test_pretraining_trains_and_evaluates_perplexity(run):
-  workdir, last = run
+  workdir, last, _ = run
   curve = logged(workdir)
   assert sorted(curve) == list(range(1, 13)) and curve[12] < curve[1] - 0.5, curve
   assert last['eval_perplexity'] == pytest.approx(math.exp(last['eval_loss']), rel=1e-6)
@@ -102,7 +109,7 @@ def test_pretraining_trains_and_evaluates_perplexity(run):
 
 
 def test_the_loss_curve_on_a_2x2x2_mesh_is_that_of_one_device(run, files, tmp_path):
-  workdir, _ = run
+  workdir, *_ = run
   config = _config(files, {'num_train_steps': 6, 'eval_every_steps': 0, 'mesh.data': 2, 'mesh.fsdp': 2,
                            'mesh.tensor': 2})  # fmt: skip
   trainer.train(config, str(tmp_path))
@@ -111,7 +118,7 @@ def test_the_loss_curve_on_a_2x2x2_mesh_is_that_of_one_device(run, files, tmp_pa
 
 
 def test_resume_is_exact(run, files, tmp_path):
-  workdir, _ = run
+  workdir, *_ = run
   resumed = tmp_path / 'run'
   shutil.copytree(workdir, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '12')  # Back to the checkpoint of step 6, then 6 more steps.
@@ -120,7 +127,7 @@ def test_resume_is_exact(run, files, tmp_path):
 
 
 def test_sft_with_lora_trains_adapters_only_and_weighs_only_the_response(run, files, tmp_path):
-  workdir, _ = run
+  workdir, *_ = run
   config = _config(files, {'task': 'sft', 'model.init_from': str(workdir), 'data.tokenizer': '', 'data.train':
                            files['sft'], 'data.eval': files['sft'], 'finetune.mode': 'lora', 'num_train_steps': 4,
                            'checkpoint_every_steps': 4, 'eval_every_steps': 4})  # fmt: skip
@@ -144,7 +151,7 @@ def test_sft_with_lora_trains_adapters_only_and_weighs_only_the_response(run, fi
 
 
 def test_jaxlm_load_gives_a_generator_whose_greedy_output_is_decoding_by_hand(run):
-  workdir, _ = run
+  workdir, *_ = run
   gen = jaxlm.load(str(workdir), scan_layers=False)
   assert isinstance(gen, generate.Generator) and gen.cfg.family == 'gpt2'
   prompts = [gen.tokenizer.encode_plain(['def ', 'Return the'])[i] for i in range(2)]
@@ -159,12 +166,16 @@ def test_jaxlm_load_gives_a_generator_whose_greedy_output_is_decoding_by_hand(ru
     assert new == ids[len(prompt) :]
   with pytest.raises(UsageError, match='int8 quantization is for BERT encoders'):
     quant.quantize(gen.graphdef, gen.params)
+  # The run ended by printing the same model's greedy continuations, one line each (JSON strings).
+  lines = [line for line in run[2].splitlines() if line.startswith('sample: ')]
+  texts = gen.generate(list(SAMPLE_PROMPTS), max_new_tokens=32)
+  assert lines == [f'sample: {json.dumps(p)} -> {json.dumps(t)}' for p, t in zip(SAMPLE_PROMPTS, texts)]
 
 
 def test_exports_load_back_and_in_transformers_with_the_same_logits(run, tmp_path):
   import transformers
 
-  workdir, _ = run
+  workdir, *_ = run
   assert export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'jx')]) == 0
   graphdef, params, tok_dir, _ = store.load_model(str(tmp_path / 'jx'))
   assert_same_params({'params': store.nested(params)}, saved_arrays(workdir, 12))
