@@ -91,7 +91,7 @@ def base() -> ml_collections.ConfigDict:
   #   ('' = random init). Parameters it lacks (e.g. a new classifier) are initialised fresh.
   c.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on TPU. Parameters stay float32.
   c.model.scan_layers = ml_collections.config_dict.placeholder(bool)  # lax.scan over layers: compile time
-  #   independent of depth. None: scan above 6 layers, unroll up to 6 (faster steps).
+  #   independent of depth. None: scan above 6 layers, unroll up to 6 and on a GPU (faster steps).
   c.model.remat = 'none'  # Rematerialisation: none, full, save_dots, save_dots_no_batch.
   c.model.attention_impl = ''  # Attention kernel without attention dropout: '' = the backend's own (xla on
   #   CPU, cudnn on GPU, splash on TPU), or xla, cudnn, splash, explicit (jaxlm/attention.py).

@@ -105,7 +105,7 @@ class DecoderConfig:
 
   @property
   def scanned(self) -> bool:
-    return self.num_layers > blocks.SCAN_ABOVE if self.scan_layers is None else self.scan_layers
+    return blocks.scan_by_default(self.num_layers) if self.scan_layers is None else self.scan_layers
 
   @property
   def padded_vocab_size(self) -> int:

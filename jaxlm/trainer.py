@@ -102,17 +102,23 @@ class Run:
     return jax.process_index() == 0
 
 
-def setup(config, workdir: str, devices=None) -> Run:
+def setup(config, workdir: str, devices=None, example_batch: dict | None = None) -> Run:
   """Checks the config, then builds everything a run needs, compiled lazily (no step has run). The mesh spans
-  `devices` (default: all of them)."""
+  `devices` (default: all of them). With `example_batch` (one local batch of the task's keys) no input is
+  read: the step is built for that batch's keys and ranks, and train_ds is None (benchmarks that feed
+  recorded batches on a machine without TensorFlow)."""
   check_config(config, jax.device_count() if devices is None else len(devices))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   task_cls = tasks.get(config.task)
   tokenizer = vocab.for_run(config, workdir, 'bpe' if task_cls.family == 'decoder' else 'wordpiece')
   task = task_cls(config, tokenizer)
-  train_ds = task.train_dataset(config.seed)
-  # Read once, in full, now: a problem with the eval set stops the run before any training time is spent.
-  eval_sets = task.eval_sets() if config.data.eval and config.eval_every_steps else {}
+  if example_batch is None:
+    train_ds = task.train_dataset(config.seed)
+    ranks = {k: len(v.shape) for k, v in train_ds.element_spec.items()}
+    # Read once, in full, now: a problem with the eval set stops the run before any training time is spent.
+    eval_sets = task.eval_sets() if config.data.eval and config.eval_every_steps else {}
+  else:
+    train_ds, eval_sets, ranks = None, {}, {k: np.ndim(v) for k, v in example_batch.items()}
 
   mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads())
   init = None
@@ -126,7 +132,7 @@ def setup(config, workdir: str, devices=None) -> Run:
   opt = optim.from_config(config, abstract_params, task.finetuning)
   abstract_state = jax.eval_shape(lambda p: opt.init_state(p, config.seed), abstract_params)
   state_sh = sharding.state_shardings(abstract_state, mesh)
-  batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in train_ds.element_spec.items()}
+  batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in ranks.items()}
 
   root_rng = jax.random.key(config.seed)
   train_step = steps.make_train_step(
@@ -193,9 +199,7 @@ def restore_or_init(run: Run) -> tuple[dict, int, pretrain.Iterator, checkpoint.
     params = jax.device_put(run.init, run.state_sh['params'])
     state = jax.jit(lambda p: run.opt.init_state(p, c.seed), out_shardings=run.state_sh)(params)
   else:
-    mcfg, seed = run.mcfg, c.seed
-    fresh = lambda: run.opt.init_state(models.fresh_params(mcfg, seed), seed)  # noqa: E731
-    state = jax.jit(fresh, out_shardings=run.state_sh)()
+    state = fresh_state(run)
   if run.is_main:
     _write_metadata(run)
   n_params = models.count_params(state['params'])
@@ -208,6 +212,12 @@ def restore_or_init(run: Run) -> tuple[dict, int, pretrain.Iterator, checkpoint.
     print(f'fine-tuning ({run.opt.mode}): {trainable:,} trainable of {total:,} parameters'
           f' ({trainable / total:.2%})', flush=True)  # fmt: skip
   return state, start, train_iter, ckpt
+
+
+def fresh_state(run: Run) -> dict:
+  """A newly initialised training state (parameters from config.seed), laid out over the mesh."""
+  mcfg, seed = run.mcfg, run.config.seed
+  return jax.jit(lambda: run.opt.init_state(models.fresh_params(mcfg, seed), seed), out_shardings=run.state_sh)()
 
 
 def _write_metadata(run: Run) -> None:

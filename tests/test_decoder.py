@@ -191,3 +191,20 @@ def test_unsupported_hugging_face_configs_are_named(hf_dirs, tmp_path):
   del tensors['transformer.h.1.mlp.c_fc.weight']
   with pytest.raises(UsageError, match=r"'h.1.mlp.c_fc.weight' is missing"):
     hf_causal.params_from_hf(tensors, cfg, 'model.safetensors')
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN needs a GPU')
+@pytest.mark.parametrize('name', ['gpt2-tiny', 'llama-tiny'])
+def test_cudnn_causal_attention_matches_xla(name):
+  ids = np.random.default_rng(0).integers(0, 200, (4, 128)).astype(np.int32)
+  valid = (np.arange(128)[None] < np.array([[128], [97], [64], [5]])).astype(np.int32)  # Right padding.
+  out = {}
+  for impl in ('cudnn', 'xla'):
+    graphdef, params = decoder.init(decoder.preset(name, dtype='bfloat16', attention_impl=impl), seed=0)
+    fn = jax.jit(functools.partial(decoder.apply, graphdef))
+    if impl == 'cudnn':  # The cuDNN custom call, not the XLA fallback.
+      assert 'cudnn' in fn.lower(params, ids, valid).compile().as_text().lower()
+    out[impl] = np.asarray(fn(params, ids, valid)['logits'], np.float32)
+  real = valid.astype(bool)
+  got, want = out['cudnn'][real], out['xla'][real]
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2  # bfloat16 attention in both.

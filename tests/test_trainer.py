@@ -119,6 +119,19 @@ def test_the_step_trains(tiny, tmp_path):
   assert curve[-1] < curve[0] - 0.2, curve  # Dropout is on: not every step, but the run, goes down.
 
 
+def test_setup_for_a_given_batch_reads_no_input_and_builds_the_same_step(tiny, tmp_path):
+  state, _, train_iter, ckpt = _fresh(tiny, tmp_path / 'a')
+  ckpt.close()
+  local = next(train_iter)
+  given = trainer.setup(tiny.config, str(tmp_path / 'b'), example_batch=local)
+  assert given.train_ds is None and given.eval_sets == {} and set(given.batch_sh) == set(tiny.batch_sh)
+  fresh = trainer.fresh_state(given)
+  assert checkpoint.is_array_tree_equal(fresh, state)  # The same seeded state as restore_or_init's.
+  _, want = tiny.step_fn(state, tiny.to_global(local))
+  _, got = given.step_fn(fresh, given.to_global(local))
+  assert float(got['loss']) == float(want['loss']) and float(got['grad_norm']) == float(want['grad_norm'])
+
+
 def test_mlm_evaluation_is_the_training_loss_over_the_whole_eval_set(tiny, tmp_path):
   state, _, _, ckpt = _fresh(tiny, tmp_path)
   ckpt.close()

