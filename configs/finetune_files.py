@@ -1,4 +1,5 @@
-"""Fine-tune a BERT encoder on your own JSONL / CSV / TSV files: texts or text pairs with a label.
+"""Fine-tune a BERT encoder on your own JSONL / CSV / TSV / Parquet files or a saved Hugging Face dataset: texts
+or text pairs with a label.
 
   python -m jaxlm.train --config configs/finetune_files.py --workdir /tmp/ft \
     --config.model.init_from=/path/to/hf-bert-or-jaxlm-run \
@@ -16,7 +17,7 @@ def get_config():
   c = finetuning()
   c.task = 'classification'  # Or 'regression' (a float label, squared-error loss, Pearson).
   c.model.init_from = ''  # Required: a Hugging Face BERT directory or a jaxlm run / export.
-  c.data.train = ''  # Required: jsonl:GLOB, csv:GLOB or tsv:GLOB of training examples.
+  c.data.train = ''  # Required: jsonl:GLOB, csv:GLOB, tsv:GLOB, parquet:GLOB or hf:PATH of training examples.
   c.data.eval = ''  # The same form; '' = no evaluation.
   c.data.text_field = 'text'  # The text (or the first text of a pair).
   c.data.text_pair_field = ''  # The second text of a pair ('' = single texts).

@@ -14,7 +14,7 @@ import ml_collections
 
 from jaxlm.errors import UsageError
 
-SOURCE_KINDS = ('builtin', 'text', 'jsonl', 'csv', 'tsv', 'tfrecord', 'tfds')
+SOURCE_KINDS = ('builtin', 'text', 'jsonl', 'csv', 'tsv', 'parquet', 'hf', 'tfrecord', 'tfds')
 
 
 def split_spec(spec: str, key: str) -> tuple[str, str]:
@@ -104,13 +104,14 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = 'builtin:stdlib'  # KIND:SPEC: builtin:NAME, text:GLOB, jsonl:GLOB, csv:GLOB,
-  #   tsv:GLOB, tfrecord:GLOB (tools/prepare_data.py) or tfds:NAME. gs:// paths work.
+  #   tsv:GLOB, parquet:GLOB, hf:PATH (a Hugging Face save_to_disk directory), tfrecord:GLOB
+  #   (tools/prepare_data.py) or tfds:NAME. gs:// paths work.
   c.data.eval = ''  # Same form; read once and in full at every evaluation; '' = no evaluation.
-  c.data.train_split = 'train'  # TFDS split of data.train.
-  c.data.eval_split = 'validation'  # TFDS split(s) of data.eval, comma-separated; the first is
+  c.data.train_split = 'train'  # Split of data.train (tfds:, and hf: when it is a DatasetDict).
+  c.data.eval_split = 'validation'  # Split(s) of data.eval, comma-separated; the first is
   #   reported as eval_*, others as eval_<split without "validation_">_* (MNLI mismatched).
   c.data.tfds_data_dir = ''  # TFDS data_dir ('' = the TFDS default; gs:// works).
-  c.data.text_field = 'text'  # Field / column holding the text (jsonl, csv, tsv, tfds).
+  c.data.text_field = 'text'  # Field / column holding the text (jsonl, csv, tsv, parquet, hf, tfds).
   c.data.text_pair_field = ''  # Field of the second text of a pair ('' = single texts).
   c.data.label_field = 'label'  # Field of the label (fine-tuning).
   c.data.prompt_field = 'prompt'  # task=sft: field of the prompt (no loss on its tokens) ...

@@ -8,8 +8,11 @@
                 generate   {"generated": "..."}, the continuation of each prompt, from a causal LM
                            (--max_new_tokens, --temperature, --top_k, --top_p, --seed, --stop)
   --input       .txt (one text per line, every line counts), .jsonl (one object per non-blank
-                line), .csv / .tsv (a header row); the text is in --text_field, and the second
-                segment of a pair in --text_pair_field. --format overrides the extension.
+                line), .csv / .tsv (a header row), .parquet; or, as in data.train, parquet:GLOB
+                (Parquet files in name order) or hf:PATH (a Hugging Face save_to_disk directory; the
+                split of a DatasetDict is --split, needed when it has several). The text is in
+                --text_field, and the second segment of a pair in --text_pair_field. --format
+                overrides the extension. Parquet and Arrow rows are numbered from 0 in messages.
 
 The input is read lazily, a window of a few batches at a time (sorted by length inside the
 window, so batches pad little), and one JSON line per input is written in input order as it
@@ -38,6 +41,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import glob
 import itertools
 import json
 import os
@@ -48,20 +52,26 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from jaxlm import generate, inference
+from jaxlm import generate, inference, tables
 from jaxlm.errors import UsageError
 
-FORMATS = ('txt', 'jsonl', 'csv', 'tsv')
+FORMATS = ('txt', 'jsonl', 'csv', 'tsv', 'parquet', 'hf')
 MODES = ('classify', 'fill-mask', 'embed', 'generate')
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl',
-               '.csv': 'csv', '.tsv': 'tsv'}  # fmt: skip
+               '.csv': 'csv', '.tsv': 'tsv', '.parquet': 'parquet'}  # fmt: skip
 WINDOW_BATCHES = 64  # Batches read, length-sorted and run together.
 
 
 def input_format(path: str, fmt: str | None) -> str:
-  """The input format: `fmt` if given, else from the file extension."""
+  """The input format: the KIND of a parquet: / hf: source, else `fmt` if given, else from the file extension
+  (a directory: a saved Hugging Face dataset)."""
+  kind, sep, _ = path.partition(':')
+  if sep and kind in tables.KINDS:
+    return kind
   if fmt:
     return fmt
+  if os.path.isdir(path):
+    return 'hf'
   ext = os.path.splitext(path)[1].lower()
   if ext not in _EXTENSIONS:
     raise UsageError(f'{path}: cannot tell the format from the extension {ext!r}; pass --format {"|".join(FORMATS)}')
@@ -92,10 +102,30 @@ def _decoded(f, bad: list) -> Iterator[str]:
       yield raw.decode('utf-8', errors='replace')
 
 
+def _tables(path: str, fmt: str, split: str | None) -> list[tables.Table]:
+  """The files of a Parquet or saved Hugging Face input (`path` with or without its KIND: prefix)."""
+  arg = path.removeprefix(f'{fmt}:')
+  if fmt == 'hf':
+    return tables.open_tables(fmt, tables.hf_files(arg, split, '--split'))
+  paths = sorted(glob.glob(arg))
+  if not paths:
+    raise UsageError(f'{path}: no such file')
+  return tables.open_tables(fmt, paths)
+
+
 def read_inputs(
-  path: str, fmt: str, text_field: str = 'text', pair_field: str | None = None, stats: ReadStats | None = None
-) -> Iterator:
-  """(line number, text or (text, pair)) per input, read lazily from `path`; `stats` counts what was repaired."""
+  path: str, fmt: str, text_field: str = 'text', pair_field: str | None = None, stats: ReadStats | None = None,
+  split: str | None = None,
+) -> Iterator:  # fmt: skip
+  """(line number, text or (text, pair)) per input, read lazily from `path` (Parquet / Arrow: row number from
+  0; `split`: of a saved DatasetDict); `stats` counts what was repaired."""
+  if fmt in tables.KINDS:
+    found = _tables(path, fmt, split)
+    roles = {text_field: 'text', **({pair_field: 'text'} if pair_field else {})}
+    tables.check_columns(found, roles)
+    for n, row in enumerate(tables.iter_text(found, roles)):
+      yield n, (row[0], row[-1]) if pair_field else row[0]
+    return
   if not os.path.isfile(path):
     raise UsageError(f'{path}: no such file')
   stats = stats if stats is not None else ReadStats()
@@ -157,8 +187,11 @@ def _csv_rows(path, lines: Iterable[str], fmt, text_field, pair_field, stats: Re
     raise UsageError(f'{path}:{reader.line_num}: not valid {fmt.upper()} ({e})') from None
 
 
-def _count(path: str, fmt: str) -> int | None:
-  """Number of inputs for the progress bar (one fast pass over the bytes); None for CSV / TSV."""
+def _count(path: str, fmt: str, split: str | None = None) -> int | None:
+  """Number of inputs for the progress bar (one fast pass over the bytes, or the files' row counts); None for
+  CSV / TSV."""
+  if fmt in tables.KINDS:
+    return sum(t.num_rows for t in _tables(path, fmt, split))
   if fmt not in ('txt', 'jsonl'):
     return None
   with open(path, 'rb') as f:
@@ -255,7 +288,7 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
   n, named = 0, 0
   try:
     fmt = input_format(args.input, args.format)
-    with tqdm(total=_count(args.input, fmt), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=_count(args.input, fmt, args.split), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
       for window in _windows(records, args.batch_size * WINDOW_BATCHES):
         named = _report(args.input, stats, named)
         if args.mode == 'fill-mask':
@@ -295,10 +328,11 @@ def _check_flags(args) -> None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='HF dir, training workdir, checkpoint step or jaxlm export')
-  p.add_argument('--input', required=True, help='.txt, .jsonl, .csv or .tsv file')
+  p.add_argument('--input', required=True, help='.txt, .jsonl, .csv, .tsv or .parquet file; parquet:GLOB; hf:PATH')
   p.add_argument('--output', required=True, help='JSON lines out, one per input ("-" = stdout)')
   p.add_argument('--mode', choices=MODES, default='classify', help='what to compute')
   p.add_argument('--format', choices=FORMATS, help='input format (default: from the extension)')
+  p.add_argument('--split', help='hf: the split of a saved DatasetDict (needed when it has several)')
   p.add_argument('--text_field', default='text', help='JSONL field / CSV column holding the text')
   p.add_argument('--text_pair_field', help='JSONL field / CSV column holding the second segment')
   p.add_argument('--batch_size', type=int, default=32, help='inputs per forward pass')
@@ -318,7 +352,7 @@ def main(argv=None) -> int:
     _check_flags(args)
     fmt = input_format(args.input, args.format)
     stats = ReadStats()
-    records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field, stats)
+    records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field, stats, args.split)
     # The first record now: a wrong format or field stops the run before the model is loaded.
     first = next(records, None)
     records = itertools.chain([first] if first is not None else [], records)

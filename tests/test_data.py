@@ -291,7 +291,7 @@ def test_bad_input_is_one_clear_error(corpus, tmp_path):
   with pytest.raises(UsageError, match=r"all.csv \(data.train\): no column 'text'"):
     _ds(f'csv:{root}/all.csv', tok)
   with pytest.raises(UsageError, match='expected KIND:SPEC'):
-    _ds('parquet:/x', tok)
+    _ds('avro:/x', tok)
   (tmp_path / 'bad.txt').write_bytes(b'caf\xe9 au lait and more words here\n' + b'plain words ' * 200 + b'\n')
   before = pretrain.Stats.undecodable
   b = next(pretrain.Iterator(_ds(f'text:{tmp_path}/bad.txt', tok, global_batch_size=1, shuffle_buffer=0)))

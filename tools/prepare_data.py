@@ -49,10 +49,10 @@ def _write_shard(job) -> tuple[str, int, int]:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--input', required=True, help='KIND:GLOB of text, jsonl, csv or tsv files')
+  p.add_argument('--input', required=True, help='KIND:GLOB of text, jsonl, csv, tsv or parquet files')
   p.add_argument('--tokenizer', required=True, help='tokenizer directory or tokenizer.json')
   p.add_argument('--out', required=True, help='output directory (local or gs://)')
-  p.add_argument('--text_field', default='text', help='field / column of the text (jsonl, csv, tsv)')
+  p.add_argument('--text_field', default='text', help='field / column of the text (jsonl, csv, tsv, parquet)')
   p.add_argument('--text_docs', default='line', choices=['line', 'blank_line'], help='documents in text files')
   p.add_argument('--workers', type=int, default=os.cpu_count(), help='parallel processes')
   args = p.parse_args(argv)
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     from jaxlm.tokenizer import load
 
     kind, _ = split_spec(args.input, '--input')
-    if kind not in ('text', 'jsonl', 'csv', 'tsv'):
-      raise UsageError(f'--input={args.input!r}: expected text:, jsonl:, csv: or tsv: files')
+    if kind not in ('text', 'jsonl', 'csv', 'tsv', 'parquet'):
+      raise UsageError(f'--input={args.input!r}: expected text:, jsonl:, csv:, tsv: or parquet: files')
     paths = sources.files(args.input, '--input')
     load(args.tokenizer)  # Fails early and clearly.
     tf.io.gfile.makedirs(args.out)

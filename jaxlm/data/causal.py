@@ -34,7 +34,6 @@ from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
 
 _TOKENIZE_BATCH = 256
-_FILE_KINDS = ('text', 'jsonl', 'csv', 'tsv', 'tfrecord')
 
 
 def _eos(tokenizer: Tokenizer) -> int:
@@ -82,12 +81,6 @@ def pack(stream: tf.data.Dataset, seq_len: int, eos: int, pad: int, separate_doc
   return stream.batch(seq_len + 1).filter(lambda r: tf.shape(r)[0] > 1).map(one, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _by_file(spec: str, key: str, process_count: int) -> bool:
-  """Whether the hosts split the source by file (at least one file per host) rather than by row."""
-  kind, _ = sources.split_spec(spec, key)
-  return kind in _FILE_KINDS and len(sources.files(spec, key)) >= process_count > 1
-
-
 def _share(examples: tf.data.Dataset, *, spec: str, key: str, empty: str, by_file: bool, cache: bool, seed: int,
            shuffle_buffer: int, repeat: bool, global_batch_size: int, process_index: int,
            process_count: int) -> tf.data.Dataset:  # fmt: skip
@@ -133,7 +126,7 @@ def causal_dataset(
 ) -> tf.data.Dataset:
   """This process's batches (global_batch_size / process_count rows) of next-token examples: input_ids, targets
   (int32 [B, seq_len]), loss_weights (float32) and, with `separate_documents`, segment_ids and position_ids."""
-  by_file = _by_file(spec, key, process_count)
+  by_file = sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = pretrain.text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
   eos = _eos(tokenizer)
   examples = pack(token_stream(recs, tokenizer), seq_len, eos, tokenizer.pad_id, separate_documents)
@@ -203,12 +196,12 @@ def _sft_records(spec: str, key: str, prompt_field: str, response_field: str, da
                  file_shard=None) -> tf.data.Dataset:  # fmt: skip
   kind, _ = sources.split_spec(spec, key)
   if kind in ('builtin', 'tfrecord'):
-    raise UsageError(f'{key}={spec!r}: supervised fine-tuning reads prompt / response records (jsonl, csv, tsv, tfds)')
-  cfg = data_cfg or {}
+    raise UsageError(
+      f'{key}={spec!r}: supervised fine-tuning reads prompt / response records (jsonl, csv, tsv, parquet, hf, tfds)'
+    )
   return sources.records(
     spec, key, sources.Fields(text=prompt_field, text_pair=response_field), file_shard=file_shard,
-    tfds_split=cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train'),
-    tfds_data_dir=cfg.get('tfds_data_dir') or None,
+    split=sources.split_for(data_cfg, key), tfds_data_dir=(data_cfg or {}).get('tfds_data_dir') or None,
   )  # fmt: skip
 
 
@@ -230,7 +223,7 @@ def sft_dataset(
 ) -> tf.data.Dataset:
   """This process's batches of supervised fine-tuning examples, one prompt / response record a row (sft_rows):
   input_ids, targets (int32 [B, seq_len]) and loss_weights (float32, 1 on the response's targets)."""
-  by_file = _by_file(spec, key, process_count)
+  by_file = sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = _sft_records(spec, key, prompt_field, response_field, data_cfg,
                       (process_index, process_count) if by_file else None)  # fmt: skip
   return _share(

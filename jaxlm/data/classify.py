@@ -30,19 +30,22 @@ from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
 
 
-def _fields(data_cfg: dict) -> sources.Fields:
+def _fields(data_cfg: dict, regression: bool) -> sources.Fields:
   return sources.Fields(
     text=data_cfg.get('text_field') or 'text',
     text_pair=data_cfg.get('text_pair_field') or '',
     label=data_cfg.get('label_field') or 'label',
+    label_role='number' if regression else 'class',
   )
 
 
-def _records(spec: str, data_cfg: dict, key: str, split: str | None = None) -> tf.data.Dataset:
-  split = split or data_cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train')
+def _records(
+  spec: str, data_cfg: dict, key: str, split: str | None = None, regression: bool = False
+) -> tf.data.Dataset:
   return sources.records(
-    spec, key, _fields(data_cfg), tfds_split=split, tfds_data_dir=data_cfg.get('tfds_data_dir') or None
-  )
+    spec, key, _fields(data_cfg, regression), split=split or sources.split_for(data_cfg, key),
+    tfds_data_dir=data_cfg.get('tfds_data_dir') or None,
+  )  # fmt: skip
 
 
 def label_set(spec: str, data_cfg: dict, key: str = 'data.train') -> list[str]:
@@ -108,8 +111,8 @@ def classify_dataset(
   split: str | None = None,
 ) -> tf.data.Dataset:
   """This process's share of padded classification batches; `labels=None` means regression."""
-  fields = _fields(data_cfg)
-  recs = _records(spec, data_cfg, key, split)
+  fields = _fields(data_cfg, labels is None)
+  recs = _records(spec, data_cfg, key, split, regression=labels is None)
   backend, pad = tokenizer.fresh_backend(truncation=seq_len), tokenizer.pad_id
   label_ids = {s: i for i, s in enumerate(labels or [])}
   where = f'{key}={spec!r}, field {fields.label!r}'

@@ -37,10 +37,9 @@ def text_records(spec: str, cfg: dict | None = None, key: str = 'data.train', fi
   """The records of a source, with the field names and options of a data config dict."""
   cfg = cfg or {}
   fields = sources.Fields(text=cfg.get('text_field') or 'text')
-  split = cfg.get('eval_split' if key == 'data.eval' else 'train_split', 'train')
   return sources.records(
     spec, key, fields, text_docs=cfg.get('text_docs', 'line'), file_shard=file_shard,
-    tfds_split=split, tfds_data_dir=cfg.get('tfds_data_dir') or None,
+    split=sources.split_for(cfg, key), tfds_data_dir=cfg.get('tfds_data_dir') or None,
   )  # fmt: skip
 
 
@@ -292,7 +291,7 @@ def pretrain_dataset(
   if tokenizer.mask_id is None:
     raise UsageError(f'{tokenizer.source}: the vocabulary has no [MASK] token, which MLM needs')
   kind, _ = sources.split_spec(spec, key)
-  by_file = kind in ('text', 'jsonl', 'csv', 'tsv', 'tfrecord') and len(sources.files(spec, key)) >= process_count > 1
+  by_file = sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = text_records(spec, data_cfg, key, file_shard=(process_index, process_count) if by_file else None)
   seqs = pack(token_stream(recs, tokenizer), seq_len, tokenizer, nsp, seed, separate_documents)
   counted = Stats.undecodable

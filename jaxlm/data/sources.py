@@ -7,12 +7,19 @@
                   label_field
   csv:GLOB        comma-separated with a header row naming the columns
   tsv:GLOB        tab-separated with a header row
+  parquet:GLOB    Parquet files (the Hugging Face Hub's shards, pandas, Spark); columns named as
+                  JSONL's fields, read a row group at a time (tables.py)
+  hf:PATH         a dataset saved by Hugging Face `datasets`' save_to_disk: a Dataset, or a
+                  DatasetDict whose split is data.train_split / data.eval_split, as for tfds
   tfrecord:GLOB   pre-tokenized documents written by tools/prepare_data.py (`input_ids`)
   tfds:NAME       a TensorFlow Datasets dataset (split, data_dir from the config; gs:// works)
 
-Every path goes through tf.io.gfile, so gs:// works like a local path. Text sources yield
-dicts of tf.string (`text`, optionally `text_pair` and `label`); tfrecord yields `input_ids`.
-Nothing here uses Python generators, so the iterators stay checkpointable.
+Every path goes through tf.io.gfile (Parquet and Arrow files through pyarrow's file systems),
+so gs:// works like a local path. Text sources yield dicts of tf.string (`text`, optionally
+`text_pair` and `label`); tfrecord yields `input_ids`. Parquet and Arrow rows are read in slices
+of tables.SLICE rows by (file, first row), so their position, like every other source's, is
+part of the tf.data iterator checkpoint. Nothing here uses Python generators, so the iterators
+stay checkpointable.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxlm import tables
 from jaxlm.config import split_spec
 from jaxlm.data.builtin import BUILTIN
 from jaxlm.errors import UsageError
@@ -37,9 +45,11 @@ class Fields:
   text: str = 'text'
   text_pair: str = ''
   label: str = ''
+  label_role: str = 'any'  # What a Parquet / Arrow label column may hold (tables.py): 'class', 'number', 'any'.
 
 
 TEXT_DOCS = ('line', 'blank_line')
+FILE_KINDS = ('text', 'jsonl', 'csv', 'tsv', 'tfrecord', 'parquet', 'hf')  # Sources that hosts can split by file.
 
 
 def check_config(d) -> None:
@@ -51,13 +61,28 @@ def check_config(d) -> None:
     raise UsageError(f'data.text_docs={d.text_docs!r}: expected line or blank_line')
 
 
-def files(spec: str, key: str) -> list[str]:
-  """The sorted files a file source names; an error naming the key if there are none."""
+def split_for(cfg: dict | None, key: str) -> str:
+  """The split (tfds:, hf:) of the source under `key`: data.eval_split for data.eval, else data.train_split."""
+  return (cfg or {}).get('eval_split' if key == 'data.eval' else 'train_split', 'train')
+
+
+def files(spec: str, key: str, split: str = 'train') -> list[str]:
+  """The sorted files a file source names (an hf: split's Arrow files, in order); an error naming the key if
+  there are none."""
   kind, arg = split_spec(spec, key)
+  if kind == 'hf':
+    return tables.hf_files(arg, split, 'data.eval_split' if key == 'data.eval' else 'data.train_split')
   found = sorted(tf.io.gfile.glob(arg))
   if not found:
     raise UsageError(f'{key}={spec!r}: the glob matches no file')
   return found
+
+
+def by_file(spec: str, key: str, process_count: int, split: str = 'train') -> bool:
+  """Whether the hosts split the source by file (a file source with at least one file per host) rather than
+  every host reading all of it."""
+  kind, _ = split_spec(spec, key)
+  return process_count > 1 and kind in FILE_KINDS and len(files(spec, key, split)) >= process_count
 
 
 def _read_header(path: str, delim: str, key: str) -> list[str]:
@@ -108,13 +133,38 @@ def _jsonl_fields(line: bytes, names: tuple[str, ...], where: str) -> list[bytes
   return out
 
 
+def _table_records(kind: str, paths: list[str], spec: str, key: str, names: tuple[str, ...],
+                   out_keys: tuple[str, ...], roles: dict[str, str]) -> tf.data.Dataset:  # fmt: skip
+  """The rows of Parquet or Arrow files as records: slices of tables.SLICE rows named by (file, first row),
+  read in order and flattened, so that the iterator checkpoint holds a slice at most."""
+  found = tables.open_tables(kind, paths)
+  tables.check_columns(found, roles, key)
+  if not any(t.num_rows for t in found):
+    where = paths[0] if len(paths) == 1 else f'{key}={spec!r} ({len(paths)} files)'
+    raise UsageError(f'{where}: no rows')
+  columns = list(roles)
+
+  def read(i, start):
+    got = tables.read_text(found[int(i)], roles, int(start), tables.SLICE)
+    return [got[columns.index(n)] for n in names]
+
+  def slice_records(i, start):
+    got = tf.numpy_function(read, [i, start], [tf.string] * len(names), stateful=False)
+    return {k: tf.ensure_shape(x, [None]) for k, x in zip(out_keys, got)}
+
+  sizes = tf.data.Dataset.from_tensor_slices((np.arange(len(found)), np.asarray([t.num_rows for t in found])))
+  starts = sizes.flat_map(lambda i, n: tf.data.Dataset.range(0, n, tables.SLICE).map(lambda s: (i, s)))
+  return starts.map(slice_records).unbatch()
+
+
 def records(
   spec: str, key: str, fields: Fields, *, text_docs: str = 'line', file_shard: tuple[int, int] | None = None,
-  tfds_split: str = 'train', tfds_data_dir: str | None = None,
+  split: str = 'train', tfds_data_dir: str | None = None,
 ) -> tf.data.Dataset:  # fmt: skip
   """A dataset of {'text'[, 'text_pair'][, 'label']} tf.string records (or {'input_ids'} for tfrecord).
 
-  `file_shard=(index, count)` keeps every count-th file from index: one host's disjoint share.
+  `file_shard=(index, count)` keeps every count-th file from index: one host's disjoint share. `split`
+  is the tfds: split, or the split of an hf: DatasetDict.
   """
   kind, arg = split_spec(spec, key)
   names = tuple(n for n in (fields.text, fields.text_pair, fields.label) if n)
@@ -125,17 +175,20 @@ def records(
     return tf.data.Dataset.from_tensor_slices({'text': BUILTIN[arg]()})
   if kind == 'tfds':
     try:
-      ds = tfds.load(arg, split=tfds_split, data_dir=tfds_data_dir, shuffle_files=False)
+      ds = tfds.load(arg, split=split, data_dir=tfds_data_dir, shuffle_files=False)
     except Exception as e:  # noqa: BLE001 (tfds raises many types for a missing dataset)
-      raise UsageError(f'{key}={spec!r}: cannot load split {tfds_split!r}: {e}'.splitlines()[0]) from e
+      raise UsageError(f'{key}={spec!r}: cannot load split {split!r}: {e}'.splitlines()[0]) from e
     missing = [n for n in names if n not in ds.element_spec]
     if missing:
       raise UsageError(f'{key}={spec!r}: no field {missing[0]!r}; it has {sorted(ds.element_spec)}')
     return ds.map(lambda ex: {k: tf.strings.as_string(ex[n]) if ex[n].dtype != tf.string else ex[n]
                               for k, n in zip(out_keys, names)})  # fmt: skip
-  paths = files(spec, key)
+  paths = files(spec, key, split)
   if file_shard is not None:
     paths = paths[file_shard[0] :: file_shard[1]]
+  if kind in tables.KINDS:
+    roles = {fields.text: 'text', fields.text_pair: 'text', fields.label: fields.label_role}
+    return _table_records(kind, paths, spec, key, names, out_keys, {n: r for n, r in roles.items() if n})
   if kind == 'tfrecord':
     feats = {'input_ids': tf.io.VarLenFeature(tf.int64)}
     parse = lambda r: {

@@ -74,12 +74,14 @@ def _tokenizer_record(config, tokenizer_kind: str = 'wordpiece') -> dict:
     del rec['data.lowercase']  # A byte-level BPE keeps the case.
   if kind == 'text':
     rec['data.text_docs'] = d.text_docs
-  if kind in ('jsonl', 'csv', 'tsv', 'tfds'):
+  if kind in ('jsonl', 'csv', 'tsv', 'parquet', 'hf', 'tfds'):
     rec['data.text_field'] = d.text_field
   if kind == 'tfds':
     rec.update({'data.train_split': d.train_split, 'data.tfds_data_dir': d.tfds_data_dir})
-  if kind in ('text', 'jsonl', 'csv', 'tsv'):
-    stats = [(p, tf.io.gfile.stat(p)) for p in sources.files(d.train, 'data.train')]
+  if kind == 'hf':
+    rec['data.train_split'] = d.train_split
+  if kind in ('text', 'jsonl', 'csv', 'tsv', 'parquet', 'hf'):
+    stats = [(p, tf.io.gfile.stat(p)) for p in sources.files(d.train, 'data.train', d.train_split)]
     rec['files'] = [[p, st.length, st.mtime_nsec] for p, st in stats]
   return rec
 

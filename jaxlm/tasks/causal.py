@@ -4,7 +4,7 @@ fine-tuning on prompt / response pairs (task=sft).
   causal_lm  data.train / data.eval are text sources; documents are tokenized, each followed by the
              end-of-text token, and packed into rows of data.seq_len (data/causal.py); with
              data.separate_documents no token attends across documents (segment_ids, position_ids)
-  sft        data.train / data.eval are prompt / response records (jsonl:, csv:, tsv: or tfds:;
+  sft        data.train / data.eval are prompt / response records (jsonl:, csv:, tsv:, parquet:, hf: or tfds:;
              fields data.prompt_field, data.response_field), one per row; only the response's
              tokens (and its end-of-text) weigh in the loss. Starts from model.init_from (a Hugging
              Face GPT-2 / Llama directory or a jaxlm run), so finetune.mode (full, lora, head) applies
@@ -27,7 +27,7 @@ from jaxlm.errors import UsageError
 from jaxlm.tasks import Task, register
 
 _UNIT = {'lm': 1.0}  # A normalizer that turns the loss's mean into a sum.
-_RECORD_KINDS = ('jsonl', 'csv', 'tsv', 'tfds')
+_RECORD_KINDS = ('jsonl', 'csv', 'tsv', 'parquet', 'hf', 'tfds')
 
 
 @register
