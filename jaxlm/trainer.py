@@ -240,9 +240,10 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     print(f'nothing to do: the checkpoint is at step {start} and num_train_steps={total}', flush=True)
     ckpt.close()
     return {}
-  flops = perf.train_flops_per_step(run.mcfg, c.global_batch_size, c.data.seq_len, run.task.predictions)
-  reporter = report.Reporter(workdir, total, c.global_batch_size * c.data.seq_len, flops, float('nan'))
   meta = {'config': json.loads(c.to_json_best_effort()), 'model': dataclasses.asdict(run.mcfg)}
+  flops = perf.train_flops_per_step(run.mcfg, c.global_batch_size, c.data.seq_len, run.task.predictions)
+  wandb_run = report.start_wandb(workdir, c.wandb, meta['config']) if c.wandb.project and run.is_main else None
+  reporter = report.Reporter(workdir, total, c.global_batch_size * c.data.seq_len, flops, float('nan'), wandb_run)
   if run.task.labels:
     meta['labels'] = run.task.labels
   best_metric = run.task.best_metric()[0]
@@ -258,7 +259,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     stop_signal['code'] = max(stop_signal['code'], STOP_SIGNALS.index(signum) + 1)
 
   previous_handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
-  stopped_by = None
+  stopped_by, failed = None, True
   try:
     while step < total:
       if step == c.profile_start_step:
@@ -321,13 +322,14 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
         break
     if pending is not None and not skip:
       _check_finite(*pending)
+    failed = False
   finally:  # Even when a NaN stops the run, saves already started are completed.
     try:
       ckpt.close()
     finally:
       for signum, handler in previous_handlers.items():
         signal.signal(signum, handler)
-      reporter.close()
+      reporter.close(failed)
   if stopped_by == signal.SIGINT:  # Saved; the caller (a shell script, a notebook) still learns of the Ctrl-C.
     raise KeyboardInterrupt(f'saved the checkpoint of step {step}')
   if step == total and c.sample_prompts:
