@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, generate, models, optim, perf, prune, report, sharding, steps, store, tasks
+from jaxlm import checkpoint, generate, models, optim, peft, perf, prune, report, sharding, steps, store, tasks
 from jaxlm import config as config_lib
 from jaxlm.data import pretrain, sources, vocab
 from jaxlm.errors import UsageError
@@ -54,6 +54,9 @@ def check_config(config, num_devices: int) -> None:
   if family != task_cls.family:
     raise UsageError(f'model.preset={config.model.preset!r} is {models.a(family)}; task={config.task!r} trains'
                      f' {models.a(task_cls.family)} (presets: {", ".join(models.presets(task_cls.family))})')  # fmt: skip
+  if family == 'decoder' and task_cls.finetuning and config.finetune.mode == 'adapter':
+    raise UsageError("finetune.mode='adapter': bottleneck adapters are for BERT encoders; a decoder fine-tunes"
+                     ' with lora, head or full')  # fmt: skip
   if config.sample_prompts and family != 'decoder':
     raise UsageError(f'sample_prompts={config.sample_prompts!r}: only a decoder (a causal LM) writes text')
   models.from_config(config.model)
@@ -114,10 +117,11 @@ def setup(config, workdir: str, devices=None) -> Run:
   # Read once, in full, now: a problem with the eval set stops the run before any training time is spent.
   eval_sets = task.eval_sets() if config.data.eval and config.eval_every_steps else {}
 
-  mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads())
+  adapters = peft.model_fields(config.finetune, task.finetuning)  # Bottleneck adapters: part of the model.
+  mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads(), **adapters)
   init = None
   if config.model.init_from:
-    mcfg, init = _init_from(config, mcfg, tokenizer)
+    mcfg, init = _init_from(config, mcfg, tokenizer, adapters)
   graphdef, abstract_params = models.abstract(mcfg)
   warmup = optim.warmup_steps(config)
   if warmup > config.num_train_steps // 2:
@@ -150,9 +154,10 @@ def setup(config, workdir: str, devices=None) -> Run:
              state_sh, batch_sh, step_fn, eval_fn, export_params)  # fmt: skip
 
 
-def _init_from(config, mcfg: models.Config, tokenizer) -> tuple[models.Config, nnx.State]:
-  """The model config and parameters of model.init_from, with this run's heads (new ones fresh)."""
-  overrides = {k: getattr(mcfg, k) for k in INIT_OVERRIDES if hasattr(mcfg, k)}
+def _init_from(config, mcfg: models.Config, tokenizer, adapters: dict) -> tuple[models.Config, nnx.State]:
+  """The model config and parameters of model.init_from, with this run's heads and `adapters` (new ones fresh;
+  without `adapters`, those the source has, if any, are kept)."""
+  overrides = {**{k: getattr(mcfg, k) for k in INIT_OVERRIDES if hasattr(mcfg, k)}, **adapters}
   graphdef, params, new = store.load_for_init(config.model.init_from, seed=config.seed, **overrides)
   loaded = nnx.merge(graphdef, params).cfg
   if models.family(loaded) != models.family(mcfg):
