@@ -1,13 +1,15 @@
 """The training config schema: every key, its default and what it means; and its validation.
 
 Config files in configs/ start from `base()` and change what they need. `validate` checks the
-schema (unknown or missing keys, types, non-finite numbers) and the rules that span several
-parts; each part's own keys are checked by the module that owns them, and trainer.check_config
-runs all of it before any work, raising one UsageError naming the key at fault.
+schema (unknown or missing keys, types, non-finite numbers), the rules that span several parts
+and the wandb.* keys (`check_wandb`: with a project set, the optional package must be installed);
+each part's own keys are checked by the module that owns them, and trainer.check_config runs all
+of it before any work, raising one UsageError naming the key at fault.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import ml_collections
@@ -76,6 +78,18 @@ def base() -> ml_collections.ConfigDict:
   c.finetune.lora_targets = 'q,k,v,o,wi,wo'  # Matrices with adapters: attention q, k, v, o and
   #   feed-forward wi (in), wo (out) (and wg, the gate of a Llama-shaped decoder). Merged into the
   #   dense weights on export.
+  c.finetune.adapter_size = 64  # mode 'adapter': width of the bottleneck adapters (Houlsby et al. 2019) that
+  #   each layer gets; the up-projection starts at zero, so training starts from the pretrained model.
+  c.finetune.adapter_placement = 'both'  # Adapters after the attention output ('attention'), after the
+  #   feed-forward ('ffn') or after both ('both'), each before its residual add and LayerNorm.
+  c.finetune.adapter_train_layernorm = True  # mode 'adapter': the layers' LayerNorms train too (as in the paper).
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ''  # Weights & Biases project that process 0 logs the metrics and the config to
+  #   ('' = off); needs `pip install 'jaxlm[wandb]'`. A resumed run continues the same W&B run.
+  c.wandb.entity = ''  # Team or user that owns the project ('' = your default entity).
+  c.wandb.name = ''  # Display name of the run ('' = the workdir's name).
+  c.wandb.tags = ''  # Comma-separated tags, e.g. 'sst2,minilm'.
 
   c.prune = ml_collections.ConfigDict()
   c.prune.sparsity = 0.0  # Gradual magnitude pruning of the encoder's dense kernels to this
@@ -177,7 +191,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       raise UsageError(f'{k}={v}: must be a finite number')
   _positive(flat, 'num_train_steps', 'global_batch_size', 'grad_accum_steps', 'log_every_steps', 'data.seq_len')
   _positive(flat, 'data.max_predictions', 'checkpoint_every_steps', 'keep_checkpoints', 'finetune.lora_rank')
-  _positive(flat, 'model.vocab_multiple')
+  _positive(flat, 'model.vocab_multiple', 'finetune.adapter_size')
+  check_wandb(flat)
   if flat['eval_every_steps'] < 0:
     raise UsageError(f'eval_every_steps={flat["eval_every_steps"]}: must be >= 0')
   if flat['best_metric'] not in ('', 'auto') and not flat['best_metric'].startswith('eval_'):
@@ -202,6 +217,28 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       f'global_batch_size={batch} is not divisible by the data-parallel size'
       f' mesh.data*mesh.fsdp={dp}' + (f' times grad_accum_steps={accum}' if accum > 1 else '')
     )
+
+
+def wandb_tags(tags: str) -> list[str]:
+  """'a, b' -> ['a', 'b']: the tags of config.wandb.tags."""
+  return [t.strip() for t in tags.split(',') if t.strip()]
+
+
+def check_wandb(flat: dict) -> None:
+  """Raises UsageError naming the first bad wandb.* key; with a project set, the package must be installed."""
+  project = flat['wandb.project']
+  if not project:
+    for k in ('wandb.entity', 'wandb.name', 'wandb.tags'):
+      if flat[k]:
+        raise UsageError(f'{k}={flat[k]!r} is set but wandb.project is empty (Weights & Biases logging is off)')
+    return
+  if any(ch in project for ch in '/\\#?%:'):
+    raise UsageError(f'wandb.project={project!r}: a W&B project name cannot contain / \\ # ? % or :')
+  long = [t for t in wandb_tags(flat['wandb.tags']) if len(t) > 64]
+  if long:
+    raise UsageError(f'wandb.tags: the tag {long[0]!r} is longer than the 64 characters W&B allows')
+  if importlib.util.find_spec('wandb') is None:
+    raise UsageError(f"wandb.project={project!r}: the wandb package is not installed; pip install 'jaxlm[wandb]'")
 
 
 def pretraining(preset: str) -> ml_collections.ConfigDict:

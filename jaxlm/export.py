@@ -8,6 +8,8 @@
                        (a BERT, or the GPT-2 / Llama of a causal LM run)
   --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
                 (quant.py), in a jaxlm export that `jaxlm.load` runs as it is
+  --drop_adapters  write the model without its bottleneck adapters (finetune.mode=adapter): what
+                --format hf needs, as transformers' BERT has no adapter layers (refused without it)
 
 Only parameters are written (no optimizer state), into a temporary directory next to --out that
 is renamed into place when complete: a failed export leaves --out as it was, and an earlier
@@ -24,7 +26,7 @@ import sys
 from flax import nnx
 
 from jaxlm import model as model_lib
-from jaxlm import quant, store
+from jaxlm import peft, quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--format', choices=['jaxlm', 'hf'], default='jaxlm', help='jaxlm (Orbax) or hf (transformers)')
   p.add_argument('--quantize', choices=['none', 'int8'], default='none', help='int8: weight-only int8 kernels')
+  p.add_argument(
+    '--drop_adapters', action='store_true', help='leave out the bottleneck adapters (needed for --format hf)'
+  )
   args = p.parse_args(argv)
   out = f'--out {args.out}'
   try:
@@ -46,6 +51,17 @@ def main(argv=None) -> int:
     store.check_out_dir(args.out, out)  # Before any work.
     with store.quiet_absl():
       graphdef, params, tok_dir, labels = store.load_model(args.checkpoint)
+    adapter_size = getattr(nnx.merge(graphdef, params).cfg, 'adapter_size', 0)
+    if adapter_size and args.drop_adapters:
+      before = model_lib.count_params(params)
+      graphdef, params = peft.drop_adapters(graphdef, params)
+      print(f'dropped the bottleneck adapters ({before - model_lib.count_params(params):,} parameters)')
+    elif adapter_size and args.format == 'hf':
+      raise UsageError(
+        f'--checkpoint {args.checkpoint}: the model has bottleneck adapters (finetune.mode=adapter, size'
+        f" {adapter_size}), which transformers' BERT has no layers for; export with --format jaxlm, or pass"
+        ' --drop_adapters to write the model without them (what they learnt is then lost)'
+      )
     if args.quantize == 'int8':
       graphdef, params = quant.quantize(graphdef, params)
     elif args.format == 'hf':

@@ -299,7 +299,8 @@ def params_from_hf(
   if encoder_missing:
     names = ', '.join('/'.join(map(str, p)) for p in encoder_missing)
     raise UsageError(f'{source}: the encoder is incomplete, no tensor for {names}')
-  if missing:  # Heads only: freshly initialised, and reported.
+  missing += [('layers', name) for name in model_lib.adapter_names(cfg)]  # A BERT has no bottleneck adapters.
+  if missing:  # Heads and adapters only: freshly initialised, and reported.
     fresh = dict(nnx.to_flat_state(model_lib.init(cfg, seed)[1]))
     for path in missing:
       flat[path].set_value(fresh[path][...])
@@ -336,6 +337,11 @@ def params_to_hf(params: nnx.State, cfg: model_lib.ModelConfig) -> dict[str, np.
   """HF tensor dict (names as the transformers class of `architecture(cfg)` saves them)."""
   if cfg.quantization != 'none':
     raise UsageError(f'model.quantization={cfg.quantization!r}: dequantize first (quant.dequantize)')
+  if cfg.adapter_size:
+    raise UsageError(
+      f"adapter_size={cfg.adapter_size}: the model has bottleneck adapters, which transformers' BERT has no"
+      ' layers for; drop them first (peft.drop_adapters) or keep the jaxlm format'
+    )
   # Hugging Face tables have vocab_size rows: the padding rows (vocab_multiple) are cut.
   flat = {
     path: model_lib.vocab_rows(np.asarray(v[...], np.float32), v.get_metadata().get('axes', ()), cfg.vocab_size)

@@ -14,6 +14,10 @@ of the layers, the pooler and the MLM transform are int8, each with a float32 pe
 `<name>_scale`, and are dequantized inside the forward, one layer at a time.
 The layer parameters are stacked on a leading `layers` axis, so the stack can be run with
 `jax.lax.scan` (compile time independent of depth) or unrolled, from the same checkpoint.
+With `adapter_size > 0` every layer also holds bottleneck adapters (Houlsby et al. 2019): h + up(act(down(h)))
+on the attention output and / or the feed-forward output (`adapter_placement`), before the residual add and
+LayerNorm; their up-projection starts at zero, so a fresh adapter leaves the model's function unchanged
+(peft.py trains them; transformers' BERT has no place for them, so a Hugging Face export must drop them).
 The word embeddings and the MLM output bias have `padded_vocab_size` rows (`vocab_size` rounded
 up to `vocab_multiple`) so that the `vocab` axis splits over any mesh; the padding rows start at
 zero, no token id reaches them, and the MLM head gives them a large negative logit, so no loss,
@@ -45,6 +49,8 @@ from jaxlm.errors import UsageError
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
 REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
 QUANTIZATIONS = ('none', 'int8')
+# adapter_placement -> the sublayers whose output passes through an adapter: attention ('attn'), feed-forward ('ffn').
+ADAPTER_PLACEMENTS = {'both': ('attn', 'ffn'), 'attention': ('attn',), 'ffn': ('ffn',)}
 # scan_layers=None scans stacks deeper than this, except on a GPU. Unrolled, each layer's saved
 # activations are buffers of their own: the scan's stacked residual buffers (zero-filled, written
 # and read by dynamic slices) cost the BERT-small CPU train step of tools/bench.py about 10%, and on
@@ -97,6 +103,9 @@ class ModelConfig:
   attention_impl: str | None = None  # Attention kernel when there is no attention dropout: 'xla',
   #   'cudnn' (GPU), 'splash' (TPU), 'explicit'; None / '' = the backend's own (attention.py).
   quantization: str = 'none'  # 'int8': weight-only int8 dense kernels with float32 scales (inference).
+  adapter_size: int = 0  # Width of the bottleneck adapters in every layer (finetune.mode=adapter); 0 = none.
+  adapter_placement: str = 'both'  # Adapters after the attention output ('attention'), the feed-forward ('ffn')
+  #   or both; ignored without adapters.
 
   def __post_init__(self):
     if not isinstance(self.vocab_multiple, int) or self.vocab_multiple < 1:
@@ -111,6 +120,12 @@ class ModelConfig:
       raise UsageError(f'model.attention_impl={self.attention_impl!r}: expected one of {attention.IMPLS}')
     if self.quantization not in QUANTIZATIONS:
       raise UsageError(f'model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}')
+    if not isinstance(self.adapter_size, int) or self.adapter_size < 0:
+      raise UsageError(f'adapter_size={self.adapter_size!r}: must be an integer >= 0 (0: no adapters)')
+    if self.adapter_placement not in ADAPTER_PLACEMENTS:
+      raise UsageError(
+        f'finetune.adapter_placement={self.adapter_placement!r}: expected one of {tuple(ADAPTER_PLACEMENTS)}'
+      )
     if self.pooler is False and (self.nsp_head or self.num_labels):
       raise UsageError('model.pooler=False but the next-sentence or classifier head needs it')
     jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
@@ -131,6 +146,14 @@ class ModelConfig:
 
   def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
+
+
+def adapter_names(cfg: ModelConfig) -> tuple[str, ...]:
+  """The stacked adapter parameters of `cfg`'s layers (model.Layers), e.g. 'adapter_attn_down_kernel'; () without."""
+  if not cfg.adapter_size:
+    return ()
+  parts = ('down_kernel', 'down_bias', 'up_kernel', 'up_bias')
+  return tuple(f'adapter_{site}_{part}' for site in ADAPTER_PLACEMENTS[cfg.adapter_placement] for part in parts)
 
 
 def _preset(layers: int, hidden: int) -> ModelConfig:
@@ -357,7 +380,14 @@ class Layers(nnx.Module):
     self.wo_bias = _param(None, (L, D), ('layers', 'embed'))
     self.mlp_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
     self.mlp_ln_bias = _param(None, (L, D), ('layers', 'embed'))
-    self.names = self.NAMES
+    A = cfg.adapter_size
+    for site in ADAPTER_PLACEMENTS[cfg.adapter_placement] if A else ():
+      # The bottleneck axis is small: replicated (no logical name). Up starts at zero: the identity.
+      setattr(self, f'adapter_{site}_down_kernel', _param(rngs, (L, D, A), ('layers', 'embed', None), std=s))
+      setattr(self, f'adapter_{site}_down_bias', _param(None, (L, A), ('layers', None)))
+      setattr(self, f'adapter_{site}_up_kernel', _param(None, (L, A, D), ('layers', None, 'embed')))
+      setattr(self, f'adapter_{site}_up_bias', _param(None, (L, D), ('layers', 'embed')))
+    self.names = self.NAMES + adapter_names(cfg)
     if cfg.quantization == 'int8':
       for name in INT8_KERNELS:  # Scales over the layer axis and the output axes.
         n_out = {'q_kernel': 2, 'k_kernel': 2, 'v_kernel': 2}.get(name, 1)
@@ -365,7 +395,7 @@ class Layers(nnx.Module):
         kernel, scale = _int8(var, (0, *range(var.ndim - n_out, var.ndim)))
         setattr(self, name, kernel)
         setattr(self, f'{name}_scale', scale)
-      self.names = self.NAMES + tuple(f'{n}_scale' for n in INT8_KERNELS)
+      self.names += tuple(f'{n}_scale' for n in INT8_KERNELS)
 
   def __call__(self, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, first_token_only: bool = False):
     stacked = {name: getattr(self, name)[...] for name in self.names}
@@ -419,9 +449,17 @@ def _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg: Mode
   return jnp.einsum('bnts,bsnk->btnk', p_BxNxTxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
 
 
+def _adapter(p: dict, site: str, h_BxTxD, cfg: ModelConfig):
+  """A bottleneck adapter (Houlsby et al. 2019) on a sublayer's output: h + up(act(down(h)))."""
+  z_BxTxA = h_BxTxD @ p[f'adapter_{site}_down_kernel'] + _bcast(p[f'adapter_{site}_down_bias'], 3)
+  z_BxTxA = _activation(cfg.hidden_act)(z_BxTxA)
+  return h_BxTxD + z_BxTxA @ p[f'adapter_{site}_up_kernel'] + _bcast(p[f'adapter_{site}_up_bias'], 3)
+
+
 def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, queries: int | None = None):
-  """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). `queries`: only the
-  first that many positions are computed (and returned), attending to every key; no dropout."""
+  """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)), each sublayer's output passed
+  through its adapter first, if any. `queries`: only the first that many positions are computed (and
+  returned), attending to every key; no dropout."""
   dt = x_BxTxD.dtype
   p = {
     k: _weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v
@@ -438,10 +476,14 @@ def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, quer
     a_BxTxNxK = _explicit_attention(proj(x_BxTxD, 'q'), k, v, mask_Bx1xQxT, cfg, None)
   a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + _bcast(p['o_bias'], 3)
   a_BxTxD = _dropout(a_BxTxD, cfg.hidden_dropout, drop1)
+  if 'adapter_attn_down_kernel' in p:  # After the dropout, before the residual add (as Houlsby et al.'s code).
+    a_BxTxD = _adapter(p, 'attn', a_BxTxD, cfg)
   x_BxTxD = _layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
   h_BxTxF = _activation(cfg.hidden_act)(x_BxTxD @ p['wi_kernel'] + _bcast(p['wi_bias'], 3))
   h_BxTxF = _dropout(h_BxTxF, 0.0, drop2)  # BERT has no dropout inside the FFN.
   h_BxTxD = _dropout(h_BxTxF @ p['wo_kernel'] + _bcast(p['wo_bias'], 3), cfg.hidden_dropout, drop3)
+  if 'adapter_ffn_down_kernel' in p:
+    h_BxTxD = _adapter(p, 'ffn', h_BxTxD, cfg)
   return _layer_norm(x_BxTxD + h_BxTxD, p['mlp_ln_scale'], p['mlp_ln_bias'], cfg.layer_norm_eps)
 
 

@@ -2,7 +2,7 @@
 
 clip-by-global-norm -> AdamW | Adafactor | LAMB with a warmup-then-decay schedule (weight decay
 masked off biases and LayerNorm, as in the original BERT), then what the config adds: frozen
-parameters and LoRA adapters (peft.py: finetune.*) and gradual magnitude pruning (prune.py:
+parameters, LoRA and bottleneck adapters (peft.py: finetune.*) and gradual magnitude pruning (prune.py:
 prune.*). `check_config` validates those keys; the train state is made by `Optimizer.init_state`.
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import peft, prune
+from jaxlm import model, peft, prune
 from jaxlm.errors import UsageError
 from jaxlm.peft import _path_str
 
@@ -84,7 +84,7 @@ def prune_end_step(end_step: int, num_train_steps: int) -> int:
 
 def check_config(config, finetune: bool) -> None:
   """Raises UsageError naming the first bad key of the optimizer's part: learning rate and
-  schedule, optimizer.*, finetune.* (freezing, LoRA) and prune.*."""
+  schedule, optimizer.*, finetune.* (freezing, LoRA, bottleneck adapters) and prune.*."""
   if not config.learning_rate > 0:
     raise UsageError(f'learning_rate={config.learning_rate}: must be positive')
   if config.warmup_steps < 0:
@@ -99,6 +99,10 @@ def check_config(config, finetune: bool) -> None:
   if ft.mode not in peft.MODES:
     raise UsageError(f'finetune.mode={ft.mode!r}: expected one of {peft.MODES}')
   peft.parse_targets(ft.lora_targets)
+  if ft.adapter_placement not in model.ADAPTER_PLACEMENTS:
+    raise UsageError(
+      f'finetune.adapter_placement={ft.adapter_placement!r}: expected one of {tuple(model.ADAPTER_PLACEMENTS)}'
+    )
   if not 0.0 <= pr.sparsity < 1.0:
     raise UsageError(f'prune.sparsity={pr.sparsity}: must be in [0, 1)')
   if pr.sparsity and finetune and ft.mode != 'full':
@@ -117,7 +121,7 @@ class Optimizer:
 
   tx: optax.GradientTransformation
   schedule: Any  # step -> learning rate
-  mode: str  # finetune.mode: 'full', 'head' or 'lora'
+  mode: str  # finetune.mode: 'full', 'head', 'lora' or 'adapter'
   labels: Any  # 'train' / 'freeze' per parameter (peft.labels)
   frozen: Any  # True where the gradient is stopped; None when everything trains
   lora_targets: tuple[str, ...]  # Matrices with LoRA adapters; () without LoRA
@@ -154,14 +158,14 @@ def trainable_of(state: dict):
 
 
 def from_config(config, abstract_params, finetune: bool) -> Optimizer:
-  """The whole optimizer of a run: schedule, clipping, AdamW / Adafactor / LAMB, freezing and LoRA
-  (finetune.mode, when fine-tuning) and gradual magnitude pruning (prune.sparsity)."""
+  """The whole optimizer of a run: schedule, clipping, AdamW / Adafactor / LAMB, freezing, LoRA and bottleneck
+  adapters (finetune.mode, when fine-tuning) and gradual magnitude pruning (prune.sparsity)."""
   check_config(config, finetune)
   schedule = make_schedule(config.learning_rate, warmup_steps(config), config.num_train_steps, config.lr_schedule)
   o, ft, pr = config.optimizer, config.finetune, config.prune
   tx = make_optimizer(o.name, schedule, config.weight_decay, o.b1, o.b2, o.eps, config.clip_grad_norm or None)
   mode = ft.mode if finetune else 'full'
-  labels = peft.labels(abstract_params, mode)
+  labels = peft.labels(abstract_params, mode, ft.adapter_train_layernorm)
   frozen = None
   if mode != 'full':
     tx, frozen = peft.wrap_optimizer(tx, labels, mode == 'lora'), peft.frozen_mask(labels)

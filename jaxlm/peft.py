@@ -1,10 +1,12 @@
-"""Parameter-efficient fine-tuning: train the head only, or LoRA adapters on a frozen encoder.
+"""Parameter-efficient fine-tuning: train the head only, or LoRA or bottleneck adapters on a frozen encoder.
 
-  full   every parameter trains (the default)
-  head   only the pooler and the classifier train; the encoder is frozen (a decoder: its final
-         norm and untied LM head train)
-  lora   low-rank adapters (Hu et al. 2021) on the chosen dense matrices, plus the encoder's head
-         (a decoder: the adapters alone)
+  full     every parameter trains (the default)
+  head     only the pooler and the classifier train; the encoder is frozen (a decoder: its final
+           norm and untied LM head train)
+  lora     low-rank adapters (Hu et al. 2021) on the chosen dense matrices, plus the encoder's head
+           (a decoder: the adapters alone)
+  adapter  bottleneck adapters (Houlsby et al. 2019) in every encoder layer, plus the head and, with
+           finetune.adapter_train_layernorm, the layers' LayerNorms (encoders only)
 
 The adapters' kernels have the same names in both model families (a decoder's grouped-query k / v
 kernels have G heads where q has N: an adapter's output is whatever its kernel's is).
@@ -13,6 +15,10 @@ A LoRA adapter of a kernel W [L, in..., out...] is a pair A [L, in, r], B [L, r,
 layer uses W + (alpha / r) * A @ B. B starts at zero, so training starts from the pretrained
 model. `merge` folds the adapters into the kernels (used inside the step, and for every
 checkpoint that leaves the run: the best checkpoint and exports hold plain dense weights).
+
+Bottleneck adapters are not linear, so they cannot be folded into the kernels: they are parameters
+of the model itself (model.Layers, `adapter_size` in its config, set by `model_fields`), saved and
+loaded with it; `drop_adapters` takes them out (a Hugging Face BERT has no place for them).
 
 Frozen parameters are labelled 'freeze' for `optax.multi_transform`, whose `set_to_zero`
 branch keeps no optimizer state, so they cost no Adam moments and stay bitwise unchanged.
@@ -27,9 +33,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlm import model as model_lib
 from jaxlm.errors import UsageError
 
-MODES = ('full', 'head', 'lora')
+MODES = ('full', 'head', 'lora', 'adapter')
 # Adapter name -> (stacked kernel in model.Layers, number of input axes after the layer axis).
 LORA_TARGETS = {
   'q': ('q_kernel', 1), 'k': ('k_kernel', 1), 'v': ('v_kernel', 1), 'o': ('o_kernel', 2),
@@ -37,6 +44,8 @@ LORA_TARGETS = {
 }  # fmt: skip
 HEAD_PREFIXES = ('pooler/', 'classifier/')
 LM_HEAD_PREFIXES = ('final_norm_', 'lm_head')  # A decoder's head: trained under finetune.mode=head only.
+ADAPTER_PREFIX = 'layers/adapter_'
+LAYER_NORMS = ('layers/attn_ln_scale', 'layers/attn_ln_bias', 'layers/mlp_ln_scale', 'layers/mlp_ln_bias')
 
 
 def parse_targets(spec: str) -> tuple[str, ...]:
@@ -85,15 +94,36 @@ def merge(params: nnx.State, adapters: dict, scale: float) -> nnx.State:
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def labels(params: nnx.State, mode: str):
-  """'train' / 'freeze' per parameter (same tree as `params`) for optax.multi_transform."""
+def model_fields(finetune, finetuning: bool) -> dict:
+  """The model config fields that finetune.* sets: the bottleneck adapters of mode 'adapter' ({} otherwise)."""
+  if not finetuning or finetune.mode != 'adapter':
+    return {}
+  return {'adapter_size': finetune.adapter_size, 'adapter_placement': finetune.adapter_placement}
+
+
+def drop_adapters(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model without its bottleneck adapters (the same parameters otherwise); as it is when it has none."""
+  cfg = nnx.merge(graphdef, params).cfg
+  if not getattr(cfg, 'adapter_size', 0):
+    return graphdef, params
+  graphdef, plain = model_lib.abstract(cfg.replace(adapter_size=0))
+  values = dict(nnx.to_flat_state(params))
+  for path, var in nnx.to_flat_state(plain):
+    var.set_value(values[path].get_value())
+  return graphdef, plain
+
+
+def labels(params: nnx.State, mode: str, train_layernorm: bool = False):
+  """'train' / 'freeze' per parameter (same tree as `params`) for optax.multi_transform; `train_layernorm`: the
+  layers' LayerNorms train too under mode 'adapter'."""
   if mode not in MODES:
     raise UsageError(f'finetune.mode={mode!r}: expected one of {MODES}')
 
   def label(path, _):
     name = _path_str(path)
     head = name.startswith(HEAD_PREFIXES) or (mode == 'head' and name.startswith(LM_HEAD_PREFIXES))
-    return 'train' if mode == 'full' or head else 'freeze'
+    adapter = mode == 'adapter' and (name.startswith(ADAPTER_PREFIX) or (train_layernorm and name in LAYER_NORMS))
+    return 'train' if mode == 'full' or head or adapter else 'freeze'
 
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -123,7 +153,7 @@ def frozen_mask(params_labels):
 
 
 def count(params, params_labels, adapters=None) -> tuple[int, int]:
-  """(trainable, total) parameter counts; adapters count as trainable and in the total."""
+  """(trainable, total) parameter counts; LoRA adapters count as trainable and in the total."""
   sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
   marks = jax.tree.leaves(params_labels)
   extra = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters or {}))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.decoder import DecoderConfig
-from jaxlm.model import ModelConfig
+from jaxlm.model import ADAPTER_PLACEMENTS, ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip, by jax device_kind prefix (vendors' published figures).
 PEAK_TFLOPS = {
@@ -19,8 +19,9 @@ PEAK_TFLOPS = {
 
 
 def train_flops_per_step(cfg: ModelConfig | DecoderConfig, batch: int, seq_len: int, max_predictions: int) -> float:
-  """Training FLOPs of one step (3x forward): encoder matmuls, attention, MLM head at the masked positions;
-  for a decoder 6 x (matmul parameters) per token, attention, and the LM head at `max_predictions` positions."""
+  """Training FLOPs of one step (3x forward): encoder matmuls (bottleneck adapters included), attention, MLM head
+  at the masked positions; for a decoder 6 x (matmul parameters) per token, attention, and the LM head at
+  `max_predictions` positions."""
   D, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
   if isinstance(cfg, DecoderConfig):
     N, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -28,7 +29,8 @@ def train_flops_per_step(cfg: ModelConfig | DecoderConfig, batch: int, seq_len: 
     # The scores and the weighted values over all T x T pairs, as computed (the causal mask halves neither).
     per_token = L * (2 * layer_params + 2 * 2 * seq_len * N * K)
     return 3.0 * (batch * seq_len * per_token + batch * max_predictions * 2 * D * V)
-  per_token = L * (2 * (4 * D * D + 2 * D * F) + 2 * 2 * seq_len * D)
+  adapters = 2 * D * cfg.adapter_size * len(ADAPTER_PLACEMENTS[cfg.adapter_placement]) if cfg.adapter_size else 0
+  per_token = L * (2 * (4 * D * D + 2 * D * F + adapters) + 2 * 2 * seq_len * D)
   per_prediction = 2 * (D * D + D * V) if cfg.mlm_head else 0
   return 3.0 * (batch * seq_len * per_token + batch * max_predictions * per_prediction)
 

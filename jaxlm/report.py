@@ -1,19 +1,29 @@
-"""Where training metrics go: WORKDIR/metrics.jsonl, TensorBoard (process 0) and a console line.
+"""Where training metrics go: WORKDIR/metrics.jsonl, TensorBoard (process 0), Weights & Biases
+(process 0, when config.wandb.project is set) and a console line.
 
-`Reporter.write(step, metrics)` appends one JSON object per log step and prints
-`step  loss  tokens/s  MFU  ETA`. Only process 0 writes files.
+`Reporter.write(step, metrics)` appends one JSON object per log step, logs the same values at the
+same step to the W&B run given (`start_wandb`), and prints `step  loss  tokens/s  MFU  ETA`.
+Only process 0 writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+import uuid
+from typing import Any
 
 import jax
 from clu import metric_writers
 from etils import epath
+
+from jaxlm import config as config_lib
+from jaxlm.errors import UsageError
+
+WANDB_RUN_ID = 'wandb_run_id'  # WORKDIR file holding the id of the W&B run that a resumed training continues.
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -27,8 +37,17 @@ class Reporter:
   """Writes metrics for one run; `tokens_per_step` and `flops_per_step` turn step time into throughput,
   unless `count` reports each step's own (batches padded to different lengths)."""
 
-  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, flops_per_step: float, peak_tflops: float):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    tokens_per_step: int,
+    flops_per_step: float,
+    peak_tflops: float,
+    wandb_run: Any = None,
+  ):
     self.workdir, self.total_steps = workdir, total_steps
+    self._wandb = wandb_run  # A started wandb run (process 0), or None.
     self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_tflops
     self.is_main = jax.process_index() == 0
     self._writer = None
@@ -84,10 +103,41 @@ class Reporter:
       finite = {k: v if math.isfinite(v) else None for k, v in row.items()}
       with self._jsonl.open('a') as f:
         f.write(json.dumps({'step': step, **finite}, allow_nan=False) + '\n')
+    if self._wandb is not None:
+      self._wandb.log(row, step=step)
     return row
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
+    """Flushes TensorBoard and finishes the W&B run (marked failed when the training raised)."""
     if self.is_main:
       self._writer.flush()
       self._writer.close()
+    if self._wandb is not None:
+      self._wandb.finish(exit_code=1 if failed else 0)
+      self._wandb = None
     sys.stdout.flush()
+
+
+def start_wandb(workdir: str, wandb_config, run_config: dict) -> Any:
+  """Starts (or, on resume, continues) the W&B run of `workdir` from config.wandb, with `run_config` as
+  its config: the run id is kept in WORKDIR/wandb_run_id. Local workdirs also hold W&B's files
+  (WORKDIR/wandb) unless WANDB_DIR says otherwise. Call it on process 0 only."""
+  import wandb  # lazy: an optional extra (jaxlm[wandb]), imported only when config.wandb.project is set
+
+  id_file = epath.Path(workdir) / WANDB_RUN_ID
+  run_id = id_file.read_text().strip() if id_file.exists() else ''
+  if not run_id:
+    run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits.
+    id_file.write_text(run_id + '\n')
+  kw = {}
+  if '://' not in workdir and not os.environ.get('WANDB_DIR'):
+    kw['dir'] = workdir
+  try:
+    return wandb.init(
+      project=wandb_config.project, entity=wandb_config.entity or None,
+      name=wandb_config.name or epath.Path(workdir).name, tags=config_lib.wandb_tags(wandb_config.tags) or None,
+      config=run_config, id=run_id, resume='allow', **kw,
+    )  # fmt: skip
+  except wandb.Error as e:  # Not logged in, no network, a project of someone else's: one line, exit code 2.
+    why = ' '.join(str(e).split()) or type(e).__name__
+    raise UsageError(f'wandb.project={wandb_config.project!r}: W&B could not start the run ({why})') from None

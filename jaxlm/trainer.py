@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, generate, models, optim, perf, prune, report, sharding, steps, store, tasks
+from jaxlm import checkpoint, generate, models, optim, peft, perf, prune, report, sharding, steps, store, tasks
 from jaxlm import config as config_lib
 from jaxlm.data import pretrain, sources, vocab
 from jaxlm.errors import UsageError
@@ -54,6 +54,9 @@ def check_config(config, num_devices: int) -> None:
   if family != task_cls.family:
     raise UsageError(f'model.preset={config.model.preset!r} is {models.a(family)}; task={config.task!r} trains'
                      f' {models.a(task_cls.family)} (presets: {", ".join(models.presets(task_cls.family))})')  # fmt: skip
+  if family == 'decoder' and task_cls.finetuning and config.finetune.mode == 'adapter':
+    raise UsageError("finetune.mode='adapter': bottleneck adapters are for BERT encoders; a decoder fine-tunes"
+                     ' with lora, head or full')  # fmt: skip
   if config.sample_prompts and family != 'decoder':
     raise UsageError(f'sample_prompts={config.sample_prompts!r}: only a decoder (a causal LM) writes text')
   models.from_config(config.model)
@@ -120,10 +123,11 @@ def setup(config, workdir: str, devices=None, example_batch: dict | None = None)
   else:
     train_ds, eval_sets, ranks = None, {}, {k: np.ndim(v) for k, v in example_batch.items()}
 
-  mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads())
+  adapters = peft.model_fields(config.finetune, task.finetuning)  # Bottleneck adapters: part of the model.
+  mcfg = models.from_config(config.model, tokenizer.vocab_size, **task.heads(), **adapters)
   init = None
   if config.model.init_from:
-    mcfg, init = _init_from(config, mcfg, tokenizer)
+    mcfg, init = _init_from(config, mcfg, tokenizer, adapters)
   graphdef, abstract_params = models.abstract(mcfg)
   warmup = optim.warmup_steps(config)
   if warmup > config.num_train_steps // 2:
@@ -156,9 +160,10 @@ def setup(config, workdir: str, devices=None, example_batch: dict | None = None)
              state_sh, batch_sh, step_fn, eval_fn, export_params)  # fmt: skip
 
 
-def _init_from(config, mcfg: models.Config, tokenizer) -> tuple[models.Config, nnx.State]:
-  """The model config and parameters of model.init_from, with this run's heads (new ones fresh)."""
-  overrides = {k: getattr(mcfg, k) for k in INIT_OVERRIDES if hasattr(mcfg, k)}
+def _init_from(config, mcfg: models.Config, tokenizer, adapters: dict) -> tuple[models.Config, nnx.State]:
+  """The model config and parameters of model.init_from, with this run's heads and `adapters` (new ones fresh;
+  without `adapters`, those the source has, if any, are kept)."""
+  overrides = {**{k: getattr(mcfg, k) for k in INIT_OVERRIDES if hasattr(mcfg, k)}, **adapters}
   graphdef, params, new = store.load_for_init(config.model.init_from, seed=config.seed, **overrides)
   loaded = nnx.merge(graphdef, params).cfg
   if models.family(loaded) != models.family(mcfg):
@@ -250,9 +255,10 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     print(f'nothing to do: the checkpoint is at step {start} and num_train_steps={total}', flush=True)
     ckpt.close()
     return {}
-  flops = perf.train_flops_per_step(run.mcfg, c.global_batch_size, c.data.seq_len, run.task.predictions)
-  reporter = report.Reporter(workdir, total, c.global_batch_size * c.data.seq_len, flops, float('nan'))
   meta = {'config': json.loads(c.to_json_best_effort()), 'model': dataclasses.asdict(run.mcfg)}
+  flops = perf.train_flops_per_step(run.mcfg, c.global_batch_size, c.data.seq_len, run.task.predictions)
+  wandb_run = report.start_wandb(workdir, c.wandb, meta['config']) if c.wandb.project and run.is_main else None
+  reporter = report.Reporter(workdir, total, c.global_batch_size * c.data.seq_len, flops, float('nan'), wandb_run)
   if run.task.labels:
     meta['labels'] = run.task.labels
   best_metric = run.task.best_metric()[0]
@@ -268,7 +274,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     stop_signal['code'] = max(stop_signal['code'], STOP_SIGNALS.index(signum) + 1)
 
   previous_handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
-  stopped_by = None
+  stopped_by, failed = None, True
   try:
     while step < total:
       if step == c.profile_start_step:
@@ -331,13 +337,14 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
         break
     if pending is not None and not skip:
       _check_finite(*pending)
+    failed = False
   finally:  # Even when a NaN stops the run, saves already started are completed.
     try:
       ckpt.close()
     finally:
       for signum, handler in previous_handlers.items():
         signal.signal(signum, handler)
-      reporter.close()
+      reporter.close(failed)
   if stopped_by == signal.SIGINT:  # Saved; the caller (a shell script, a notebook) still learns of the Ctrl-C.
     raise KeyboardInterrupt(f'saved the checkpoint of step {step}')
   if step == total and c.sample_prompts:

@@ -1,6 +1,7 @@
 """tools/bench.py runs every step mode end to end on a tiny shape: one result layout, every figure positive, the
 JSON summary as the last line, and the jaxlm train step built by trainer.setup (no timing asserted). The end-to-end
-modes' parts: the ragged set, timing a process by its lines, the PyTorch side following the jaxlm config."""
+modes' parts: the ragged set, timing a process by its lines, the PyTorch side following the jaxlm config. The
+fine-tuning modes compared (tools/bench_peft.py) on a small BERT."""
 
 import argparse
 import json
@@ -20,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))  # The tools are scripts that import each other by name.
 import bench_data  # noqa: E402
 import bench_e2e  # noqa: E402
+import bench_peft  # noqa: E402
 
 # Figures that must be positive wherever a result has them; the rate of each mode must be there.
 FIGURES = ('examples_per_s', 'tokens_per_s', 'step_s', 'compile_s', 'model_tflops', 'peak_tflops', 'mfu',
@@ -164,3 +166,22 @@ def test_torch_side_follows_the_jaxlm_config(minilm_dir):
     args.jaxlm_args = bad
     with pytest.raises(UsageError, match='--jaxlm_args'):
       bench_e2e.torch_hyperparameters(args, '/data')
+
+
+def test_bench_peft_compares_the_four_modes_on_the_same_data(tmp_path, hf_mlm_dir, capsys):
+  out = tmp_path / 'peft'
+  flags = ['--out', str(out), '--model_dir', hf_mlm_dir, '--steps', '2', '--batch', '8', '--train_examples', '16',
+           '--test_examples', '8', '--adapter_size', '16']  # fmt: skip
+  assert bench_peft.main(flags) == 0
+  stdout = capsys.readouterr().out
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert summary == json.loads((out / 'summary.json').read_text())
+  results = {r['mode']: r for r in summary['results']}
+  assert list(results) == ['head', 'lora', 'adapter', 'full']
+  assert min(r['trainable'] for r in results.values()) == results['head']['trainable'] > 0
+  assert results['full']['trainable'] == results['full']['total'] == results['head']['total']
+  assert results['lora']['total'] > results['full']['total'] and results['adapter']['total'] > results['full']['total']
+  assert all(0.0 <= r['test_accuracy'] <= 1.0 and r['seconds'] > 0 for r in results.values())
+  assert '| `adapter` | 0.001 |' in stdout and summary['data']['test']['examples'] == 8
+  assert bench_peft.main(flags) == 2  # --out is not empty now.
+  assert 'error: --out' in capsys.readouterr().err

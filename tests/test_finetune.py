@@ -16,7 +16,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 import jaxlm
-from jaxlm import export, hf, metrics, peft, store, trainer
+from jaxlm import export, hf, metrics, peft, predict, store, trainer
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import classify
 from jaxlm.data.pretrain import Iterator
@@ -264,6 +264,72 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
   np.testing.assert_array_equal(merged['layers/k_kernel'], before['layers/k_kernel'])  # No adapter on k.
 
 
+def test_adapters_train_on_a_frozen_encoder_resume_load_predict_and_export(tmp_path, hf_mlm_dir, task_files, capsys):
+  train_path, dev_path = task_files
+  keys = {
+    'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
+    'num_train_steps': 4, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
+    'eval_every_steps': 4, 'log_every_steps': 2, 'checkpoint_every_steps': 4, 'finetune.mode': 'adapter',
+    'finetune.adapter_size': 8, 'model.scan_layers': True,
+  }  # fmt: skip
+  workdir = tmp_path / 'run'
+  trainer.train(config_file('finetune_files', keys), str(workdir))
+  more = {'num_train_steps': 6, 'eval_every_steps': 6, 'checkpoint_every_steps': 6}
+  trainer.train(config_file('finetune_files', {**keys, **more}), str(workdir))
+  log = capsys.readouterr().out
+  assert 'resumed from the checkpoint of step 4' in log
+  new = log.split('; new: ')[1].splitlines()[0].split(', ')
+  adapters = [
+    f'layers/adapter_{s}_{n}' for s in ('attn', 'ffn') for n in ('down_kernel', 'down_bias', 'up_kernel', 'up_bias')
+  ]
+  assert sorted(new) == sorted(adapters + ['pooler/kernel', 'pooler/bias', 'classifier/kernel', 'classifier/bias'])
+
+  _, original, _, _ = hf.load(hf_mlm_dir)
+  before = _nested(original)
+  saved = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '6', 'state'))
+  after = {'/'.join(k): v for k, v in _flat(saved['params'])}
+  trains = adapters + list(peft.LAYER_NORMS) + ['pooler/kernel', 'pooler/bias', 'classifier/kernel', 'classifier/bias']
+  for k in set(after) - set(trains):  # The word table is padded to a multiple of model.vocab_multiple rows (zeros).
+    assert np.array_equal(after[k][: before[k].shape[0]], before[k]), k  # Bitwise: no update ever touched them.
+  for k in ('layers/adapter_attn_up_kernel', 'layers/adapter_ffn_up_kernel'):  # They started at zero.
+    assert np.abs(after[k]).max() > 0, k
+  assert not np.array_equal(after['layers/attn_ln_scale'], before['layers/attn_ln_scale'])  # LayerNorms train.
+  line = log.split('fine-tuning (adapter): ')[-1].split('\n')[0]
+  trainable, total = (int(x.replace(',', '')) for x in line.split(' parameters')[0].split(' trainable of '))
+  assert trainable == sum(after[k].size for k in trains) and total == sum(v.size for v in after.values())
+  opt_floats = sum(np.size(x) for x in jax.tree.leaves(saved['opt_state']))
+  assert opt_floats < 2 * trainable + 16  # Adam moments for the trainable parameters only.
+
+  # The run loads and predicts, in the library and through python -m jaxlm.predict; the adapters take part.
+  texts = [json.loads(line)['text'] for line in open(dev_path)][:8]
+  m = jaxlm.load(str(workdir))
+  assert (m.config.adapter_size, m.config.adapter_placement) == (8, 'both')
+  probs = lambda pred: np.array([[p['probabilities'][k] for k in ('negative', 'positive')] for p in pred])  # noqa: E731
+  ours = probs(m.predict(texts))
+  out = tmp_path / 'pred.jsonl'
+  assert predict.main(['--checkpoint', str(workdir), '--input', dev_path, '--output', str(out)]) == 0
+  np.testing.assert_allclose(probs(json.loads(line) for line in open(out).readlines()[:8]), ours, atol=1e-5)
+  exported = tmp_path / 'jaxlm_export'  # A jaxlm export keeps them.
+  assert export.main(['--checkpoint', str(workdir), '--out', str(exported)]) == 0
+  np.testing.assert_allclose(probs(jaxlm.load(str(exported)).predict(texts)), ours, atol=1e-6)
+
+  # Hugging Face has no adapter layers: refused, unless asked to drop them.
+  capsys.readouterr()
+  assert export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'hf'), '--format', 'hf']) == 2
+  err = capsys.readouterr().err
+  assert (
+    err.startswith('error: ') and err.count('\n') == 1 and 'bottleneck adapters' in err and '--drop_adapters' in err
+  )
+  assert not (tmp_path / 'hf').exists()
+  drop = ['--checkpoint', str(workdir), '--drop_adapters']
+  assert export.main([*drop, '--out', str(tmp_path / 'hf'), '--format', 'hf']) == 0
+  assert export.main([*drop, '--out', str(tmp_path / 'plain')]) == 0
+  plain = probs(jaxlm.load(str(tmp_path / 'plain')).predict(texts))
+  assert jaxlm.load(str(tmp_path / 'plain')).config.adapter_size == 0
+  np.testing.assert_allclose(probs(jaxlm.load(str(tmp_path / 'hf')).predict(texts)), plain, atol=1e-5)
+  assert np.abs(plain - ours).max() > 1e-4  # What the adapters learnt is gone.
+
+
 # ----------------------------------------------------------------------------- GLUE via TFDS
 
 
@@ -314,6 +380,16 @@ def test_finetune_config_errors(tmp_path):
   c = config_file('finetune_files', {'data.train': 'jsonl:x', 'model.init_from': '/x', 'finetune.mode': 'adapters'})
   with pytest.raises(UsageError, match='finetune.mode'):
     trainer.check_config(c, 1)
+  for key, value, message in [
+    ('finetune.adapter_placement', 'middle', "finetune.adapter_placement='middle': expected one of"),
+    ('finetune.adapter_size', 0, 'finetune.adapter_size=0: must be a positive integer'),
+  ]:
+    c = config_file('finetune_files', {'data.train': 'jsonl:x', 'model.init_from': '/x', key: value})
+    with pytest.raises(UsageError, match=message):
+      trainer.check_config(c, 1)
+  sft = {'task': 'sft', 'data.train': 'jsonl:x', 'finetune.mode': 'adapter'}
+  with pytest.raises(UsageError, match="finetune.mode='adapter': bottleneck adapters are for BERT encoders"):
+    trainer.check_config(config_file('quickstart_causal', sft), 1)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -250,3 +250,56 @@ def test_vocab_rows_pad_and_trim_only_the_vocabulary_axis():
   np.testing.assert_array_equal(model.fit_vocab(table, (None, 'embed'), cfg), table)  # Not a vocabulary table.
   # Fewer rows than the real vocabulary is another vocabulary, left for the caller to name.
   np.testing.assert_array_equal(model.fit_vocab(table[:4], ('vocab', 'embed'), cfg), table[:4])
+
+
+# ----------------------------------------------------------------------------- bottleneck adapters
+
+
+def _with_adapters(cfg, params, **adapter):
+  """(graphdef, params): the model of `params` with fresh adapters (`adapter`: size, placement) added."""
+  g, fresh = model.init(cfg.replace(**adapter), seed=1)
+  values = dict(nnx.to_flat_state(params))
+  for path, var in nnx.to_flat_state(fresh):
+    if path in values:
+      var.set_value(values[path].get_value())
+  return g, fresh
+
+
+@pytest.mark.parametrize('scan_layers', [False, True], ids=['unrolled', 'scanned'])
+def test_fresh_adapters_leave_the_output_equal_and_sit_before_the_residual_add(tiny, scan_layers):
+  cfg, _, params, ids, mask, types = tiny
+  cfg = cfg.replace(scan_layers=scan_layers)
+  g0 = model.abstract(cfg)[0]
+  ref = _apply(g0, params, ids, mask, types)
+  first_token = jax.jit(lambda g, p: model.apply(g, p, ids, mask, types, first_token_only=True), static_argnums=0)
+  ref_first = first_token(g0, params)
+  for placement, sites in (('both', ('attn', 'ffn')), ('attention', ('attn',)), ('ffn', ('ffn',))):
+    g, p = _with_adapters(cfg, params, adapter_size=5, adapter_placement=placement)
+    names = sorted(k for k in p['layers'] if k.startswith('adapter_'))
+    assert names == sorted(
+      f'adapter_{s}_{n}' for s in sites for n in ('down_bias', 'down_kernel', 'up_bias', 'up_kernel')
+    )
+    assert p['layers'][f'adapter_{sites[0]}_down_kernel'][...].shape == (3, 32, 5)
+    out = _apply(g, p, ids, mask, types)
+    for k in ('hidden', 'pooled', 'mlm_logits', 'nsp_logits', 'logits'):  # Up-projection zero: the identity.
+      np.testing.assert_array_equal(out[k], ref[k], err_msg=f'{placement} {k}')
+    np.testing.assert_array_equal(first_token(g, p)['logits'], ref_first['logits'])
+    # From zero, the up-projections get a gradient (and the down-projections not yet): training starts.
+    grads = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(g, p, ids, mask, types)['layers']
+    for s in sites:
+      assert np.abs(grads[f'adapter_{s}_up_kernel'][...]).max() > 0
+      assert not np.asarray(grads[f'adapter_{s}_down_kernel'][...]).any()
+  # With a zero down-projection an adapter adds its up bias to the sublayer's output, before the residual add and
+  # the LayerNorm: what the attention output's (o) or the feed-forward output's (wo) bias would do.
+  shift = np.broadcast_to(np.linspace(-0.5, 0.5, 32, dtype=np.float32), (3, 32))
+  g, p = _with_adapters(cfg, params, adapter_size=5, adapter_placement='both')
+  for site, bias in (('attn', 'o_bias'), ('ffn', 'wo_bias')):
+    moved = jax.tree.map(lambda x: x, p)
+    moved['layers'][f'adapter_{site}_down_kernel'].set_value(jnp.zeros((3, 32, 5)))
+    moved['layers'][f'adapter_{site}_up_bias'].set_value(jnp.asarray(shift))
+    same = jax.tree.map(lambda x: x, params)
+    same['layers'][bias].set_value(same['layers'][bias][...] + shift)
+    np.testing.assert_allclose(
+      _apply(g, moved, ids, mask, types)['logits'], _apply(g0, same, ids, mask, types)['logits'], atol=1e-5
+    )
+    assert np.abs(np.asarray(_apply(g, moved, ids, mask, types)['logits'] - ref['logits'])).max() > 1e-3

@@ -52,6 +52,8 @@ BAD = [
   ({'task': 'classification', 'model.init_from': '/m', 'data.length_window': 0}, 'data.length_window=0: must be'),
   ({'data.train': 'corpus.txt'}, "data.train='corpus.txt': expected KIND:SPEC"),
   ({'data.eval': 'ftp:x'}, "data.eval='ftp:x': expected KIND:SPEC"),
+  ({'wandb.entity': 'me'}, "wandb.entity='me' is set but wandb.project is empty"),
+  ({'wandb.project': 'a/b'}, "wandb.project='a/b': a W&B project name cannot contain"),
 ]
 
 
