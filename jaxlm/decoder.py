@@ -15,6 +15,11 @@ are the encoder's (model.py), and so are the execution knobs: layers stacked on 
 and run as a `lax.scan` or unrolled, remat policies, the compute dtype. The word embeddings (and
 an untied head) have `padded_vocab_size` rows; the padding rows get a large negative logit.
 
+With `quantization='int8'` (inference only; quant.py makes such parameters) the layers' dense
+kernels (INT8_KERNELS) are int8, each with a float32 per-output-channel `<name>_scale`, and are
+dequantized into the compute dtype inside the forward and `decode`, one layer at a time. The
+embeddings, norms, biases and the LM head (tied or untied) stay float32.
+
 Two ways to run it: `__call__` (training, evaluation, perplexity) over whole rows, optionally
 packed (`segment_ids`: no attention across documents, `position_ids` restarting per document);
 `decode` over a preallocated key/value cache, for the prefill of a prompt batch and then one
@@ -39,6 +44,8 @@ from jaxlm.errors import UsageError
 
 FAMILIES = ('gpt2', 'llama')
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
+# The layers' kernels that `quantization='int8'` stores as int8 (wg: the llama family's gate).
+INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel', 'wg_kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +75,7 @@ class DecoderConfig:
   scan_layers: bool | None = None  # As model.ModelConfig.
   remat: str = 'none'  # As model.ModelConfig.
   attention_impl: str | None = None  # '' / None: the backend's own (cuDNN on GPU), else 'xla'.
-  quantization: str = 'none'  # Kept for the stores' common fields; decoders run float kernels.
+  quantization: str = 'none'  # 'int8': weight-only int8 layer kernels with float32 scales (inference; quant.py).
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -87,8 +94,8 @@ class DecoderConfig:
       raise UsageError(f'model.remat={self.remat!r}: expected one of {blocks.REMAT_POLICIES}')
     if (self.attention_impl or '') not in ('', 'xla', 'cudnn'):
       raise UsageError(f'model.attention_impl={self.attention_impl!r}: a decoder runs "", "xla" or "cudnn"')
-    if self.quantization != 'none':
-      raise UsageError(f'model.quantization={self.quantization!r}: decoders run float kernels only')
+    if self.quantization not in blocks.QUANTIZATIONS:
+      raise UsageError(f'model.quantization={self.quantization!r}: expected one of {blocks.QUANTIZATIONS}')
     jnp.dtype(self.dtype)
 
   @property
@@ -244,6 +251,11 @@ class Decoder(nnx.Module):
       }
     else:
       layers['wg_kernel'] = p(rngs, (L, D, F), ('layers', 'embed', 'mlp'), std=s)
+    if cfg.quantization == 'int8':
+      for name in INT8_KERNELS:
+        if name in layers:  # Scales over the layer axis and the output axes (a head's [G|N, K] for q/k/v).
+          var, n_out = layers[name], 2 if name[0] in 'qkv' else 1
+          layers[name], layers[f'{name}_scale'] = blocks._int8(var, (0, *range(var.ndim - n_out, var.ndim)))
     self.layers = nnx.Dict(layers)
     self.final_norm_scale = p(None, (D,), ('embed',), fill=1.0)
     self.final_norm_bias = p(None, (D,), ('embed',)) if gpt2 else None
@@ -279,7 +291,7 @@ class Decoder(nnx.Module):
     (and whatever it returns beside, e.g. the updated cache)."""
     cfg = self.cfg
     dt = x.dtype
-    p = {k: v.astype(dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
+    p = {k: blocks._weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
     drop1, drop2 = blocks._split(rng, 2)
     h = _norm(x, p['attn_norm_scale'], p.get('attn_norm_bias'), cfg)
 

@@ -7,7 +7,8 @@
                 hf:    config.json + model.safetensors + tokenizer files, for transformers
                        (a BERT, or the GPT-2 / Llama of a causal LM run)
   --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
-                (quant.py), in a jaxlm export that `jaxlm.load` runs as it is
+                (quant.py: an encoder's or a causal LM's), in a jaxlm export that
+                `jaxlm.load` runs as it is
   --drop_adapters  write the model without its bottleneck adapters (finetune.mode=adapter): what
                 --format hf needs, as transformers' BERT has no adapter layers (refused without it)
 

@@ -10,7 +10,8 @@ function prefills the prompts into a preallocated key/value cache (decoder.init_
 then runs the whole decode inside a `lax.while_loop`: one compile per (batch size, prompt
 bucket, max_new_tokens, greedy or sampling), none per token, and the loop stops early when
 every row has produced a stop token. Temperature, top-k and top-p are traced values (changing
-them compiles nothing); greedy decoding is temperature 0. Sampling draws from `seed`.
+them compiles nothing); greedy decoding is temperature 0. Sampling draws from `seed`. An int8
+model (quant.py) runs as it is: its kernels stay int8 and are dequantized inside the loop.
 """
 
 from __future__ import annotations

@@ -232,7 +232,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: decoder.DecoderConfig, s
 
 
 def params_to_hf(params: nnx.State, cfg: decoder.DecoderConfig) -> dict[str, np.ndarray]:
-  """HF tensors (named as GPT2LMHeadModel / LlamaForCausalLM save them) of a parameter pytree."""
+  """HF tensors (named as GPT2LMHeadModel / LlamaForCausalLM save them) of a float parameter pytree."""
+  if cfg.quantization != 'none':
+    raise UsageError(f'model.quantization={cfg.quantization!r}: dequantize first (quant.dequantize)')
   out: dict[str, np.ndarray] = {}
   prefix = 'transformer.' if cfg.family == 'gpt2' else ''
   for path, var in nnx.to_flat_state(params):
@@ -259,7 +261,10 @@ def params_to_hf(params: nnx.State, cfg: decoder.DecoderConfig) -> dict[str, np.
 
 
 def load(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State, dict]:
-  """(graphdef, params, the HF config dict) of a GPT-2 or Llama directory; `overrides` set DecoderConfig fields."""
+  """(graphdef, params, the HF config dict) of a GPT-2 or Llama directory; `overrides` set DecoderConfig fields.
+  The parameters are float (store.load_model quantizes them for `quantization='int8'`)."""
+  if overrides.get('quantization', 'none') != 'none':
+    raise UsageError(f'{path}: holds float tensors; quantize them after loading (quant.quantize)')
   hf = hf_bert.read_config(path, ARCHITECTURES)
   cfg = config_from_hf(hf, os.path.join(path, 'config.json'), **overrides)
   tensors, source = hf_bert.read_tensors(path)

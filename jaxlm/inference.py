@@ -3,10 +3,10 @@
 `Predictor.embed`, `.fill_mask` and `.predict` tokenize, pad each batch to one of a few length
 buckets and its batch size to a power of two (so a stream of inputs of every length and count
 compiles a handful of programs, not one per shape), run a jitted pure function of the
-parameters, and return numpy / Python values. An int8 export (`jaxlm.export --quantize int8`),
-or `load(..., quantize='int8')`, keeps its kernels int8 and dequantizes them inside the jitted
-forward. The model is read through store.py; this module imports neither TensorFlow nor the
-training code.
+parameters, and return numpy / Python values; a causal LM loads as a generate.Generator. An
+int8 export (`jaxlm.export --quantize int8`), or `load(..., quantize='int8')`, of either kind
+keeps its kernels int8 and dequantizes them inside the jitted forward. The model is read through
+store.py; this module imports neither TensorFlow nor the training code.
 """
 
 from __future__ import annotations
@@ -217,10 +217,10 @@ def load(
   """A Predictor from a Hugging Face BERT directory, a training workdir (its newest checkpoint),
   a checkpoint step directory or a `python -m jaxlm.export` directory (float or int8), local or
   remote (gs://); a generate.Generator for a causal LM (a Hugging Face GPT-2 / Llama directory, or a
-  jaxlm directory holding a decoder). The
-  compute dtype is chosen for the platform unless given (default_dtype). The layers
-  run as a lax.scan unless `scan_layers=False` is given.
-  `quantize='int8'` quantizes a float model's dense kernels on loading (quant.quantize)."""
+  jaxlm directory holding a decoder, float or int8). The compute dtype is chosen for the platform
+  unless given (default_dtype). The layers run as a lax.scan unless `scan_layers=False` is given
+  (a Hugging Face causal LM: as decoder.DecoderConfig.scan_layers decides). `quantize='int8'`
+  quantizes a float model's dense kernels on loading (quant.quantize), an encoder's or a decoder's."""
   path = str(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
@@ -228,18 +228,14 @@ def load(
     raise UsageError(f'quantize={quantize!r}: expected None or "int8"')
 
   overrides['dtype'] = dtype or default_dtype()
-  if hf_causal.is_causal_dir(path):  # A Hugging Face GPT-2 or Llama directory.
-    if quantize == 'int8':
-      raise UsageError(f'{path}: quantize="int8" is for encoders; a causal LM runs float kernels')
-    graphdef, params, _ = hf_causal.load(path, **overrides)
-    return generate.Generator(graphdef, params, tokenizer_lib.load(path), batch_size)
-  # One compiled layer, looped: each new input shape compiles in about a third of the unrolled stack's
-  # time, and without training's saved activations the loop runs as fast (tools/bench.py predict-e2e).
-  overrides.setdefault('scan_layers', True)
+  if not hf_causal.is_causal_dir(path):
+    # One compiled layer, looped: each new input shape compiles in about a third of the unrolled stack's
+    # time, and without training's saved activations the loop runs as fast (tools/bench.py predict-e2e).
+    overrides.setdefault('scan_layers', True)
   with store.quiet_absl():  # Orbax's warnings about its own metadata are no concern of the caller's.
     graphdef, params, tok_dir, labels = store.load_model(path, **overrides)
   if quantize == 'int8':
-    graphdef, params = quant.quantize(graphdef, params)  # Refuses a decoder (UsageError).
+    graphdef, params = quant.quantize(graphdef, params)
   if models.family(nnx.merge(graphdef, params).cfg) == 'decoder':
     return generate.Generator(graphdef, params, tokenizer_lib.load(tok_dir), batch_size)
   return Predictor(graphdef, params, tokenizer_lib.load(tok_dir), labels, batch_size)

@@ -1,13 +1,19 @@
-"""Weight-only int8 post-training quantization of the encoder's dense kernels.
+"""Weight-only int8 post-training quantization of the dense kernels of encoders and decoders.
 
-`quantize(graphdef, params)` turns a float model into one with `quantization='int8'`: the
-q/k/v/o/wi/wo kernels of every layer, the pooler and the MLM transform become int8 with a
-float32 scale per output channel (symmetric: w ~= q * scale, q in [-127, 127], scale =
-max |w| over the channel's inputs / 127). Embeddings, LayerNorm, biases and the small
-classifier / next-sentence heads stay float32. The model dequantizes each kernel inside the
-jitted forward (model._weight), so the weights stay int8 in memory and on disk;
-`python -m jaxlm.export --quantize int8` writes such an export and `jaxlm.load` runs it.
-Decoders (decoder.py) run float kernels only: quantizing one is refused.
+`quantize(graphdef, params)` turns a float model into one with `quantization='int8'`: its int8
+kernels become int8 with a float32 scale per output channel (symmetric: w ~= q * scale, q in
+[-127, 127], scale = max |w| over the channel's inputs / 127).
+
+  encoder   the q/k/v/o/wi/wo kernels of every layer, the pooler and the MLM transform;
+            embeddings, LayerNorm, biases and the small classifier / next-sentence heads stay float32
+  decoder   the q/k/v/o/wi/wo (and a Llama's wg) kernels of every layer; embeddings, norms, biases
+            and the LM head (tied or untied) stay float32
+
+The model dequantizes each kernel inside the jitted forward (model._weight), so the weights stay
+int8 in memory and on disk; `python -m jaxlm.export --quantize int8` writes such an export and
+`jaxlm.load` runs it (a Predictor, or a Generator for a decoder). Which parameters are int8 is
+read from the model itself (each int8 kernel has a `<kernel>_scale` beside it), so the functions
+here serve both families.
 """
 
 from __future__ import annotations
@@ -16,14 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import model as model_lib
 from jaxlm import models
 from jaxlm.errors import UsageError
 
 SCALE_SUFFIX = '_scale'
 
 
-def _config(graphdef, params) -> model_lib.ModelConfig:
+def _config(graphdef, params) -> models.Config:
   return nnx.merge(graphdef, params).cfg
 
 
@@ -54,11 +59,9 @@ def _kernels(params) -> dict[tuple, tuple]:
 def quantize(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
   """The int8 model of a float one: (graphdef, params) of `cfg.replace(quantization='int8')`."""
   cfg = _config(graphdef, params)
-  if models.family(cfg) == 'decoder':
-    raise UsageError(f'int8 quantization is for BERT encoders; this model is a {cfg.family} decoder (float kernels)')
   if cfg.quantization == 'int8':
     return graphdef, params
-  qgraphdef, qparams = model_lib.abstract(cfg.replace(quantization='int8'))
+  qgraphdef, qparams = models.abstract(cfg.replace(quantization='int8'))
   src = {path: var.get_value() for path, var in nnx.to_flat_state(params)}
   flat = dict(nnx.to_flat_state(qparams))
   kernels = _kernels(qparams)
@@ -81,7 +84,7 @@ def dequantize(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[nnx.GraphDef,
     return graphdef, params
   src = {path: var.get_value() for path, var in nnx.to_flat_state(params)}
   kernels = _kernels(params)
-  fgraphdef, fparams = model_lib.abstract(cfg.replace(quantization='none'))
+  fgraphdef, fparams = models.abstract(cfg.replace(quantization='none'))
   for path, var in nnx.to_flat_state(fparams):
     value = np.asarray(src[path], np.float32)
     if path in kernels:

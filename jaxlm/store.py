@@ -197,31 +197,33 @@ def load_checkpoint(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, st
 
 def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, list[str] | None]:
   """(graphdef, params, tokenizer directory, labels) from any model path jaxlm reads: a training
-  workdir, a checkpoint step, a jaxlm export (float or int8) or a Hugging Face BERT, GPT-2 or Llama directory."""
+  workdir, a checkpoint step, a jaxlm export (float or int8) or a Hugging Face BERT, GPT-2 or Llama directory
+  (quantized on loading for `quantization='int8'`)."""
   path = os.fspath(path)
   if not epath.Path(path).exists():
     raise UsageError(f'{path}: no such file or directory')
   if is_jaxlm_dir(path):
     return load_checkpoint(path, **overrides)
+  if not (epath.Path(path) / 'config.json').exists():
+    raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
+  quantization = overrides.pop('quantization', 'none')
+  if quantization not in model_lib.QUANTIZATIONS:
+    raise UsageError(f'model.quantization={quantization!r}: expected one of {model_lib.QUANTIZATIONS}')
   if hf_causal.is_causal_dir(path):  # A Hugging Face GPT-2 or Llama directory.
-    if overrides.pop('quantization', 'none') != 'none':
-      raise UsageError(f'{path}: a causal LM runs float kernels (model.quantization="none")')
-    fields = {f.name for f in dataclasses.fields(decoder.DecoderConfig)}
-    graphdef, params, _ = hf_causal.load(path, **{k: v for k, v in overrides.items() if k in fields})
-    return graphdef, params, path, None
-  if (epath.Path(path) / 'config.json').exists():
-    quantization = overrides.pop('quantization', 'none')
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(decoder.DecoderConfig)})
+    if unknown:
+      raise UsageError(f'{unknown[0]}: not a field of a decoder config')
+    graphdef, params, _ = hf_causal.load(path, **overrides)
+    labels = None
+  else:
     graphdef, params, hf_cfg, _ = hf.load(path, **overrides)
-    if quantization == 'int8':  # HF directories hold float tensors: quantize them here.
-      graphdef, params = quant.quantize(graphdef, params)
-    elif quantization != 'none':
-      raise UsageError(f'model.quantization={quantization!r}: expected "none" or "int8"')
     id2label = hf_cfg.get('id2label') or {}
     labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
     if labels is not None and len(labels) != nnx.merge(graphdef, params).cfg.num_labels:
       labels = None
-    return graphdef, params, path, labels
-  raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
+  if quantization == 'int8':  # HF directories hold float tensors: an int8 model is quantized here.
+    graphdef, params = quant.quantize(graphdef, params)
+  return graphdef, params, path, labels
 
 
 def load_for_init(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State, list[str]]:

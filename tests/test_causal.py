@@ -16,7 +16,7 @@ from conftest import _write_jsonl, assert_same_params, config_file, logged, save
 from flax import nnx
 
 import jaxlm
-from jaxlm import decoder, export, generate, hf_causal, losses, quant, steps, store, tokenizer, trainer
+from jaxlm import checkpoint, decoder, export, generate, hf_causal, losses, quant, steps, store, tokenizer, trainer
 from jaxlm.data import pretrain
 from jaxlm.errors import UsageError
 
@@ -164,8 +164,6 @@ def test_jaxlm_load_gives_a_generator_whose_greedy_output_is_decoding_by_hand(ru
       row[0, : len(ids)] = ids
       ids.append(int(np.argmax(np.asarray(forward(gen.params, row))[0, len(ids) - 1, :500])))
     assert new == ids[len(prompt) :]
-  with pytest.raises(UsageError, match='int8 quantization is for BERT encoders'):
-    quant.quantize(gen.graphdef, gen.params)
   # The run ended by printing the same model's greedy continuations, one line each (JSON strings).
   lines = [line for line in run[2].splitlines() if line.startswith('sample: ')]
   texts = gen.generate(list(SAMPLE_PROMPTS), max_new_tokens=32)
@@ -189,6 +187,50 @@ def test_exports_load_back_and_in_transformers_with_the_same_logits(run, tmp_pat
     want = hf(torch.tensor([ids])).logits.numpy()
   got = np.asarray(decoder.apply(graphdef, params, np.asarray([ids], np.int32))['logits'])[..., :500]
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _du(path) -> int:
+  return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+
+
+def test_int8_export_of_a_causal_run_is_smaller_and_loads_trains_and_exports_back(run, tmp_path):
+  workdir, *_ = run
+  f_dir, q_dir, hf_dir = tmp_path / 'float', tmp_path / 'int8', tmp_path / 'hf'
+  assert export.main(['--checkpoint', str(workdir), '--out', str(f_dir)]) == 0
+  assert export.main(['--checkpoint', str(workdir), '--out', str(q_dir), '--quantize', 'int8']) == 0
+  assert json.loads((q_dir / 'model_config.json').read_text())['quantization'] == 'int8'
+  raw_f, raw_q = (checkpoint.read_arrays(d / 'params')['layers'] for d in (f_dir, q_dir))
+  for k in ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel'):
+    assert raw_f[k].dtype == np.float32 and raw_q[k].dtype == np.int8 and raw_q[f'{k}_scale'].dtype == np.float32
+  # The layers' kernels are 393K of the 471K parameters; embeddings, norms and biases stay float32.
+  assert _du(q_dir / 'params') < 0.45 * _du(f_dir / 'params')
+
+  f_gen, q_gen = jaxlm.load(str(f_dir)), jaxlm.load(str(q_dir))
+  assert isinstance(q_gen, generate.Generator) and q_gen.cfg.quantization == 'int8'
+  assert dict(nnx.to_flat_state(q_gen.params))[('layers', 'q_kernel')].get_value().dtype == np.int8
+  prompts = [q_gen.tokenizer.encode_plain([p])[0] for p in SAMPLE_PROMPTS]
+  want = f_gen.generate_ids(prompts, max_new_tokens=16, stop_ids=[])
+  # Token for token: along these paths the float model's smallest top-two logit gap (0.13) is 250 times the
+  # largest change int8 makes to a logit (5e-4; trained kernels of std ~0.02 quantize finely).
+  assert q_gen.generate_ids(prompts, max_new_tokens=16, stop_ids=[]) == want
+  texts = ['Return the number of items in the container.', 'def read(path): return open(path).read()']
+  ppl_f, ppl_q = f_gen.perplexity(texts), q_gen.perplexity(texts)
+  np.testing.assert_allclose(ppl_q, ppl_f, rtol=1e-2)
+
+  # A run started from the int8 export trains float kernels: the dequantized ones.
+  graphdef, params, new = store.load_for_init(str(q_dir))
+  assert nnx.merge(graphdef, params).cfg.quantization == 'none' and new == []
+  assert checkpoint.is_array_tree_equal(params, quant.dequantize(q_gen.graphdef, q_gen.params)[1])
+  # Written for transformers: float tensors, the int8 model's logits.
+  assert export.main(['--checkpoint', str(q_dir), '--out', str(hf_dir), '--format', 'hf']) == 0
+  back = jaxlm.load(str(hf_dir))
+  assert back.cfg.quantization == 'none'
+  ids = np.asarray([prompts[0] + want[0]], np.int32)
+  np.testing.assert_allclose(np.asarray(decoder.apply(back.graphdef, back.params, ids)['logits'])[..., :500],
+                             np.asarray(decoder.apply(q_gen.graphdef, q_gen.params, ids)['logits'])[..., :500],
+                             atol=1e-4, rtol=1e-4)  # fmt: skip
+  with pytest.raises(UsageError, match='model.quantization=.int4.: expected one of'):
+    decoder.DecoderConfig(quantization='int4')
 
 
 def test_the_causal_lm_loss_is_the_mean_weighted_next_token_nll():
