@@ -168,19 +168,19 @@ def test_torch_side_follows_the_jaxlm_config(minilm_dir):
       bench_e2e.torch_hyperparameters(args, '/data')
 
 
-def test_bench_peft_compares_the_four_modes_on_the_same_data(tmp_path, hf_mlm_dir, capsys):
+def test_bench_peft_compares_modes_on_the_same_data(tmp_path, hf_mlm_dir, capsys):
   out = tmp_path / 'peft'
   flags = ['--out', str(out), '--model_dir', hf_mlm_dir, '--steps', '2', '--batch', '8', '--train_examples', '16',
-           '--test_examples', '8', '--adapter_size', '16']  # fmt: skip
+           '--test_examples', '8', '--adapter_size', '16', '--modes', 'head,adapter']  # fmt: skip
+  # Two of the four modes (each one compiles a step of its own; LoRA's and full fine-tuning's run elsewhere).
   assert bench_peft.main(flags) == 0
   stdout = capsys.readouterr().out
   summary = json.loads(stdout.strip().splitlines()[-1])
   assert summary == json.loads((out / 'summary.json').read_text())
   results = {r['mode']: r for r in summary['results']}
-  assert list(results) == ['head', 'lora', 'adapter', 'full']
-  assert min(r['trainable'] for r in results.values()) == results['head']['trainable'] > 0
-  assert results['full']['trainable'] == results['full']['total'] == results['head']['total']
-  assert results['lora']['total'] > results['full']['total'] and results['adapter']['total'] > results['full']['total']
+  assert list(results) == ['head', 'adapter']
+  assert 0 < results['head']['trainable'] < results['adapter']['trainable'] < results['adapter']['total']
+  assert results['adapter']['total'] > results['head']['total']  # The adapters are parameters of the model.
   assert all(0.0 <= r['test_accuracy'] <= 1.0 and r['seconds'] > 0 for r in results.values())
   assert '| `adapter` | 0.001 |' in stdout and summary['data']['test']['examples'] == 8
   assert bench_peft.main(flags) == 2  # --out is not empty now.
