@@ -80,8 +80,10 @@ def test_bench_data_mode_reports_throughput(tmp_path):
   assert 'per core' in stdout
 
 
-def test_bench_finetune_mode_compares_with_torch(tmp_path):
-  r, stdout = _bench(tmp_path, 'finetune', '--seq=16', '--batch=2', '--steps=1', '--warmup=1', '--repeats=1')
+def test_bench_finetune_mode_compares_with_torch(tmp_path, hf_mlm_dir):
+  # A small random BERT stands in for MiniLM (the figures' model): the same code, a quicker compile.
+  r, stdout = _bench(tmp_path, 'finetune', '--seq=16', '--batch=2', '--steps=1', '--warmup=1', '--repeats=1',
+                     f'--model_dir={hf_mlm_dir}')  # fmt: skip
   assert set(r['results']) == {'jaxlm', 'torch'} and set(r['ratios']) == {'jaxlm/torch'}
   j = r['results']['jaxlm']
   _assert_trainer_step(j, 'jaxlm.config.finetuning()')
@@ -90,8 +92,9 @@ def test_bench_finetune_mode_compares_with_torch(tmp_path):
   assert 'examples/s' in stdout
 
 
-def test_bench_infer_mode_compares_dtypes_with_torch(tmp_path):
-  r, stdout = _bench(tmp_path, 'infer', '--seq=16', '--batch=2', '--steps=1', '--warmup=1', '--repeats=1')
+def test_bench_infer_mode_compares_dtypes_with_torch(tmp_path, hf_mlm_dir):
+  r, stdout = _bench(tmp_path, 'infer', '--seq=16', '--batch=2', '--steps=1', '--warmup=1', '--repeats=1',
+                     f'--model_dir={hf_mlm_dir}')  # fmt: skip
   assert set(r['results']) == {'jaxlm_float32', 'jaxlm_bfloat16', 'jaxlm_int8', 'torch_float32'}
   for name in ('float32', 'bfloat16', 'int8'):
     assert r['ratios'][f'jaxlm_{name}/torch_float32'] > 0 and r['results'][f'jaxlm_{name}']['compile_s'] > 0

@@ -396,33 +396,33 @@ def test_finetune_config_errors(tmp_path):
 
 
 def test_gradual_magnitude_pruning_while_fine_tuning_minilm(tmp_path, minilm_dir, capsys):
-  """MiniLM fine-tuned while pruned to 50% (cubic schedule over steps 0-16): the accuracy it
+  """MiniLM fine-tuned while pruned to 50% (cubic schedule over steps 0-8): the accuracy it
   keeps, the sparsity reached, and pruned weights exactly zero through later updates."""
   train_path = _write_jsonl(tmp_path / 'train.jsonl', _sentiment(480, 0))
   dev_path = _write_jsonl(tmp_path / 'dev.jsonl', _sentiment(100, 1))
   workdir = tmp_path / 'run'
-  # A process with 2 devices: MiniLM's step is several times slower on this process's 8. Saved at steps 16 and 24.
+  # A process with 2 devices: MiniLM's step is several times slower on this process's 8. Saved at steps 8 and 16.
   args = [
     '--config', 'configs/finetune_files.py', '--workdir', workdir,
     f'--config.model.init_from={minilm_dir}', f'--config.data.train=jsonl:{train_path}',
-    f'--config.data.eval=jsonl:{dev_path}', '--config.num_train_steps=24', '--config.global_batch_size=16',
+    f'--config.data.eval=jsonl:{dev_path}', '--config.num_train_steps=16', '--config.global_batch_size=16',
     '--config.data.seq_len=32', '--config.learning_rate=1e-4', '--config.warmup_steps=3',
-    '--config.eval_every_steps=24', '--config.log_every_steps=8', '--config.checkpoint_every_steps=16',
+    '--config.eval_every_steps=16', '--config.log_every_steps=4', '--config.checkpoint_every_steps=8',
     '--config.model.hidden_dropout=0.0', '--config.prune.sparsity=0.5', '--config.prune.begin_step=0',
-    '--config.prune.end_step=16', '--config.prune.frequency=4',
+    '--config.prune.end_step=8', '--config.prune.frequency=4',
   ]  # fmt: skip
   cli_ok('jaxlm.train', *args, devices=2, optimized=True)
   logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
-  last = {k: v for m in logged if m['step'] == 24 for k, v in m.items()}
+  last = {k: v for m in logged if m['step'] == 16 for k, v in m.items()}
   kernels = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
   ckpt = lambda s: ocp.StandardCheckpointer().restore(str(workdir / 'checkpoints' / str(s) / 'state'))['params']
-  at16, at24 = ckpt(16), ckpt(24)
+  at8, at16 = ckpt(8), ckpt(16)
   for name in kernels:
-    w16, w24 = np.asarray(at16['layers'][name]), np.asarray(at24['layers'][name])
-    per_layer = (w24 == 0).reshape(w24.shape[0], -1).mean(1)
+    w8, w16 = np.asarray(at8['layers'][name]), np.asarray(at16['layers'][name])
+    per_layer = (w16 == 0).reshape(w16.shape[0], -1).mean(1)
     np.testing.assert_allclose(per_layer, 0.5, atol=1e-3)  # Every layer slice at the target.
-    assert np.all(w24[w16 == 0] == 0.0)  # Pruned at step 16, still exactly zero 8 updates later.
-  assert np.any(np.asarray(at24['embeddings']['word']) != np.asarray(at16['embeddings']['word']))
+    assert np.all(w16[w8 == 0] == 0.0)  # Pruned at step 8, still exactly zero 8 updates later.
+  assert np.any(np.asarray(at16['embeddings']['word']) != np.asarray(at8['embeddings']['word']))
   assert [m['sparsity'] for m in logged if 'sparsity' in m][0] < 0.5  # Rising along the schedule.
   assert last['sparsity'] == pytest.approx(0.5, abs=1e-3)
   with capsys.disabled():
