@@ -373,11 +373,13 @@ class Decoder(nnx.Module):
 
   # --------------------------------------------------------------------------- cached decoding
 
-  def decode(self, ids_BxT, positions_BxT, valid_BxS, cache: dict, index):
+  def decode(self, ids_BxT, positions_BxT, valid_BxS, cache: dict, index, last_only: bool = False):
     """T new tokens at cache slots [index, index+T): their keys and values are written into
     `cache` ({'k', 'v'}: [L,B,G,S,K] each, init_cache) and each attends to the valid slots
     (`valid_BxS`, which must already mark the new ones) at or before its own.
-    Returns (logits [B,T,V] float32, the updated cache)."""
+    Returns (logits [B,T,V] float32, the updated cache); with `last_only` the logits of the last
+    position alone, [B,1,V] (a prefill needs no others: the LM head over every prompt token is
+    most of a prefill's arithmetic)."""
     cfg = self.cfg
     T, S = ids_BxT.shape[1], valid_BxS.shape[1]
     x = self._embed(ids_BxT, positions_BxT, None)
@@ -407,7 +409,7 @@ class Decoder(nnx.Module):
     else:
       for i in range(cfg.num_layers):
         x, (ck, cv) = layer(i, x, ck, cv)
-    return self.logits(x), {'k': ck, 'v': cv}
+    return self.logits(x[:, -1:] if last_only else x), {'k': ck, 'v': cv}
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> dict:

@@ -63,7 +63,8 @@ def _generate_fn(graphdef: nnx.GraphDef, B: int, Tp: int, max_new: int, sample: 
     model = decoder.merge(graphdef, params)
     valid = jnp.concatenate([valid_BxTp, jnp.zeros((B, max_new), bool)], 1)
     positions = jnp.maximum(jnp.cumsum(valid_BxTp, 1, dtype=jnp.int32) - 1, 0)
-    logits, cache = model.decode(ids_BxTp, positions, valid, decoder.init_cache(model.cfg, B, S), 0)
+    # Left padding: every row's last prompt token is at the last position.
+    logits, cache = model.decode(ids_BxTp, positions, valid, decoder.init_cache(model.cfg, B, S), 0, last_only=True)
     out = jnp.full((B, max_new), pad_id, jnp.int32)
     state = (0, logits[:, -1], cache, valid, jnp.zeros((B,), bool), out, valid_BxTp.sum(1, dtype=jnp.int32), rng)
 

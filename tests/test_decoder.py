@@ -168,6 +168,8 @@ def test_cached_decoding_equals_the_whole_row(hf_dirs, shape):
   step = jax.jit(lambda p, i, pos, v, c, idx: decoder.merge(graphdef, p).decode(i, pos, v, c, idx))
   logits, cache = step(params, prompt, positions, jnp.asarray(valid), cache, 0)
   np.testing.assert_allclose(np.asarray(logits)[0, pad:], full[:5], atol=1e-4)
+  last, _ = decoder.merge(graphdef, params).decode(prompt, positions, jnp.asarray(valid), cache, 0, last_only=True)
+  np.testing.assert_allclose(np.asarray(last)[0], full[4:5], atol=1e-4)  # A prefill's head: the last position only.
   for t in range(3):
     valid[:, 8 + t] = True
     logits, cache = step(params, ids[:, 5 + t : 6 + t], np.array([[5 + t]], np.int32), jnp.asarray(valid), cache, 8 + t)
