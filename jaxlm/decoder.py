@@ -324,6 +324,12 @@ class Decoder(nnx.Module):
   def _stacked(self) -> dict:
     return {k: v[...] for k, v in self.layers.items()}
 
+  def layer_params(self) -> list[dict]:
+    """Each layer's parameters, sliced out of the stack: what a decode loop takes once, before it
+    starts (slicing in every step copies every layer's weights in every step)."""
+    stacked = self._stacked()
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.num_layers)]
+
   # --------------------------------------------------------------------------- whole rows
 
   def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, position_ids=None, rng=None,
@@ -373,13 +379,13 @@ class Decoder(nnx.Module):
 
   # --------------------------------------------------------------------------- cached decoding
 
-  def decode(self, ids_BxT, positions_BxT, valid_BxS, cache: dict, index, last_only: bool = False):
+  def decode(self, ids_BxT, positions_BxT, valid_BxS, cache: dict, index, last_only: bool = False, layers=None):
     """T new tokens at cache slots [index, index+T): their keys and values are written into
     `cache` ({'k', 'v'}: [L,B,G,S,K] each, init_cache) and each attends to the valid slots
     (`valid_BxS`, which must already mark the new ones) at or before its own.
     Returns (logits [B,T,V] float32, the updated cache); with `last_only` the logits of the last
     position alone, [B,1,V] (a prefill needs no others: the LM head over every prompt token is
-    most of a prefill's arithmetic)."""
+    most of a prefill's arithmetic). `layers`: layer_params(), taken by the unrolled stack."""
     cfg = self.cfg
     T, S = ids_BxT.shape[1], valid_BxS.shape[1]
     x = self._embed(ids_BxT, positions_BxT, None)
@@ -394,7 +400,7 @@ class Decoder(nnx.Module):
         cv2 = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
         return _attend(q, ck2[i], cv2[i], mask_BxTxS), (ck2, cv2)
 
-      p = jax.tree.map(lambda a: a[i], stacked)
+      p = jax.tree.map(lambda a: a[i], stacked) if layers is None or cfg.scanned else layers[i]
       return self._block(p, x, positions_BxT, None, attend)
 
     ck, cv = cache['k'], cache['v']

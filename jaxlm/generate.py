@@ -61,6 +61,7 @@ def _generate_fn(graphdef: nnx.GraphDef, B: int, Tp: int, max_new: int, sample: 
 
   def run(params, ids_BxTp, valid_BxTp, rng, temperature, top_k, top_p, stop_E, pad_id):
     model = decoder.merge(graphdef, params)
+    layers = model.layer_params()  # Sliced once, outside the loop (unrolled stacks).
     valid = jnp.concatenate([valid_BxTp, jnp.zeros((B, max_new), bool)], 1)
     positions = jnp.maximum(jnp.cumsum(valid_BxTp, 1, dtype=jnp.int32) - 1, 0)
     # Left padding: every row's last prompt token is at the last position.
@@ -78,7 +79,7 @@ def _generate_fn(graphdef: nnx.GraphDef, B: int, Tp: int, max_new: int, sample: 
       out = out.at[:, i].set(tok)
       done = done | (tok[:, None] == stop_E[None, :]).any(-1)
       valid = valid.at[:, Tp + i].set(True)
-      logits, cache = model.decode(tok[:, None], pos_B[:, None], valid, cache, Tp + i)
+      logits, cache = model.decode(tok[:, None], pos_B[:, None], valid, cache, Tp + i, layers=layers)
       return i + 1, logits[:, 0], cache, valid, done, out, pos_B + 1, rng
 
     return jax.lax.while_loop(cond, body, state)[5]
