@@ -92,8 +92,10 @@ def hf_files(path: str, split: str | None, split_key: str) -> list[str]:
       raise UsageError(f'{root}: no split {split!r} ({split_key}); the saved DatasetDict has {splits}')
     where = f'{root}/{split}'
   state = _json(f'{where}/state.json')
-  if state is None or not state.get('_data_files'):
+  if state is None or '_data_files' not in state:
     raise UsageError(f"{where}: not a dataset saved by datasets' save_to_disk (no dataset_dict.json or state.json)")
+  if not state['_data_files']:  # save_to_disk writes no Arrow file for an empty split.
+    raise UsageError(f'{where}: no rows ({split_key}: an empty split)' if splits is not None else f'{where}: no rows')
   if state.get('_indices_data_files'):
     raise UsageError(f'{where}: the saved dataset has an indices mapping; save it again after .flatten_indices()')
   return [f'{where}/{f["filename"]}' for f in state['_data_files']]

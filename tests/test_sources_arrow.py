@@ -3,6 +3,7 @@
 import json
 import os
 
+import datasets
 import jax
 import numpy as np
 import pyarrow as pa
@@ -24,8 +25,6 @@ def data(tmp_path_factory):
   """600 labelled text pairs as JSONL (all, train = the first 400, dev = the rest), as 3 Parquet files of 200 rows
   in row groups of 45, and as a saved DatasetDict (train in 2 Arrow files, validation in 1; record batches of
   45 rows; the label a ClassLabel) and a saved Dataset (the validation rows). Returns (directory, rows)."""
-  import datasets
-
   d = tmp_path_factory.mktemp('arrow')
   rows = [
     {'text': f'{t} #{i}', 'pair': f'said reviewer {i % 13}', 'label': NAMES[y], 'label_id': y, 'score': i / 8}
@@ -144,6 +143,12 @@ def test_bad_parquet_and_saved_datasets_are_one_clear_error(data, tmp_path):
     (lambda: next(predict.read_inputs(f'hf:{d}/hf', 'hf')),
      r"the splits \['train', 'validation'\]; choose one with --split"),
   ]  # fmt: skip
+  string = datasets.Features({'text': datasets.Value('string')})
+  datasets.DatasetDict({'train': datasets.Dataset.from_dict({'text': ['a b']}, features=string),
+                        'validation': datasets.Dataset.from_dict({'text': []}, features=string)}
+                       ).save_to_disk(str(tmp_path / 'hf_empty'))  # fmt: skip
+  cases.append((lambda: _records(f'hf:{tmp_path}/hf_empty', split='validation'),
+                r'hf_empty/validation: no rows \(data.train_split: an empty split\)'))  # fmt: skip
   pq.write_table(pa.table({'text': pa.array([], pa.string())}), tmp_path / 'empty.parquet')
   cases.append((lambda: _records(f'parquet:{tmp_path}/empty.parquet', sources.Fields()), r'empty.parquet: no rows'))
   (tmp_path / 'junk.parquet').write_text('not parquet\n')
