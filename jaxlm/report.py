@@ -17,11 +17,11 @@ import uuid
 from typing import Any
 
 import jax
-from clu import metric_writers
 from etils import epath
 
 from jaxlm import config as config_lib
 from jaxlm.errors import UsageError
+from jaxlm.tensorflow_setup import tf
 
 WANDB_RUN_ID = 'wandb_run_id'  # WORKDIR file holding the id of the W&B run that a resumed training continues.
 
@@ -55,7 +55,7 @@ class Reporter:
     self._before_last = None  # (step, time, tokens, flops) of the log before it.
     self._counted = [0, 0.0]  # Tokens and FLOPs that `count` reported so far.
     if self.is_main:
-      self._writer = metric_writers.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+      self._writer = tf.summary.create_file_writer(str(epath.Path(workdir) / 'tensorboard'))
       self._jsonl = epath.Path(workdir) / 'metrics.jsonl'  # Local or remote (gs://): appended to per log step.
       with self._jsonl.open('a'):
         pass
@@ -98,7 +98,9 @@ class Reporter:
     elif prefix:
       print(f'step {step:>7d}  ' + '  '.join(f'{k} {v:.4f}' for k, v in row.items()), flush=True)
     if self.is_main:
-      self._writer.write_scalars(step, row)
+      with self._writer.as_default():
+        for key, value in row.items():
+          tf.summary.scalar(key, value, step=step)
       # NaN / Inf are not JSON: they are written as null (TensorBoard keeps the float).
       finite = {k: v if math.isfinite(v) else None for k, v in row.items()}
       with self._jsonl.open('a') as f:

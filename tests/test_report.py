@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import tiny_config
+from tensorboard.util import tensor_util
 
 from jaxlm import report, trainer
 from jaxlm.errors import UsageError
@@ -18,15 +19,32 @@ def test_metrics_jsonl_is_json_and_a_short_last_interval_is_not_timed_alone(tmp_
   r = report.Reporter(str(tmp_path), total_steps=21, tokens_per_step=1000, flops_per_step=1e9, peak_tflops=1.0)
   r.start(0)
   time.sleep(0.2)
-  r.write(10, {'loss': 1.0})
+  written = {10: r.write(10, {'loss': 1.0})}
   time.sleep(0.2)
-  r.write(20, {'loss': float('nan'), 'grad_norm': float('inf')})
-  last = r.write(21, {'loss': 2.0})  # One step after the last log: timed together with the interval before.
+  written[20] = r.write(20, {'loss': float('nan'), 'grad_norm': float('inf')})
+  written[21] = last = r.write(
+    21, {'loss': 2.0}
+  )  # One step after the last log: timed together with the interval before.
   r.close()
   strict = lambda c: (_ for _ in ()).throw(ValueError(c))  # noqa: E731 (NaN / Infinity are not JSON)
   rows = [json.loads(line, parse_constant=strict) for line in open(tmp_path / 'metrics.jsonl')]
   assert rows[1]['loss'] is None and rows[1]['grad_norm'] is None and rows[2]['loss'] == 2.0
   assert math.isclose(last['step_time_s'], 0.4 / 11, rel_tol=0.5), last  # Not the ~0 s of step 21 alone.
+  # TensorBoard holds the same scalars at the same steps, NaN and Inf kept as floats.
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  board = {
+    (e.step, tag): float(tensor_util.make_ndarray(e.tensor_proto))
+    for tag in events.Tags()['tensors']
+    for e in events.Tensors(tag)
+  }
+  want = {(step, k): v for step, row in written.items() for k, v in row.items()}
+  assert board.keys() == want.keys() and len(want) > 6
+  for key, value in want.items():
+    assert board[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+  assert math.isnan(board[20, 'loss']) and board[20, 'grad_norm'] == math.inf
 
 
 # ----------------------------------------------------------------------------- Weights & Biases

@@ -148,7 +148,7 @@ def _write_labelled(path: str, seq: int) -> None:
 
 
 def _without_tensorflow() -> None:
-  """Empty stand-ins for TensorFlow, TFDS and CLU where they are not installed (a GPU image may lack them),
+  """Empty stand-ins for TensorFlow and TFDS where they are not installed (a GPU image may lack them),
   so that jaxlm's modules import: with --batches no input pipeline or summary writer runs."""
   import importlib.util  # lazy: see the note at the top
   import types
@@ -160,10 +160,8 @@ def _without_tensorflow() -> None:
     def __call__(self, *args, **kwargs):
       return Absent(f'{self.__name__}()')
 
-  missing = [n for n in ('tensorflow', 'tensorflow_datasets', 'clu') if importlib.util.find_spec(n) is None]
+  missing = [n for n in ('tensorflow', 'tensorflow_datasets') if importlib.util.find_spec(n) is None]
   stand_ins = {n: Absent(n) for n in missing}
-  if 'clu' in missing:
-    stand_ins['clu.metric_writers'] = stand_ins['clu'].metric_writers = Absent('clu.metric_writers')
   sys.modules.update(stand_ins)
   import jaxlm.trainer  # noqa: F401 (lazy: imported here, with the stand-ins)
 
