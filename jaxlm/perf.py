@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -47,6 +48,7 @@ def measured_matmul_tflops(n: int = 2048, reps: int = 10) -> float:
   return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e12
 
 
+@functools.cache  # Measured once per process: a second run in the same process (a notebook, a sweep) reuses it.
 def peak_tflops() -> tuple[float, str]:
   """(peak TFLOP/s of all devices, what it is): published bf16 peak, or a measured matmul on CPU."""
   dev = jax.devices()[0]

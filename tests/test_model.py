@@ -284,6 +284,8 @@ def test_fresh_adapters_leave_the_output_equal_and_sit_before_the_residual_add(t
     out = _apply(g, p, ids, mask, types)
     for k in ('hidden', 'pooled', 'mlm_logits', 'nsp_logits', 'logits'):  # Up-projection zero: the identity.
       np.testing.assert_array_equal(out[k], ref[k], err_msg=f'{placement} {k}')
+    if placement != 'both':
+      continue  # The one-site placements run a subset of 'both''s code: its first-token path and gradients.
     np.testing.assert_array_equal(first_token(g, p)['logits'], ref_first['logits'])
     # From zero, the up-projections get a gradient (and the down-projections not yet): training starts.
     grads = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(g, p, ids, mask, types)['layers']

@@ -47,8 +47,9 @@ def test_int8_export_is_smaller_on_disk(exports, tmp_path):
   print(f'\nparams/ on disk: float32 {total_f / 1e6:.1f} MB, int8 {total_q / 1e6:.1f} MB ({total_q / total_f:.2f}x);'
         f' encoder kernels: {enc_f / 1e6:.1f} MB -> {enc_q / 1e6:.1f} MB ({enc_q / enc_f:.3f}x)')  # fmt: skip
   assert enc_q < 0.3 * enc_f  # int8 is a quarter of float32, plus one scale per output channel.
-  # The word embeddings (11.7M of MiniLM's 22.7M parameters) stay float32.
-  assert total_q < 0.7 * total_f
+  # The word embeddings (11.7M of MiniLM's 22.7M parameters) stay float32: the whole export is smaller by what
+  # its kernels save (the fine-tuned MiniLM is half zeros, which compress: 0.74x of the float export here).
+  assert total_f - total_q > 0.9 * (enc_f - enc_q) and total_q < 0.8 * total_f
 
 
 def test_int8_classifier_agrees_with_float(exports, finetuned_cls_dir):

@@ -45,6 +45,9 @@ def test_flag_config_file_and_workdir_problems_are_one_line_and_exit_2(tmp_path)
   )
   with pytest.raises(UsageError, match="unknown config key 'num_train_step'"):
     config_lib.validate(runpy.run_path(str(unknown))['get_config'](), 8)
+  with pytest.raises(UsageError, match="unknown config key 'num_train_step'"):  # What the command reports below.
+    trainer.train(runpy.run_path(str(unknown))['get_config'](), str(tmp_path / 'w3'))
+  assert os.listdir(tmp_path / 'w3') == []  # Stopped before any work: no vocabulary trained, the lock released.
   quickstart = os.path.join(ROOT, 'configs', 'quickstart.py')
   in_use = tmp_path / 'in_use'  # A workdir another training (a live process) holds.
   in_use.mkdir()
@@ -54,8 +57,7 @@ def test_flag_config_file_and_workdir_problems_are_one_line_and_exit_2(tmp_path)
     (tmp_path / 'missing.py', tmp_path / 'w0', (), 'No such file or directory'),
     (syntax, tmp_path / 'w1', (), f'{syntax}:1: SyntaxError'),
     (quickstart, tmp_path / 'w2', ('--config.learning_rat=0.1',), 'learning_rat'),  # A key misspelt in a flag.
-    (unknown, tmp_path / 'w3', (), "error: unknown config key 'num_train_step'"),  # The library's UsageError.
-    (quickstart, in_use, (), f'error: {in_use} is in use by pid {holder.pid} on host '),  # The lock's.
+    (quickstart, in_use, (), f'error: {in_use} is in use by pid {holder.pid} on host '),  # A library UsageError.
   ]
   # A process each (how the command line reports is the point), all started at once.
   try:
@@ -72,7 +74,6 @@ def test_flag_config_file_and_workdir_problems_are_one_line_and_exit_2(tmp_path)
   finally:
     holder.kill()
     holder.wait()
-  assert os.listdir(tmp_path / 'w3') == []  # Stopped before any work: no vocabulary trained, the lock released.
   assert os.listdir(in_use) == ['.lock']  # Nothing written, the holder's lock left alone.
 
 

