@@ -55,6 +55,9 @@ def from_arrays(template, arrays):
   return treedef.unflatten([t.replace(a) if _is_var(t) else a for t, a in zip(flat_t, flat_a)])
 
 
+_whole_arrays = False  # Whether this process registered the array handler below.
+
+
 def _whole_arrays_on_one_host() -> None:
   """With one process, each replicated array is written whole, from its first replica.
 
@@ -62,9 +65,18 @@ def _whole_arrays_on_one_host() -> None:
   the hosts of a pod slice share the writing. Within one process that shares nothing and costs a slicing
   program per array shape and device: 88 small compilations on the first save of the tiny run on 8 CPU devices.
   """
-  if jax.process_count() == 1:
+  global _whole_arrays
+  if _whole_arrays or jax.process_count() > 1:
+    return
+  absl_log = logging.getLogger('absl')
+  note = lambda record: 'overriding' not in record.getMessage()  # noqa: E731 (Orbax's note on replacing its default)
+  absl_log.addFilter(note)
+  try:
     handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    _whole_arrays = True
+  finally:
+    absl_log.removeFilter(note)
 
 
 class Checkpointer:
