@@ -24,6 +24,7 @@ if __name__ == '__main__':  # Before JAX is imported: huge pages, the compilatio
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
@@ -40,8 +41,6 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1, fo
 
 def init_distributed() -> None:
   """jax.distributed from the flags, or automatically on a multi-host TPU slice."""
-  import jax  # lazy: see main()
-
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -62,19 +61,18 @@ def main(argv) -> int:
     return _usage('--config is required (e.g. --config configs/quickstart.py)')
   if not FLAGS.workdir:
     return _usage('--workdir is required')
-  # lazy: a bad flag or config file above is one line in half a second; the training code (JAX, Orbax,
-  # TensorFlow: 4 s of imports) loads only for a command that can run.
-  from jaxlm import trainer
-  from jaxlm.checkpoint import SaveError, quiet_orbax
+  # lazy: a bad flag or config file above is one line in a second; the training code (Orbax, TensorFlow,
+  # the models: 3 s of imports) loads only for a command that can run.
+  from jaxlm import checkpoint, trainer
 
-  quiet_orbax()
+  checkpoint.quiet_orbax()
   try:
     make_workdir(FLAGS.workdir)
     init_distributed()
     trainer.train(config, FLAGS.workdir)
   except UsageError as e:
     return _usage(str(e))
-  except (FloatingPointError, SaveError) as e:  # The run's environment or numbers, not the command: exit 1.
+  except (FloatingPointError, checkpoint.SaveError) as e:  # The run's environment or numbers, not the command: exit 1.
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 1
   except KeyboardInterrupt as e:  # 128 + SIGINT, as a shell expects of a program stopped by Ctrl-C.
