@@ -21,6 +21,7 @@ import math
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -247,6 +248,60 @@ def evaluate(run: Run, state: dict) -> dict[str, float]:
   return out
 
 
+# A run this long or longer compiles its train step for every batch length ahead (a shorter one may never meet them).
+COMPILE_AHEAD_STEPS = 100
+
+
+def compile_ahead(run: Run, state: dict, batch: dict, steps_left: int) -> ThreadPoolExecutor:
+  """Compiles, in one background thread, the programs the loop will call later: the evaluation for each shape
+  of the eval batches and, for a run of COMPILE_AHEAD_STEPS steps or more, the train step for the task's other
+  batch lengths (length buckets). `state` and `batch` (global) are the first step's. The loop's first call
+  of each program then finds it compiled (jax keeps what `.lower(...).compile()` built) instead of
+  compiling it while the devices wait; on a CPU the compile takes one core while the steps run on the
+  others. A program that fails to compile here is compiled again by the call that needs it."""
+  spec = lambda x, sh=None: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype), sharding=sh)  # noqa: E731
+  state_spec = jax.tree.map(lambda x: spec(x, x.sharding), state)
+  work = []
+  if run.eval_sets:
+    params = jax.eval_shape(run.opt.model_params, state_spec)
+    params_spec = jax.tree.map(lambda x, sh: spec(x, sh), params, run.state_sh['params'])
+    shapes = {}
+    for batches in run.eval_sets.values():
+      for b in batches:
+        shapes.setdefault(tuple((k, np.shape(v)) for k, v in sorted(b.items())), b)
+    for b in shapes.values():
+      global_b = {  # Each process holds its own rows of a global batch (to_global).
+        k: jax.ShapeDtypeStruct(
+          (np.shape(v)[0] * jax.process_count(), *np.shape(v)[1:]), jax.dtypes.canonicalize_dtype(np.asarray(v).dtype),
+          sharding=run.batch_sh.get(k) or sharding.batch_sharding(run.mesh, np.ndim(v)),
+        )
+        for k, v in b.items()
+      }  # fmt: skip
+      work.append((run.eval_fn, (params_spec, global_b)))
+  T0 = batch['input_ids'].shape[1] if 'input_ids' in batch else None
+  if T0 and steps_left >= COMPILE_AHEAD_STEPS:
+    for T in run.task.batch_lengths():
+      if T != T0:
+        other = {
+          k: jax.ShapeDtypeStruct((v.shape[0], T, *v.shape[2:]) if v.ndim >= 2 and v.shape[1] == T0 else v.shape,
+                                  v.dtype, sharding=v.sharding)
+          for k, v in batch.items()
+        }  # fmt: skip
+        work.append((run.step_fn, (state_spec, other)))
+
+  def compile_all():
+    for fn, args in work:
+      try:
+        fn.lower(*args).compile()
+      except Exception:  # noqa: BLE001, S112 (the call that needs the program compiles it and reports any error)
+        continue
+
+  pool = ThreadPoolExecutor(1, thread_name_prefix='compile-ahead')
+  if work:
+    pool.submit(compile_all)
+  return pool
+
+
 def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpointer) -> dict:
   """Trains from step `start` to num_train_steps; returns the last logged metrics."""
   c, workdir = run.config, run.workdir
@@ -264,7 +319,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
   best_metric = run.task.best_metric()[0]
   sparsity_fn = jax.jit(prune.sparsity_fraction) if run.opt.pruning else None
   finite_fn = jax.jit(lambda p: jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
-  step, last, pending, undecodable, skipped = start, {}, None, 0, 0.0
+  step, last, pending, undecodable, skipped, ahead = start, {}, None, 0, 0.0, None
   # SIGTERM (preemption) and a first Ctrl-C stop the run after the step in flight, saved; a second Ctrl-C aborts.
   stop_signal = {'code': 0}
 
@@ -279,8 +334,10 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
     while step < total:
       if step == c.profile_start_step:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      batch = next(train_iter)
-      state, metrics = run.step_fn(state, run.to_global(batch))
+      batch = run.to_global(next(train_iter))
+      if ahead is None:
+        ahead = compile_ahead(run, state, batch, total - start)
+      state, metrics = run.step_fn(state, batch)
       step += 1
       if step > start + 1:  # Tokens of this step's padded length (length buckets), not data.seq_len's.
         T = batch['input_ids'].shape[1]
@@ -339,6 +396,8 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
       _check_finite(*pending)
     failed = False
   finally:  # Even when a NaN stops the run, saves already started are completed.
+    if ahead is not None:
+      ahead.shutdown(wait=False, cancel_futures=True)
     try:
       ckpt.close()
     finally:

@@ -53,7 +53,7 @@ _GROUPS = {
 _LONGEST_FIRST = ('tiny_runs', 'minilm_run', 'test_journey', 'test_bench', 'test_sharding', 'test_model')
 
 
-@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook, which reads the marks into the test ids.
+@pytest.hookimpl(wrapper=True)  # Before every other implementation, xdist's (it reads the marks into the ids).
 def pytest_collection_modifyitems(config, items):
   def group(item):
     module = item.module.__name__.rsplit('.', 1)[-1]
@@ -63,6 +63,12 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: rank.get(group(item), len(rank)))  # Stable: each file stays in one piece.
   for item in items:
     item.add_marker(pytest.mark.xdist_group(group(item)))
+  result = yield
+  # A worker of `pytest -n 2 --dist loadgroup` whose ids lack their group (pytest 9.2 with pytest-xdist 3.8) would
+  # spread a group over both workers and build its fixtures twice: minutes slower, silently.
+  if hasattr(config, 'workerinput') and config.getvalue('loadgroup') and items and '@' not in items[0].nodeid:
+    raise pytest.UsageError('pytest-xdist did not group the tests (--dist loadgroup): install pytest<9.2')
+  return result
 
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

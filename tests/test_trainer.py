@@ -288,6 +288,37 @@ def test_length_buckets_give_the_loss_gradients_and_metrics_of_full_padding(clas
 # ----------------------------------------------------------------------------- packed documents kept apart
 
 
+def test_the_programs_a_run_needs_later_compile_ahead_in_the_background(classify, tmp_path, capsys):
+  run, _ = classify
+  run = trainer.setup(run.config, str(tmp_path / 'run'))  # Jitted functions of its own: nothing compiled in memory.
+  capsys.readouterr()
+  state, _, train_iter, ckpt = trainer.restore_or_init(run)
+  ckpt.close()
+  batch = run.to_global(next(train_iter))
+  assert run.task.batch_lengths() == (16, 24, 32) and batch['input_ids'].shape[1] == 16
+  trainer.compile_ahead(run, state, batch, trainer.COMPILE_AHEAD_STEPS).shutdown(wait=True)
+  params = run.export_params(state)
+  requests = []  # Compilations asked for (each one compiles, or reads the persistent compilation cache).
+  listening = [True]
+  jax.monitoring.register_event_listener(
+    lambda event, **_: requests.append(event) if listening[0] and event.endswith('compile_requests_use_cache') else None
+  )
+  try:
+    for batches in run.eval_sets.values():  # Every shape of the eval set, ...
+      jax.block_until_ready([run.eval_fn(params, run.to_global(b)) for b in batches])
+    local = {k: np.asarray(v) for k, v in next(train_iter).items()}
+    for T in (24, 32):  # ... and the train step at the other batch lengths: already compiled.
+      wide = {k: np.pad(v, ((0, 0), (0, T - v.shape[1]))) if v.ndim == 2 else v for k, v in local.items()}
+      state, _ = run.step_fn(state, run.to_global(wide))
+    jax.block_until_ready(state)
+    assert requests == []
+    state, _ = run.step_fn(state, batch)  # The first step's own length is the loop's to compile.
+    jax.block_until_ready(state)
+    assert requests
+  finally:
+    listening[0] = False
+
+
 @pytest.fixture(scope='module')
 def packed(vocab_dir, eval_text, tmp_path_factory):
   """setup() of the tiny run with data.separate_documents and an eval set at steps 6 and 12."""

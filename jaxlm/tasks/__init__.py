@@ -87,6 +87,10 @@ class Task(abc.ABC):
   def summarize(self, split: str, outputs: list[dict]) -> dict[str, float]:
     """The metrics of one eval split from the host copies of its `eval_step` outputs."""
 
+  def batch_lengths(self) -> tuple[int, ...]:
+    """Every sequence length a training batch may have: data.seq_len, or the length buckets a task pads to."""
+    return (self.config.data.seq_len,)
+
   def best_metric(self) -> tuple[str, str]:
     """(metrics key, 'min' | 'max') of the best checkpoint; config.best_metric='auto' asks the task."""
     c = self.config

@@ -50,6 +50,9 @@ class _Supervised(Task):
     return dict(labels=self._values, seq_len=c.data.seq_len, global_batch_size=c.global_batch_size,
                 data_cfg=c.data.to_dict(), **self.shard)  # fmt: skip
 
+  def batch_lengths(self) -> tuple[int, ...]:
+    return classify.bucket_lengths(self.config.data.to_dict(), self.config.data.seq_len)
+
   def train_dataset(self, seed: int):
     c = self.config
     return classify.classify_dataset(c.data.train, self.tokenizer, seed=seed, shuffle_buffer=c.data.shuffle_buffer,
