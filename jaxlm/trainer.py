@@ -252,13 +252,14 @@ def evaluate(run: Run, state: dict) -> dict[str, float]:
 COMPILE_AHEAD_STEPS = 100
 
 
-def compile_ahead(run: Run, state: dict, batch: dict, steps_left: int) -> ThreadPoolExecutor:
+def compile_ahead(run: Run, state: dict, batch: dict, steps_left: int, met: set | None = None) -> ThreadPoolExecutor:
   """Compiles, in one background thread, the programs the loop will call later: the evaluation for each shape
   of the eval batches and, for a run of COMPILE_AHEAD_STEPS steps or more, the train step for the task's other
   batch lengths (length buckets). `state` and `batch` (global) are the first step's. The loop's first call
   of each program then finds it compiled (jax keeps what `.lower(...).compile()` built) instead of
   compiling it while the devices wait; on a CPU the compile takes one core while the steps run on the
-  others. A program that fails to compile here is compiled again by the call that needs it."""
+  others. A program that fails to compile here is compiled again by the call that needs it. `met`: the batch
+  lengths the loop has called the step with so far (it compiled those itself), skipped here."""
   spec = lambda x, sh=None: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype), sharding=sh)  # noqa: E731
   state_spec = jax.tree.map(lambda x: spec(x, x.sharding), state)
   work = []
@@ -277,7 +278,7 @@ def compile_ahead(run: Run, state: dict, batch: dict, steps_left: int) -> Thread
         )
         for k, v in b.items()
       }  # fmt: skip
-      work.append((run.eval_fn, (params_spec, global_b)))
+      work.append((run.eval_fn, (params_spec, global_b)))  # Evaluation first: every run that evaluates needs it.
   T0 = batch['input_ids'].shape[1] if 'input_ids' in batch else None
   if T0 and steps_left >= COMPILE_AHEAD_STEPS:
     for T in run.task.batch_lengths():
@@ -287,10 +288,12 @@ def compile_ahead(run: Run, state: dict, batch: dict, steps_left: int) -> Thread
                                   v.dtype, sharding=v.sharding)
           for k, v in batch.items()
         }  # fmt: skip
-        work.append((run.step_fn, (state_spec, other)))
+        work.append((run.step_fn, (state_spec, other), T))
 
   def compile_all():
-    for fn, args in work:
+    for fn, args, *length in work:
+      if length and met is not None and length[0] in met:
+        continue
       try:
         fn.lower(*args).compile()
       except Exception:  # noqa: BLE001, S112 (the call that needs the program compiles it and reports any error)
@@ -319,7 +322,7 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
   best_metric = run.task.best_metric()[0]
   sparsity_fn = jax.jit(prune.sparsity_fraction) if run.opt.pruning else None
   finite_fn = jax.jit(lambda p: jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(p)])))
-  step, last, pending, undecodable, skipped, ahead = start, {}, None, 0, 0.0, None
+  step, last, pending, undecodable, skipped, ahead, met = start, {}, None, 0, 0.0, None, set()
   # SIGTERM (preemption) and a first Ctrl-C stop the run after the step in flight, saved; a second Ctrl-C aborts.
   stop_signal = {'code': 0}
 
@@ -335,8 +338,9 @@ def loop(run: Run, state: dict, start: int, train_iter, ckpt: checkpoint.Checkpo
       if step == c.profile_start_step:
         jax.profiler.start_trace(os.path.join(workdir, 'profile'))
       batch = run.to_global(next(train_iter))
+      met.add(batch['input_ids'].shape[1] if 'input_ids' in batch else 0)
       if ahead is None:
-        ahead = compile_ahead(run, state, batch, total - start)
+        ahead = compile_ahead(run, state, batch, total - start, met)
       state, metrics = run.step_fn(state, batch)
       step += 1
       if step > start + 1:  # Tokens of this step's padded length (length buckets), not data.seq_len's.
