@@ -200,6 +200,8 @@ def test_finetuned_checkpoint_predicts_and_hf_export_matches(minilm_run, tmp_pat
 
 @pytest.fixture(scope='module')
 def task_files(tmp_path_factory):
+  """64 training and 20 dev examples. The runs on them shuffle 64 at a time: the default 10,000-example buffer would
+  read the file 150 times before the first batch."""
   d = tmp_path_factory.mktemp('ft_files')
   return _write_jsonl(d / 'train.jsonl', _sentiment(64, 5)), _write_jsonl(d / 'dev.jsonl', _sentiment(20, 6))
 
@@ -223,7 +225,7 @@ def test_head_only_and_lora_leave_frozen_weights_bitwise_unchanged(mode, tmp_pat
     'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
     'num_train_steps': 6, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
     'eval_every_steps': 6, 'log_every_steps': 3, 'checkpoint_every_steps': 6, 'finetune.mode': mode,
-    'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4,
+    'finetune.lora_targets': 'q,v,o,wi,wo', 'finetune.lora_rank': 4, 'data.shuffle_buffer': 64,
   })  # fmt: skip
   workdir = str(tmp_path / mode)
   trainer.train(config, workdir)
@@ -270,7 +272,7 @@ def test_adapters_train_on_a_frozen_encoder_resume_load_predict_and_export(tmp_p
     'model.init_from': hf_mlm_dir, 'data.train': f'jsonl:{train_path}', 'data.eval': f'jsonl:{dev_path}',
     'num_train_steps': 4, 'global_batch_size': 8, 'data.seq_len': 16, 'learning_rate': 1e-2, 'warmup_steps': 1,
     'eval_every_steps': 4, 'log_every_steps': 2, 'checkpoint_every_steps': 4, 'finetune.mode': 'adapter',
-    'finetune.adapter_size': 8, 'model.scan_layers': True,
+    'finetune.adapter_size': 8, 'model.scan_layers': True, 'data.shuffle_buffer': 64,
   }  # fmt: skip
   workdir = tmp_path / 'run'
   trainer.train(config_file('finetune_files', keys), str(workdir))

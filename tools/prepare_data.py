@@ -75,13 +75,22 @@ def main(argv=None) -> int:
     tf.io.gfile.makedirs(args.out)
     cfg = {'text_field': args.text_field, 'text_docs': args.text_docs}
     jobs = [(i, len(paths), path, kind, args.tokenizer, args.out, cfg) for i, path in enumerate(paths)]
-    t0, docs, toks, skipped = time.perf_counter(), 0, 0, 0
-    with multiprocessing.get_context('spawn').Pool(max(1, min(args.workers, len(jobs)))) as pool:
-      for _, d, n in tqdm(pool.imap_unordered(_write_shard, jobs), total=len(jobs), unit='file'):
-        if d < 0:
+    todo = [j for j in jobs if not tf.io.gfile.exists(os.path.join(args.out, SHARD.format(j[0], j[1])))]
+    t0, docs, toks, skipped = time.perf_counter(), 0, 0, len(jobs) - len(todo)
+    workers = max(1, min(args.workers, len(todo)))
+    # Worker processes only for shards still to write, and only more than one: each one starts a Python.
+    pool = multiprocessing.get_context('spawn').Pool(workers) if workers > 1 else None
+    try:
+      done = pool.imap_unordered(_write_shard, todo) if pool else map(_write_shard, todo)
+      for _, d, n in tqdm(done, total=len(todo), unit='file'):
+        if d < 0:  # Finished by another run since.
           skipped += 1
         else:
           docs, toks = docs + d, toks + n
+    finally:
+      if pool:
+        pool.close()
+        pool.join()
     dt = time.perf_counter() - t0
     print(f'{len(jobs) - skipped} shards written ({skipped} already there): {docs} documents, {toks} tokens,'
           f' {toks / max(dt, 1e-9):,.0f} tokens/s -> {args.out}')  # fmt: skip
