@@ -366,8 +366,9 @@ def run_data(args) -> dict:
     with open(os.path.join(root, f'part{i}.txt'), 'w') as f:
       f.write('\n'.join(docs[i::4]) + '\n')
   tok = tokenizer_lib.load(args.model_dir)  # MiniLM's 30,522-token WordPiece vocabulary, as the MLM step.
+  # In this process (--workers 1): the four small files take less than starting a worker would.
   prepare_data.main(['--input', f'text:{root}/part*.txt', '--tokenizer', args.model_dir,
-                     '--out', os.path.join(root, 'rec')])  # fmt: skip
+                     '--out', os.path.join(root, 'rec'), '--workers', '1'])  # fmt: skip
   out = {}
   for name, spec in (('text', f'text:{root}/part*.txt'), ('tfrecord', f'tfrecord:{root}/rec/*.tfrecord')):
     ds = pretrain.pretrain_dataset(spec, tok, seq_len=args.seq, max_predictions=args.max_predictions,
