@@ -28,10 +28,11 @@ def _cli(module, *args, devices=2):
   return _ok(start_cli(module, *args, devices=devices), f'{module} {args}')
 
 
-def _together(*commands, optimized=False):
-  """Commands that do not depend on each other, started at once (each still a process of its own)."""
+def _together(*commands):
+  """Commands that do not depend on each other, started at once (each still a process of its own):
+  (module, args, devices, optimized) each; `optimized`: XLA's default back end (conftest.xla_flags)."""
   procs = [(start_cli(module, *args, devices=devices, optimized=optimized), f'{module} {args}')
-           for module, args, devices in commands]  # fmt: skip
+           for module, args, devices, optimized in commands]  # fmt: skip
   return [_ok(p, what) for p, what in procs]
 
 
@@ -65,16 +66,19 @@ def journey(tmp_path_factory):
   data = (_write_jsonl(d / 'train.jsonl', rows(sentiment_examples(0, 96))),
           _write_jsonl(d / 'dev.jsonl', rows(sentiment_examples(1, 24))))  # fmt: skip
   runs = {name: d / name for name in ('pre_a', 'pre_b', 'ft1', 'ft1_int8', 'ft2', 'ft2_hf')}
-  pretrain = (('jaxlm.train', [*PRETRAIN, '--workdir', runs[name]], 1) for name in ('pre_a', 'pre_b'))
-  stdout, _ = _together(*pretrain, optimized=True)  # 20 steps of 32 x 128: they cost more than their compiles.
-  _cli('jaxlm.train', *_finetune(runs['pre_a'], runs['ft1'], data))
+  # 20 steps of 32 x 128 cost more than their compiles: XLA's optimizing back end.
+  pretrain = lambda name: ('jaxlm.train', [*PRETRAIN, '--workdir', runs[name]], 1, True)  # noqa: E731
+  (stdout,) = _together(pretrain('pre_a'))
+  # The same command again (the programs pre_a compiled come from the persistent cache), beside the fine-tune.
+  _together(pretrain('pre_b'), ('jaxlm.train', _finetune(runs['pre_a'], runs['ft1'], data), 2, False))
   _cli('jaxlm.export', '--checkpoint', runs['ft1'], '--out', runs['ft1_int8'], '--quantize', 'int8')
   _cli('jaxlm.train', *_finetune(runs['ft1_int8'], runs['ft2'], data))
   texts = [t for t, _ in sentiment_examples(5, 20)]
   _write_jsonl(d / 'inputs.jsonl', [{'text': t} for t in texts])
+  predict = ['--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl']
   _together(
-    ('jaxlm.predict', ['--checkpoint', runs['ft2'], '--input', d / 'inputs.jsonl', '--output', d / 'preds.jsonl'], 2),
-    ('jaxlm.export', ['--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf'], 2),
+    ('jaxlm.predict', predict, 2, False),
+    ('jaxlm.export', ['--checkpoint', runs['ft2'], '--out', runs['ft2_hf'], '--format', 'hf'], 2, False),
   )
   return runs, texts, d / 'preds.jsonl', stdout
 
