@@ -29,6 +29,27 @@ def test_cubic_schedule_values():
       prune.cubic_schedule(**{'final_sparsity': 0.5, 'begin_step': 0, 'end_step': 10, **bad})
 
 
+def test_a_mask_update_prunes_the_smallest_magnitudes_ties_by_index():
+  """The selection in _prune_slice against a stable sort: the first k of (magnitude, index), those pruned before
+  first, k = round(s * n); ties (equal magnitudes, zeros, opposite signs) broken by the lower index."""
+  rng = np.random.default_rng(0)
+  w = np.round(rng.normal(size=(4, 9, 7)) * 2).astype(np.float32)  # Many equal magnitudes, zeros and -0.0.
+  w[0, 0, :3] = -0.0
+  w[1] = rng.normal(size=(9, 7)).astype(np.float32) * 1e-30  # Subnormal and tiny values.
+  keep = rng.uniform(size=w.shape) > 0.15
+  update = jax.jit(jax.vmap(prune._prune_slice, in_axes=(0, 0, None)))
+  for s in (0.0, 0.1, 0.5, 0.37, 0.99):
+    got = np.asarray(update(w, keep, s))
+    for layer in range(w.shape[0]):
+      score = np.where(keep[layer], np.abs(w[layer]), -1.0).reshape(-1)
+      k = max(round(s * score.size), int((~keep[layer]).sum()))
+      want = np.ones(score.size, bool)
+      want[np.argsort(score, kind='stable')[:k]] = False
+      np.testing.assert_array_equal(got[layer].reshape(-1), want, err_msg=f'sparsity {s}, layer {layer}')
+  full = np.ones(w.shape[1:], bool)
+  assert np.asarray(prune._prune_slice(jnp.asarray(w[2]), full, 0.0)).all()  # Nothing to prune: all kept.
+
+
 @pytest.fixture(scope='module')
 def tiny():
   cfg = model.preset('tiny', vocab_size=300, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
