@@ -12,6 +12,7 @@ is masked afresh.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -79,18 +80,13 @@ def main(argv=None) -> int:
     t0, docs, toks, skipped = time.perf_counter(), 0, 0, len(jobs) - len(todo)
     workers = max(1, min(args.workers, len(todo)))
     # Worker processes only for shards still to write, and only more than one: each one starts a Python.
-    pool = multiprocessing.get_context('spawn').Pool(workers) if workers > 1 else None
-    try:
+    with multiprocessing.get_context('spawn').Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
       done = pool.imap_unordered(_write_shard, todo) if pool else map(_write_shard, todo)
       for _, d, n in tqdm(done, total=len(todo), unit='file'):
         if d < 0:  # Finished by another run since.
           skipped += 1
         else:
           docs, toks = docs + d, toks + n
-    finally:
-      if pool:
-        pool.close()
-        pool.join()
     dt = time.perf_counter() - t0
     print(f'{len(jobs) - skipped} shards written ({skipped} already there): {docs} documents, {toks} tokens,'
           f' {toks / max(dt, 1e-9):,.0f} tokens/s -> {args.out}')  # fmt: skip
