@@ -36,7 +36,7 @@ def train_flops_per_step(cfg: ModelConfig | DecoderConfig, batch: int, seq_len: 
   return 3.0 * (batch * seq_len * per_token + batch * max_predictions * per_prediction)
 
 
-def measured_matmul_tflops(n: int = 1024, reps: int = 20) -> float:
+def measured_matmul_tflops(n: int = 2048, reps: int = 4) -> float:
   """TFLOP/s of a dense float32 n x n matmul on the default device (the CPU's practical peak)."""
   a = jnp.ones((n, n), jnp.float32)
   mm = jax.jit(lambda a: a @ a)
