@@ -210,3 +210,37 @@ def test_cudnn_causal_attention_matches_xla(name):
   real = valid.astype(bool)
   got, want = out['cudnn'][real], out['xla'][real]
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2  # bfloat16 attention in both.
+
+
+@pytest.mark.parametrize('groups', [4, 2])  # Multi-head and grouped-query (2 key/value heads for 4 query heads).
+def test_blocked_causal_attention_equals_the_explicit_one_values_and_gradients(groups):
+  """The training path (query blocks against the keys up to their own end, its own backward) against
+  autodiff of the explicit softmax: right padding, packed documents, a length no block size divides."""
+  B, T, N, K = 3, 150, 4, 16
+  rng = np.random.default_rng(0)
+  q, do = (jnp.asarray(rng.normal(size=(B, T, N, K)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(B, groups, T, K)), jnp.float32) for _ in range(2))
+  seg = np.zeros((B, T), np.int32)
+  seg[0] = 1  # One full document,
+  seg[1, :90] = 1  # one followed by padding,
+  seg[2, :40], seg[2, 40:71], seg[2, 71:140] = 1, 2, 3  # three packed, then padding.
+  causal = np.tril(np.ones((T, T), bool))
+  mask = jnp.asarray(causal[None] & (seg[:, :, None] == seg[:, None, :]))
+
+  def vjp(fn):
+    out, back = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+    return out, back(do)
+
+  want, want_grads = jax.jit(lambda: vjp(decoder._attend))()
+  got, got_grads = jax.jit(lambda: vjp(functools.partial(decoder._causal_blocks, block=32)))()
+  assert T % 32 and T > 32 * 4  # Several blocks, the last one short.
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for name, g, w in zip('qkv', got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5, err_msg=f'd{name}')
+  # Only the keys up to a block's end are read: scores of 32 queries against 32, 64, ... keys, never
+  # a [T, T] block.
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: decoder._causal_blocks(q, k, v, mask, block=32))(q, k, v))
+  lead = f'f32[{B},{groups},{N // groups},'
+  assert all(f'{lead}32,{e}]' in jaxpr for e in (32, 64, 96, 128)) and f'{lead}22,150]' in jaxpr
+  assert f'{lead}{T},{T}]' not in jaxpr
+  assert f'{lead}{T},{T}]' in str(jax.make_jaxpr(lambda q, k, v: decoder._attend(q, k, v, mask))(q, k, v))
