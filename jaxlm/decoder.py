@@ -23,7 +23,9 @@ embeddings, norms, biases and the LM head (tied or untied) stay float32.
 Two ways to run it: `__call__` (training, evaluation, perplexity) over whole rows, optionally
 packed (`segment_ids`: no attention across documents, `position_ids` restarting per document);
 `decode` over a preallocated key/value cache, for the prefill of a prompt batch and then one
-token per call (generate.py loops it inside one jitted while loop).
+token per call (generate.py loops it inside one jitted while loop). Over whole rows attention runs
+cuDNN's fused kernel on a GPU (16-bit, unpacked rows), else blocks of queries against the keys up to
+each block's end (`_causal_blocks`), skipping the keys the causal mask hides from a whole block.
 
 Shape letters: B batch, T tokens in this call, S cache length, D hidden, N query heads, G key/value
 heads, K head size, F feed-forward, V vocabulary (padded), L layers.
