@@ -230,7 +230,7 @@ def _softmax_attention_bwd(res, do_BxTxNxK):
   return dq.reshape(B, T, G * R, K).astype(q.dtype), dk, dv, None
 
 
-_softmax_attention.defvjp(lambda q, k, v, mask: _softmax_attention_fwd(q, k, v, mask), _softmax_attention_bwd)
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 CAUSAL_BLOCK = 128  # Query rows per block of causal attention over whole rows (_causal_blocks).
 
