@@ -329,11 +329,20 @@ class Decoder(nnx.Module):
       x = x + jnp.take(self.position[...], positions_BxT, axis=0)
     return blocks._dropout(x.astype(cfg.dtype), cfg.hidden_dropout, rng)
 
+  def features(self, h_BxTxD):
+    """The final norm over the last layer's hidden states: what the LM head multiplies."""
+    cfg = self.cfg
+    bias = None if self.final_norm_bias is None else self.final_norm_bias[...]
+    return _norm(h_BxTxD, self.final_norm_scale[...], bias, cfg)
+
+  def head_VxD(self):
+    """The LM head's weight as [V,D] (padded vocabulary): the word embeddings when tied."""
+    return self.word[...] if self.lm_head is None else self.lm_head[...].T
+
   def logits(self, h_BxTxD):
     """The LM head over final hidden states: [B,T,V] in float32, padding rows at a large negative value."""
     cfg = self.cfg
-    h = _norm(h_BxTxD, self.final_norm_scale[...], None if self.final_norm_bias is None else self.final_norm_bias[...],
-              cfg)  # fmt: skip
+    h = self.features(h_BxTxD)
     w_DxV = self.word[...].T if self.lm_head is None else self.lm_head[...]
     logits = (h @ w_DxV.astype(h.dtype)).astype(jnp.float32)
     if cfg.padded_vocab_size == cfg.vocab_size:
@@ -388,12 +397,15 @@ class Decoder(nnx.Module):
   # --------------------------------------------------------------------------- whole rows
 
   def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, position_ids=None, rng=None,
-               return_hidden: bool = False) -> dict[str, jax.Array]:  # fmt: skip
+               return_hidden: bool = False, logits: bool = True) -> dict[str, jax.Array]:  # fmt: skip
     """Runs the model over whole rows; dropout is on iff `rng` is given.
 
     `attention_mask` [B,T] (1 = real token) marks right padding; packed rows give `segment_ids`
     (0 = padding, 1, 2, ... per document: no attention across documents) and `position_ids`
-    (each document's from 0). Returns {'logits': [B,T,V] float32} (and 'hidden' [B,T,D]).
+    (each document's from 0). Returns {'logits': [B,T,V] float32} (and 'hidden' [B,T,D]). With
+    `logits=False` the LM head is left to the loss (losses.fused_head_xent): {'features': the final
+    norm's output [B,T,D], 'head': the head's weight [V,D] over the padded vocabulary, 'vocab_size': the
+    real one}.
     """
     cfg = self.cfg
     B, T = input_ids.shape
@@ -427,7 +439,10 @@ class Decoder(nnx.Module):
     else:
       for i in range(cfg.num_layers):
         x, _ = body(x, jax.tree.map(lambda a: a[i], (stacked, rngs)))
-    out = {'logits': self.logits(x)}
+    if logits:
+      out = {'logits': self.logits(x)}
+    else:
+      out = {'features': self.features(x), 'head': self.head_VxD(), 'vocab_size': self.cfg.vocab_size}
     if return_hidden:
       out['hidden'] = x
     return out

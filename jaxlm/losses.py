@@ -13,9 +13,14 @@ nothing to a softmax and never win an argmax, here or vocabulary-parallel.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from jaxlm.model import _PADDING_LOGIT
 
 
 def weighted_xent(logits, labels, weights=None):
@@ -66,6 +71,108 @@ def vocab_parallel_xent(logits, labels, weights, mesh):
   return sums[0], sums[1], sums[2]
 
 
+HEAD_CHUNK = 512  # Tokens per block of the fused LM head: [512, V] float32 logits, ~100 MB at GPT-2's vocabulary.
+
+
+def _head_block(h_CxD, w_VxD, labels_C, weights_C, vocab_size, grads: bool):
+  """One block of tokens through the LM head and the cross-entropy: (nll, correct) sums and, with
+  `grads`, d(nll sum)/d h [C,D] and d(nll sum)/d w [V,D] (float32)."""
+  logits = (h_CxD @ w_VxD.T).astype(jnp.float32)  # As decoder.logits computes them.
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  if vocab_size < logits.shape[1]:
+    logits = jnp.where(iota < vocab_size, logits, _PADDING_LOGIT * jnp.finfo(jnp.float32).max)
+  top = logits.max(-1, keepdims=True)
+  exp = jnp.exp(logits - top)
+  sum_exp = exp.sum(-1, keepdims=True)
+  one_hot = iota == labels_C[:, None]
+  label_logit = jnp.where(one_hot, logits, 0.0).sum(-1)
+  w = weights_C.astype(jnp.float32)
+  nll = ((jnp.log(sum_exp[:, 0]) + top[:, 0] - label_logit) * w).sum()
+  correct = ((label_logit >= top[:, 0]).astype(jnp.float32) * w).sum()
+  if not grads:
+    return nll, correct
+  dlogits = ((exp / sum_exp - one_hot) * w[:, None]).astype(h_CxD.dtype)  # softmax - one-hot, weighted.
+  dh = dlogits @ w_VxD
+  dw = jax.lax.dot_general(dlogits, h_CxD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return nll, correct, dh, dw
+
+
+def _head_blocks(h_NxD, w_VxD, labels_N, weights_N, vocab_size, grads: bool):
+  """_head_block over the N tokens in blocks of at most HEAD_CHUNK (a lax.scan); the gradient of w
+  is summed over blocks in float32. Rows added to fill the last block weigh 0."""
+  n = h_NxD.shape[0]
+  blocks = -(-n // HEAD_CHUNK)
+  size = -(-n // blocks)
+  pad = blocks * size - n
+  if pad:
+    h_NxD = jnp.pad(h_NxD, ((0, pad), (0, 0)))
+    labels_N, weights_N = jnp.pad(labels_N, (0, pad)), jnp.pad(weights_N, (0, pad))
+  xs = (h_NxD.reshape(blocks, size, -1), labels_N.reshape(blocks, size), weights_N.reshape(blocks, size))
+  if not grads:
+    _, (nll, correct) = jax.lax.scan(lambda c, x: (c, _head_block(*x[:1], w_VxD, *x[1:], vocab_size, False)), None, xs)
+    return nll.sum(), correct.sum()
+
+  def body(dw, x):
+    nll, correct, dh, dw_block = _head_block(x[0], w_VxD, x[1], x[2], vocab_size, True)
+    return dw + dw_block, (nll, correct, dh)
+
+  dw, (nll, correct, dh) = jax.lax.scan(body, jnp.zeros(w_VxD.shape, jnp.float32), xs)
+  return nll.sum(), correct.sum(), dh.reshape(blocks * size, -1)[:n], dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_xent(h_NxD, w_VxD, labels_N, weights_N, vocab_size):
+  return _head_blocks(h_NxD, w_VxD, labels_N, weights_N, vocab_size, grads=False)
+
+
+def _fused_xent_fwd(h_NxD, w_VxD, labels_N, weights_N, vocab_size):
+  # The loss is a sum over tokens, so its gradient is known here: each block's gradient is taken
+  # while its logits are at hand, and the [N,V] logits and their gradient never exist whole.
+  nll, correct, dh, dw = _head_blocks(h_NxD, w_VxD, labels_N, weights_N, vocab_size, grads=True)
+  return (nll, correct), (dh, dw, labels_N, weights_N)
+
+
+def _fused_xent_bwd(vocab_size, res, g):
+  dh, dw, labels_N, weights_N = res
+  g_nll = g[0]  # `correct` is a count: no gradient.
+  zero_labels = np.zeros(labels_N.shape, jax.dtypes.float0)
+  # h and w share the compute dtype (fused_head_xent casts w), so dh's dtype is w's too.
+  return (dh * g_nll).astype(dh.dtype), (dw * g_nll).astype(dh.dtype), zero_labels, jnp.zeros_like(weights_N)
+
+
+_fused_xent.defvjp(_fused_xent_fwd, _fused_xent_bwd)
+
+
+def fused_head_xent(h_BxTxD, w_VxD, labels, weights, vocab_size: int, mesh=None):
+  """weighted_xent of the LM head's logits `h @ w.T`, without the [B,T,V] logits.
+
+  The tokens go through the head in blocks of HEAD_CHUNK; each block's softmax gradient is turned
+  into the gradients of h and w at once (custom VJP), so neither the logits nor their gradient is
+  ever held whole: less memory, and the vocabulary-wide passes run on cache-sized blocks. Columns
+  from `vocab_size` on are padding (a large negative logit, as decoder.logits). With a mesh of
+  several devices the blocks run per device on its own rows (shard_map over the batch axes, `w`
+  whole on each) and the sums, and the gradient of `w`, are summed over devices once.
+  Returns (sum of weighted NLL, sum of weighted correct, sum of weights), float32.
+  """
+  w_VxD = w_VxD.astype(h_BxTxD.dtype)
+  weights = weights.astype(jnp.float32)
+
+  def local(h, w, labels, weights):
+    nll, correct = _fused_xent(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), weights.reshape(-1), vocab_size)
+    return jnp.stack([nll, correct, weights.sum()])
+
+  batch_axes = tuple(a for a in ('data', 'fsdp') if mesh is not None and mesh.shape[a] > 1)
+  if not batch_axes:
+    sums = local(h_BxTxD, w_VxD, labels, weights)
+  else:
+    lead = P(batch_axes)
+    sums = jax.shard_map(
+      lambda *a: jax.lax.psum(local(*a), batch_axes), mesh=mesh, in_specs=(lead, P(), lead, lead), out_specs=P(),
+      check_vma=False,
+    )(h_BxTxD, w_VxD, labels, weights)  # fmt: skip
+  return sums[0], sums[1], sums[2]
+
+
 def normalizers(batch: dict) -> dict:
   """Denominators of the batch's losses. Computed once over a whole batch and passed to the
   loss of each microbatch, so that summed microbatch losses equal the whole-batch loss."""
@@ -108,15 +215,31 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
   return loss, metrics
 
 
+def _head_logits(out: dict):
+  """The logits [B,T,V] float32 from a decoder's {'features', 'head', 'vocab_size'}, as decoder.logits."""
+  h = out['features']
+  logits = (h @ out['head'].astype(h.dtype).T).astype(jnp.float32)
+  if out['vocab_size'] == logits.shape[-1]:
+    return logits
+  real = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < out['vocab_size']
+  return jnp.where(real, logits, _PADDING_LOGIT * jnp.finfo(jnp.float32).max)
+
+
 def causal_lm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
-  """Next-token cross-entropy of a causal LM: the logits [B,T,V] against `targets`, weighted by
-  `loss_weights` (both [B,T]); vocabulary-parallel when the mesh's `tensor` axis is larger than 1."""
+  """Next-token cross-entropy of a causal LM against `targets`, weighted by `loss_weights` (both [B,T]).
+
+  `out` holds the logits [B,T,V], or the decoder's 'features' and 'head' (decoder.Decoder with
+  logits=False, as steps.forward runs it): then the head runs here, fused with the cross-entropy
+  (fused_head_xent). Vocabulary-parallel when the mesh's `tensor` axis is larger than 1."""
   norm = normalizers(batch) if norm is None else norm
-  args = (out['logits'], batch['targets'], batch['loss_weights'])
-  if mesh is not None and mesh.shape['tensor'] > 1:
-    nll, correct, _ = vocab_parallel_xent(*args, mesh)
+  vocab_parallel = mesh is not None and mesh.shape['tensor'] > 1
+  if 'logits' in out or vocab_parallel:
+    logits = out['logits'] if 'logits' in out else _head_logits(out)
+    args = (logits, batch['targets'], batch['loss_weights'])
+    nll, correct, _ = vocab_parallel_xent(*args, mesh) if vocab_parallel else weighted_xent(*args)
   else:
-    nll, correct, _ = weighted_xent(*args)
+    h, w = out['features'], out['head']
+    nll, correct, _ = fused_head_xent(h, w, batch['targets'], batch['loss_weights'], out['vocab_size'], mesh)
   loss = nll / norm['lm']
   return loss, {'loss': loss, 'accuracy': correct / norm['lm']}
 

@@ -22,11 +22,12 @@ from jaxlm.optim import trainable_of
 def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None, first_token_only: bool = False) -> dict:
   """Runs the model on a batch dict (input_ids, attention_mask, token_type_ids[, masked_positions,
   segment_ids, position_ids]: packed rows carry the last two). `first_token_only`: see model.Bert.
-  A decoder (decoder.Decoder) reads input_ids[, attention_mask, segment_ids, position_ids]."""
+  A decoder (decoder.Decoder) reads input_ids[, attention_mask, segment_ids, position_ids] and
+  returns its final features and head weight, not logits (losses.causal_lm_loss takes either)."""
   module = nnx.merge(graphdef, params)
-  if isinstance(module, decoder.Decoder):
+  if isinstance(module, decoder.Decoder):  # The LM head runs inside the loss (losses.causal_lm_loss).
     return module(batch['input_ids'], batch.get('attention_mask'), segment_ids=batch.get('segment_ids'),
-                  position_ids=batch.get('position_ids'), rng=rng)  # fmt: skip
+                  position_ids=batch.get('position_ids'), rng=rng, logits=False)  # fmt: skip
   return module(
     batch['input_ids'],
     batch.get('attention_mask'),
