@@ -61,6 +61,20 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _cpu() -> str:
+  """The host CPU's model name and widest vector extension, from /proc/cpuinfo (Linux; '' elsewhere). Ratios
+  against PyTorch depend on it: its BLAS picks kernels by vendor as well as by instruction set."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines() if ':' in line)
+  except OSError:
+    return ''
+  info = {k.strip(): v.strip() for k, v in info.items()}
+  flags = set(info.get('flags', '').split())
+  isa = next((x for x in ('avx512_bf16', 'avx512f', 'avx2') if x in flags), '')
+  return ', '.join(x for x in (info.get('model name', ''), isa) if x)
+
+
 def _timed(call, args, sync=lambda: None) -> dict:
   """--warmup calls, then --repeats rounds of --steps calls, each round ended by `sync()`; the best round counts."""
   for _ in range(args.warmup):
@@ -568,7 +582,7 @@ def main(argv=None) -> int:
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')} | {'cores': os.cpu_count()}
+  config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')} | {'cores': os.cpu_count(), 'cpu': _cpu()}
   summary = {'mode': args.mode, 'config': config | more_config, 'results': results, 'ratios': ratios}
   for name, r in results.items():
     if args.record:
@@ -576,6 +590,8 @@ def main(argv=None) -> int:
       continue
     print(_split_line(name, r) if args.mode == 'make-ragged' else bench_e2e.line(name, r) if args.mode in E2E
           else _line(name, r, unit))  # fmt: skip
+  if ratios:
+    print(f'cpu    {config["cpu"]}, {config["cores"]} cores')
   for name, ratio in ratios.items():
     print(f'ratio  {name} {unit.replace("_per_s", "/s")} = {ratio:.2f}x')
   if args.json:
