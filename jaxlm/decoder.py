@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import losses
 from jaxlm import model as blocks
 from jaxlm.errors import UsageError
 
@@ -341,14 +342,7 @@ class Decoder(nnx.Module):
 
   def logits(self, h_BxTxD):
     """The LM head over final hidden states: [B,T,V] in float32, padding rows at a large negative value."""
-    cfg = self.cfg
-    h = self.features(h_BxTxD)
-    w_DxV = self.word[...].T if self.lm_head is None else self.lm_head[...]
-    logits = (h @ w_DxV.astype(h.dtype)).astype(jnp.float32)
-    if cfg.padded_vocab_size == cfg.vocab_size:
-      return logits
-    real = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < cfg.vocab_size
-    return jnp.where(real, logits, blocks._PADDING_LOGIT * jnp.finfo(jnp.float32).max)
+    return losses.head_logits(self.features(h_BxTxD), self.head_VxD(), self.cfg.vocab_size)
 
   def _block(self, p: dict, x, positions_BxT, rng, attend):
     """One pre-norm layer: x += Attn(Norm(x)); x += MLP(Norm(x)). `attend(q, k, v)` -> [B,T,N,K]

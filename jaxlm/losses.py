@@ -77,10 +77,8 @@ HEAD_CHUNK = 512  # Tokens per block of the fused LM head: [512, V] float32 logi
 def _head_block(h_CxD, w_VxD, labels_C, weights_C, vocab_size, grads: bool):
   """One block of tokens through the LM head and the cross-entropy: (nll, correct) sums and, with
   `grads`, d(nll sum)/d h [C,D] and d(nll sum)/d w [V,D] (float32)."""
-  logits = (h_CxD @ w_VxD.T).astype(jnp.float32)  # As decoder.logits computes them.
+  logits = head_logits(h_CxD, w_VxD, vocab_size)
   iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  if vocab_size < logits.shape[1]:
-    logits = jnp.where(iota < vocab_size, logits, _PADDING_LOGIT * jnp.finfo(jnp.float32).max)
   top = logits.max(-1, keepdims=True)
   exp = jnp.exp(logits - top)
   sum_exp = exp.sum(-1, keepdims=True)
@@ -149,7 +147,7 @@ def fused_head_xent(h_BxTxD, w_VxD, labels, weights, vocab_size: int, mesh=None)
   The tokens go through the head in blocks of HEAD_CHUNK; each block's softmax gradient is turned
   into the gradients of h and w at once (custom VJP), so neither the logits nor their gradient is
   ever held whole: less memory, and the vocabulary-wide passes run on cache-sized blocks. Columns
-  from `vocab_size` on are padding (a large negative logit, as decoder.logits). With a mesh of
+  from `vocab_size` on are padding (head_logits). With a mesh of
   several devices the blocks run per device on its own rows (shard_map over the batch axes, `w`
   whole on each) and the sums, and the gradient of `w`, are summed over devices once.
   Returns (sum of weighted NLL, sum of weighted correct, sum of weights), float32.
@@ -215,13 +213,13 @@ def mlm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
   return loss, metrics
 
 
-def _head_logits(out: dict):
-  """The logits [B,T,V] float32 from a decoder's {'features', 'head', 'vocab_size'}, as decoder.logits."""
-  h = out['features']
-  logits = (h @ out['head'].astype(h.dtype).T).astype(jnp.float32)
-  if out['vocab_size'] == logits.shape[-1]:
+def head_logits(h, w_VxD, vocab_size: int):
+  """A causal LM head's logits `h @ w.T` in float32 (h's dtype for the matmul); columns from
+  `vocab_size` on (the padded vocabulary) at a large negative value."""
+  logits = (h @ w_VxD.astype(h.dtype).T).astype(jnp.float32)
+  if vocab_size == logits.shape[-1]:
     return logits
-  real = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < out['vocab_size']
+  real = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < vocab_size
   return jnp.where(real, logits, _PADDING_LOGIT * jnp.finfo(jnp.float32).max)
 
 
@@ -234,7 +232,7 @@ def causal_lm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):
   norm = normalizers(batch) if norm is None else norm
   vocab_parallel = mesh is not None and mesh.shape['tensor'] > 1
   if 'logits' in out or vocab_parallel:
-    logits = out['logits'] if 'logits' in out else _head_logits(out)
+    logits = out['logits'] if 'logits' in out else head_logits(out['features'], out['head'], out['vocab_size'])
     args = (logits, batch['targets'], batch['loss_weights'])
     nll, correct, _ = vocab_parallel_xent(*args, mesh) if vocab_parallel else weighted_xent(*args)
   else:

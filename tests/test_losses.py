@@ -24,7 +24,7 @@ def inputs():
 
 
 def _explicit(h, w, labels, weights):
-  logits = losses._head_logits({'features': h, 'head': w, 'vocab_size': REAL})
+  logits = losses.head_logits(h, w, REAL)
   return losses.weighted_xent(logits, labels, weights)
 
 

@@ -582,7 +582,8 @@ def main(argv=None) -> int:
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')} | {'cores': os.cpu_count(), 'cpu': _cpu()}
+  config = {k: v for k, v in vars(args).items() if k not in ('json', '_worker')}
+  config |= {'cores': os.cpu_count(), 'cpu': _cpu()}
   summary = {'mode': args.mode, 'config': config | more_config, 'results': results, 'ratios': ratios}
   for name, r in results.items():
     if args.record:
