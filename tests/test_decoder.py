@@ -243,3 +243,37 @@ def test_blocked_causal_attention_equals_the_explicit_one_values_and_gradients()
   assert all(f'{lead}32,{e}]' in jaxpr for e in (32, 64, 96, 128)) and f'{lead}22,150]' in jaxpr
   assert f'{lead}{T},{T}]' not in jaxpr
   assert f'{lead}{T},{T}]' in str(jax.make_jaxpr(lambda q, k, v: decoder._attend(q, k, v, mask))(q, k, v))
+
+
+def test_presets_have_the_published_sizes():
+  # GPT-2 (Radford et al. 2019; transformers' counts), Llama 3.2 1B and Llama 2 7B: every weight, tied or not.
+  want = {'gpt2': 124_439_808, 'gpt2-medium': 354_823_168, 'gpt2-large': 774_030_080, 'gpt2-xl': 1_557_611_200,
+          'llama-1b': 1_235_814_400, 'llama-7b': 6_738_415_616}  # fmt: skip
+  for name, count in want.items():
+    _, params = decoder.abstract(decoder.preset(name))  # Shapes only: nothing is allocated.
+    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == count, name
+
+
+def test_remat_and_scan_keep_the_training_loss_and_gradients_of_an_untied_head():
+  # The training path (steps.forward: the head fused into the loss) on a Llama shape with its own LM head.
+  from jaxlm import losses, steps
+
+  rng = np.random.default_rng(0)
+  batch = {'input_ids': rng.integers(0, 500, (2, 24)).astype(np.int32), 'targets': rng.integers(0, 500, (2, 24)),
+           'loss_weights': (rng.random((2, 24)) > 0.2).astype(np.float32)}  # fmt: skip
+  results = []
+  for remat, scan in (('none', False), ('full', True), ('full', False)):
+    cfg = decoder.preset('llama-tiny', vocab_size=500, vocab_multiple=128, remat=remat, scan_layers=scan)
+    graphdef, params = decoder.init(cfg, seed=1)
+    loss = lambda p: losses.causal_lm_loss(steps.forward(graphdef, p, batch), batch)[0]  # noqa: B023
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    flat = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+    results.append((float(value), flat))
+    assert cfg.padded_vocab_size == 512 and not cfg.tie_embeddings
+  (ref, ref_grads), *others = results
+  assert any('lm_head' in k and np.abs(g).max() > 0 for k, g in ref_grads.items())
+  for value, grads in others:
+    assert value == pytest.approx(ref, rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for k, g in grads.items():
+      np.testing.assert_allclose(g, ref_grads[k], rtol=1e-4, atol=1e-6, err_msg=k)
