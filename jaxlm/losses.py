@@ -76,7 +76,7 @@ HEAD_CHUNK = 512  # Tokens per block of the fused LM head: [512, V] float32 logi
 
 def _head_block(h_CxD, w_VxD, labels_C, weights_C, vocab_size, grads: bool):
   """One block of tokens through the LM head and the cross-entropy: (nll, correct) sums and, with
-  `grads`, d(nll sum)/d h [C,D] and d(nll sum)/d w [V,D] (float32)."""
+  `grads`, d(nll sum)/d h [C,D] and d(nll sum)/d w [V,D] (float32). `weights_C` is float32."""
   logits = head_logits(h_CxD, w_VxD, vocab_size)
   iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
   top = logits.max(-1, keepdims=True)
@@ -84,12 +84,11 @@ def _head_block(h_CxD, w_VxD, labels_C, weights_C, vocab_size, grads: bool):
   sum_exp = exp.sum(-1, keepdims=True)
   one_hot = iota == labels_C[:, None]
   label_logit = jnp.where(one_hot, logits, 0.0).sum(-1)
-  w = weights_C.astype(jnp.float32)
-  nll = ((jnp.log(sum_exp[:, 0]) + top[:, 0] - label_logit) * w).sum()
-  correct = ((label_logit >= top[:, 0]).astype(jnp.float32) * w).sum()
+  nll = ((jnp.log(sum_exp[:, 0]) + top[:, 0] - label_logit) * weights_C).sum()
+  correct = ((label_logit >= top[:, 0]).astype(jnp.float32) * weights_C).sum()
   if not grads:
     return nll, correct
-  dlogits = ((exp / sum_exp - one_hot) * w[:, None]).astype(h_CxD.dtype)  # softmax - one-hot, weighted.
+  dlogits = ((exp / sum_exp - one_hot) * weights_C[:, None]).astype(h_CxD.dtype)  # softmax - one-hot, weighted.
   dh = dlogits @ w_VxD
   dw = jax.lax.dot_general(dlogits, h_CxD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return nll, correct, dh, dw
@@ -107,7 +106,9 @@ def _head_blocks(h_NxD, w_VxD, labels_N, weights_N, vocab_size, grads: bool):
     labels_N, weights_N = jnp.pad(labels_N, (0, pad)), jnp.pad(weights_N, (0, pad))
   xs = (h_NxD.reshape(blocks, size, -1), labels_N.reshape(blocks, size), weights_N.reshape(blocks, size))
   if not grads:
-    _, (nll, correct) = jax.lax.scan(lambda c, x: (c, _head_block(*x[:1], w_VxD, *x[1:], vocab_size, False)), None, xs)
+    _, (nll, correct) = jax.lax.scan(
+      lambda c, x: (c, _head_block(x[0], w_VxD, x[1], x[2], vocab_size, False)), None, xs
+    )
     return nll.sum(), correct.sum()
 
   def body(dw, x):

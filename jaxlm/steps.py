@@ -25,7 +25,7 @@ def forward(graphdef: nnx.GraphDef, params, batch: dict, rng=None, first_token_o
   A decoder (decoder.Decoder) reads input_ids[, attention_mask, segment_ids, position_ids] and
   returns its final features and head weight, not logits (losses.causal_lm_loss takes either)."""
   module = nnx.merge(graphdef, params)
-  if isinstance(module, decoder.Decoder):  # The LM head runs inside the loss (losses.causal_lm_loss).
+  if isinstance(module, decoder.Decoder):
     return module(batch['input_ids'], batch.get('attention_mask'), segment_ids=batch.get('segment_ids'),
                   position_ids=batch.get('position_ids'), rng=rng, logits=False)  # fmt: skip
   return module(
