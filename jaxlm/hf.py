@@ -1,12 +1,12 @@
 """Hugging Face BERT directories <-> jaxlm parameters, both directions.
 
 Reads a directory saved by transformers' `BertModel`, `BertForMaskedLM`, `BertForPreTraining`
-or `BertForSequenceClassification` (config.json plus model.safetensors or pytorch_model.bin)
-and writes one back that transformers loads with no missing weight. The vocabulary tables
+or `BertForSequenceClassification` (config.json plus model.safetensors or pytorch_model.bin, or
+the shards of either and their index) and writes one back that transformers loads with no missing weight. The vocabulary tables
 are padded with zero rows to the model's `vocab_multiple` on loading (`vocab_multiple=128` as a
 `load` override) and cut back to `vocab_size` rows on writing. Every tensor is checked
 against the shape the model expects; a mismatch names the file, the tensor and both shapes.
-Nothing here imports TensorFlow; torch is imported only to read a pytorch_model.bin.
+Nothing here imports TensorFlow; torch is imported only to read PyTorch weight files.
 """
 
 from __future__ import annotations
@@ -195,19 +195,51 @@ def _prefix(tensors) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+# One file, or the shards that an index names (what transformers writes for a large model), safetensors first.
+WEIGHT_FILES = (
+  ('model.safetensors', 'model.safetensors.index.json'), ('pytorch_model.bin', 'pytorch_model.bin.index.json'),
+)  # fmt: skip
+
+
 def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """All tensors of an HF directory as float32 numpy arrays, and the file they came from."""
-  st, pt = os.path.join(path, 'model.safetensors'), os.path.join(path, 'pytorch_model.bin')
-  if os.path.exists(st):
-    return {k: np.asarray(v) for k, v in load_file(st).items()}, st
-  if os.path.exists(pt):
-    try:
-      import torch  # lazy: optional (the test extra), needed only for a pytorch_model.bin
-    except ImportError as e:
-      raise UsageError(f'{pt}: reading pytorch_model.bin needs torch (pip install torch)') from e
-    sd = torch.load(pt, map_location='cpu', weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}, pt
-  raise UsageError(f'{path}: no model.safetensors or pytorch_model.bin')
+  """All tensors of an HF directory as numpy arrays, and the file they came from (a sharded one's index)."""
+  for single, index in WEIGHT_FILES:
+    if os.path.exists(os.path.join(path, single)):
+      return _read_weights(os.path.join(path, single)), os.path.join(path, single)
+    if os.path.exists(os.path.join(path, index)):
+      return _read_shards(path, os.path.join(path, index)), os.path.join(path, index)
+  raise UsageError(f'{path}: no model.safetensors or pytorch_model.bin, nor the index of a sharded one')
+
+
+def _read_weights(file: str) -> dict[str, np.ndarray]:
+  if file.endswith('.safetensors'):
+    return {k: np.asarray(v) for k, v in load_file(file).items()}
+  try:
+    import torch  # lazy: optional (the test extra), needed only for a pytorch_model.bin
+  except ImportError as e:
+    raise UsageError(f'{file}: reading a PyTorch weight file needs torch (pip install torch)') from e
+  sd = torch.load(file, map_location='cpu', weights_only=True)
+  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+
+
+def _read_shards(path: str, index: str) -> dict[str, np.ndarray]:
+  """The tensors of every shard that `index`'s weight_map names, each checked to be in the shard named for it."""
+  try:
+    weight_map = json.loads(open(index).read())['weight_map']
+    shards = sorted(set(weight_map.values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UsageError(f'{index}: not a weight index (a JSON object with a "weight_map" of tensor: file)') from e
+  tensors, where = {}, {}
+  for shard in shards:
+    file = os.path.join(path, shard)
+    if not os.path.exists(file):
+      raise UsageError(f'{index}: names the shard {shard}, which is not in {path}')
+    for name, value in _read_weights(file).items():
+      tensors[name], where[name] = value, shard
+  wrong = sorted(n for n, shard in weight_map.items() if where.get(n) != shard)
+  if wrong:
+    raise UsageError(f'{index}: {wrong[0]} is not in {weight_map[wrong[0]]}, the shard the index names for it')
+  return tensors
 
 
 SUPPORTED_ARCHITECTURES = ('BertModel', 'BertForMaskedLM', 'BertForPreTraining', 'BertForSequenceClassification')

@@ -1,8 +1,8 @@
 """Hugging Face causal-LM directories <-> jaxlm decoder parameters, both directions.
 
 Reads a directory saved by transformers' `GPT2LMHeadModel` / `GPT2Model` or `LlamaForCausalLM` /
-`LlamaModel` (config.json plus model.safetensors or pytorch_model.bin) and writes one back that
-transformers loads with no missing weight. GPT-2's fused `c_attn` Conv1D is split into the
+`LlamaModel` (config.json plus model.safetensors or pytorch_model.bin, or their shards: `hf.read_tensors`)
+and writes one back that transformers loads with no missing weight. GPT-2's fused `c_attn` Conv1D is split into the
 query, key and value kernels; Llama's [out, in] Linear weights are transposed into jaxlm's
 [in, heads, head size] layout (the rotate-half rotary form is the same on both sides, so the
 query and key kernels need no permutation). Vocabulary tables are padded to the model's

@@ -5,7 +5,7 @@
                      and left where it is: reading never changes a workdir)
   checkpoint step    WORKDIR/checkpoints/<step>/, read as it is
   jaxlm export       model_config.json + params/ (Orbax) + labels.json + tokenizer/; float or int8
-  Hugging Face dir   config.json + model.safetensors (or pytorch_model.bin) + tokenizer files
+  Hugging Face dir   config.json + model.safetensors or pytorch_model.bin (or their shards) + tokenizer files
 
 Each holds a BERT encoder or a decoder (GPT-2 / Llama shape); the saved model config says which
 (models.config_from_dict), a Hugging Face directory its model_type.

@@ -195,6 +195,61 @@ def test_unsupported_hugging_face_configs_are_named(hf_dirs, tmp_path):
     hf_causal.params_from_hf(tensors, cfg, 'model.safetensors')
 
 
+def _save_shards(tensors: dict, out, shards: int, kind: str):
+  """`tensors` split over `shards` files with the index transformers writes beside them."""
+  import json
+
+  names = sorted(tensors)
+  single, index = {'safetensors': ('model.safetensors', 'model.safetensors.index.json'),
+                   'bin': ('pytorch_model.bin', 'pytorch_model.bin.index.json')}[kind]  # fmt: skip
+  stem, ext = single.rsplit('.', 1)
+  os.makedirs(out)
+  weight_map = {}
+  for i in range(shards):
+    part, file = names[i::shards], f'{stem}-{i + 1:05d}-of-{shards:05d}.{ext}'
+    if kind == 'bin':
+      torch.save({n: torch.from_numpy(tensors[n]) for n in part}, os.path.join(out, file))
+    else:
+      from safetensors.numpy import save_file
+
+      save_file({n: tensors[n] for n in part}, os.path.join(out, file), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(part, file))
+  with open(os.path.join(out, index), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+  return out, index
+
+
+def test_a_sharded_hugging_face_directory_loads_as_its_single_file(hf_dirs, tmp_path):
+  """Large models come in shards with an index (model.safetensors.index.json, or pytorch_model.bin.index.json
+  in older checkpoints): the same parameters as one file, and a missing or mismatched shard is named."""
+  from jaxlm import store
+
+  path = hf_dirs['llama-gqa']
+  tensors = load_file(os.path.join(path, 'model.safetensors'))
+  _, want = hf_causal.load(path)[:2]
+  ids = np.arange(1, 12, dtype=np.int32)[None]
+  for kind in ('safetensors', 'bin'):
+    out, index = _save_shards(tensors, tmp_path / kind, 3, kind)
+    os.link(os.path.join(path, 'config.json'), os.path.join(out, 'config.json'))
+    graphdef, got, _ = hf_causal.load(str(out))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(_logits(graphdef, got, ids), _torch_logits(path, ids), atol=1e-4, rtol=1e-4)
+  _, params, _, _ = store.load_model(str(out))  # What jaxlm.load, predict and model.init_from read.
+  assert jax.tree.leaves(params)[0].shape == jax.tree.leaves(want)[0].shape
+  with open(os.path.join(out, index)) as f:
+    weight_map = f.read()
+  first = 'pytorch_model-00001-of-00003.bin'
+  moved = weight_map.replace(first, 'pytorch_model-00002-of-00003.bin', 1)
+  with open(os.path.join(out, index), 'w') as f:
+    f.write(moved)
+  with pytest.raises(UsageError, match=r'pytorch_model.bin.index.json: \S+ is not in pytorch_model-00002-of-00003.bin'):
+    hf_causal.load(str(out))
+  os.remove(os.path.join(out, first))
+  with pytest.raises(UsageError, match=f'names the shard {first}, which is not in'):
+    hf_causal.load(str(out))
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN needs a GPU')
 @pytest.mark.parametrize('name', ['gpt2-tiny', 'llama-tiny'])
 def test_cudnn_causal_attention_matches_xla(name):
