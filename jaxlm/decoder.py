@@ -7,8 +7,9 @@ final norm and the LM head (tied to the embeddings or its own). What does not: H
 conversion (hf_causal.py), generation and perplexity (generate.py), losses (losses.py).
 
   gpt2   LayerNorm with biases, learned positions, tanh GELU MLP, biases everywhere, tied head
-  llama  RMSNorm, rotary positions (rotate-half form, as transformers), SwiGLU MLP, no biases,
-         grouped-query attention (num_kv_heads < num_heads), tied or untied head
+  llama  RMSNorm, rotary positions (rotate-half form, as transformers; frequencies optionally scaled,
+         ROPE_SCALINGS), SwiGLU MLP, no biases, grouped-query attention (num_kv_heads < num_heads),
+         tied or untied head
 
 The building blocks (parameters with logical axis names, LayerNorm, dropout, vocabulary padding)
 are the encoder's (model.py), and so are the execution knobs: layers stacked on a `layers` axis
@@ -46,6 +47,11 @@ from jaxlm import model as blocks
 from jaxlm.errors import UsageError
 
 FAMILIES = ('gpt2', 'llama')
+# Rotary frequency scalings (llama): 'linear' divides every frequency by rope_factor (positions / factor);
+# 'llama3' (Llama 3.1 and later) divides the low ones only, those whose wavelength exceeds
+# rope_original_max_positions / rope_low_freq_factor, keeps those below rope_original_max_positions /
+# rope_high_freq_factor, and blends the two in between.
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
 # The layers' kernels that `quantization='int8'` stores as int8 (wg: the llama family's gate).
 INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel', 'wg_kernel')
@@ -68,6 +74,11 @@ class DecoderConfig:
   hidden_act: str = ''  # '' = the family's: gelu_tanh (gpt2), silu (llama, gated).
   norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon.
   rope_theta: float = 10000.0  # Rotary base (llama).
+  rope_scaling: str = 'none'  # One of ROPE_SCALINGS, with the four fields below (llama).
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only, as the next two.
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192  # The context length the scaling extends.
   tie_embeddings: bool = True  # LM head = word embeddings transposed.
   hidden_dropout: float = 0.0  # Dropout on embeddings and residual branches (training only).
   initializer_range: float = 0.02
@@ -99,6 +110,13 @@ class DecoderConfig:
       raise UsageError(f'model.attention_impl={self.attention_impl!r}: a decoder runs "", "xla" or "cudnn"')
     if self.quantization not in blocks.QUANTIZATIONS:
       raise UsageError(f'model.quantization={self.quantization!r}: expected one of {blocks.QUANTIZATIONS}')
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise UsageError(f'model.rope_scaling={self.rope_scaling!r}: expected one of {ROPE_SCALINGS}')
+    if self.rope_scaling != 'none' and not self.rope_factor > 0:
+      raise UsageError(f'model.rope_factor={self.rope_factor!r}: must be positive')
+    if self.rope_scaling == 'llama3' and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+      raise UsageError(f'model.rope_low_freq_factor={self.rope_low_freq_factor!r}, model.rope_high_freq_factor='
+                       f'{self.rope_high_freq_factor!r}: llama3 scaling needs 0 < low < high')  # fmt: skip
     jnp.dtype(self.dtype)
 
   @property
@@ -173,11 +191,27 @@ def _norm(x, scale, bias, cfg: DecoderConfig):
   return (y * blocks._bcast(scale, x.ndim)).astype(x.dtype)
 
 
-def rope(x_BxTxHxK, positions_BxT, theta: float):
+def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
+  """The K/2 rotary frequencies (float32), scaled as `cfg.rope_scaling` says (ROPE_SCALINGS)."""
+  K = cfg.head_size
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  if cfg.rope_scaling == 'linear':
+    return inv_freq / cfg.rope_factor
+  if cfg.rope_scaling == 'llama3':
+    wavelength = 2 * math.pi / inv_freq
+    old, low, high = cfg.rope_original_max_positions, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    scaled = jnp.where(wavelength > old / low, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (old / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    between = (wavelength >= old / high) & (wavelength <= old / low)
+    return jnp.where(between, blended, scaled)
+  return inv_freq
+
+
+def rope(x_BxTxHxK, positions_BxT, inv_freq_K2):
   """Rotary position embedding in the rotate-half layout (transformers' Llama), in float32."""
   K = x_BxTxHxK.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
-  angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None]
+  angles_BxTxK2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_K2[None, None]
   cos = jnp.cos(jnp.concatenate([angles_BxTxK2] * 2, -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles_BxTxK2] * 2, -1))[:, :, None, :]
   x = x_BxTxHxK.astype(jnp.float32)
@@ -362,7 +396,8 @@ class Decoder(nnx.Module):
 
     q, k, v = proj('q'), proj('k'), proj('v')
     if cfg.family == 'llama':
-      q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
+      inv_freq = rope_frequencies(cfg)
+      q, k = rope(q, positions_BxT, inv_freq), rope(k, positions_BxT, inv_freq)
     a, extra = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     a = (a.reshape(B * T, -1) @ p['o_kernel'].reshape(-1, D)).reshape(B, T, D)
     if 'o_bias' in p:

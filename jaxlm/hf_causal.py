@@ -45,12 +45,40 @@ def is_causal_dir(path: str) -> bool:
     return False  # The BERT reader names what is wrong with it.
 
 
-def _rope_theta(hf: dict, source: str) -> float:
+def _rope(hf: dict, source: str) -> dict:
+  """The rotary fields of a LlamaConfig dict (`rope_parameters`, or the older `rope_scaling` + `rope_theta`)."""
   rp = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
   kind = rp.get('rope_type', rp.get('type', 'default'))
-  if kind != 'default':
-    raise UsageError(f'{source}: rope type {kind!r} is not supported (only the default rotary embedding)')
-  return float(rp.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  out = dict(rope_theta=float(rp.get('rope_theta', hf.get('rope_theta', 10000.0))))
+  if kind == 'default':
+    return out
+  if kind not in ('linear', 'llama3'):
+    raise UsageError(f'{source}: rope type {kind!r} is not supported (the default, "linear" or "llama3")')
+
+  def need(key):
+    if key not in rp:
+      raise UsageError(f'{source}: the {kind!r} rotary scaling has no {key!r}')
+    return rp[key]
+
+  out.update(rope_scaling=kind, rope_factor=float(need('factor')))
+  if kind == 'llama3':
+    out.update(rope_low_freq_factor=float(need('low_freq_factor')), rope_high_freq_factor=float(need('high_freq_factor')),
+               rope_original_max_positions=int(need('original_max_position_embeddings')))  # fmt: skip
+  return out
+
+
+def _rope_to_hf(cfg: decoder.DecoderConfig) -> dict:
+  """`rope_parameters` (transformers 5) and, for a scaled one, `rope_scaling` (transformers 4) of `cfg`."""
+  rp = {'rope_type': 'default' if cfg.rope_scaling == 'none' else cfg.rope_scaling, 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling == 'none':
+    return dict(rope_theta=cfg.rope_theta, rope_parameters=rp)
+  rp['factor'] = cfg.rope_factor
+  if cfg.rope_scaling == 'llama3':
+    rp.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+              original_max_position_embeddings=cfg.rope_original_max_positions)  # fmt: skip
+  return dict(
+    rope_theta=cfg.rope_theta, rope_parameters=rp, rope_scaling={k: v for k, v in rp.items() if k != 'rope_theta'}
+  )
 
 
 def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decoder.DecoderConfig:
@@ -80,7 +108,7 @@ def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decode
               num_heads=hf['num_attention_heads'], num_kv_heads=hf.get('num_key_value_heads'),
               head_dim=hf.get('head_dim'), intermediate_size=hf['intermediate_size'],
               max_position_embeddings=hf.get('max_position_embeddings', 2048), norm_eps=hf.get('rms_norm_eps', 1e-6),
-              rope_theta=_rope_theta(hf, source), tie_embeddings=hf.get('tie_word_embeddings', False), **common)  # fmt: skip
+              **_rope(hf, source), tie_embeddings=hf.get('tie_word_embeddings', False), **common)  # fmt: skip
   else:
     raise UsageError(f'{source}: model_type={kind!r} is not a causal LM jaxlm reads (expected one of {MODEL_TYPES})')
   if kw.get('head_dim') == kw['hidden_size'] // kw['num_heads']:
@@ -102,7 +130,7 @@ def config_to_hf(cfg: decoder.DecoderConfig) -> dict:
               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, intermediate_size=cfg.intermediate_size,
               max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-              rope_theta=cfg.rope_theta, rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+              **_rope_to_hf(cfg),
               tie_word_embeddings=cfg.tie_embeddings, hidden_act='silu', attention_bias=False, mlp_bias=False,
               initializer_range=cfg.initializer_range, **ids)  # fmt: skip
 

@@ -195,6 +195,43 @@ def test_unsupported_hugging_face_configs_are_named(hf_dirs, tmp_path):
     hf_causal.params_from_hf(tensors, cfg, 'model.safetensors')
 
 
+@pytest.mark.parametrize(
+  'scaling',
+  [
+    dict(
+      rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+    ),
+    dict(rope_type='linear', factor=4.0),
+  ],
+  ids=['llama3', 'linear'],
+)
+def test_scaled_rotary_embeddings_match_transformers_and_round_trip(tmp_path, scaling):
+  """Llama 3.1 and later scale their rotary frequencies (rope_type llama3: with head size 16 and an original
+  context of 16 tokens, some frequencies are divided, some kept, some blended); older models may scale linearly."""
+  import json
+
+  path = save_random_hf('llama', str(tmp_path / 'hf'), vocab_size=97, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        rope_parameters={**scaling, 'rope_theta': 10000.0})  # fmt: skip
+  graphdef, params, _ = hf_causal.load(path)
+  cfg = graphdef_cfg(graphdef, params)
+  assert (cfg.rope_scaling, cfg.rope_factor) == (scaling['rope_type'], scaling['factor'])
+  ids = np.random.default_rng(0).integers(0, 97, (1, 40)).astype(np.int32)
+  theirs = _torch_logits(path, ids)
+  np.testing.assert_allclose(_logits(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
+  unscaled = hf_causal.load(path, rope_scaling='none')[:2]
+  assert np.abs(_logits(*unscaled, ids) - theirs).max() > 1e-2  # The scaling is not a no-op here.
+  # A config.json of transformers 4 (rope_scaling beside rope_theta) reads the same.
+  hf = json.load(open(os.path.join(path, 'config.json')))
+  hf['rope_scaling'], hf['rope_theta'] = {k: v for k, v in hf.pop('rope_parameters').items() if k != 'rope_theta'}, 1e4
+  assert hf_causal.config_from_hf(hf) == cfg
+  hf_causal.save(params, cfg, str(tmp_path / 'out'))
+  np.testing.assert_allclose(_torch_logits(str(tmp_path / 'out'), ids), theirs, atol=0, rtol=0)
+  del hf['rope_scaling']['factor']
+  with pytest.raises(UsageError, match=f"the '{scaling['rope_type']}' rotary scaling has no 'factor'"):
+    hf_causal.config_from_hf(hf)
+
+
 def _save_shards(tensors: dict, out, shards: int, kind: str):
   """`tensors` split over `shards` files with the index transformers writes beside them."""
   import json
