@@ -84,6 +84,7 @@ class DecoderConfig:
   initializer_range: float = 0.02
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  stop_token_ids: tuple[int, ...] = ()  # More ids that end a generation (an instruct model's end of turn).
   pad_token_id: int | None = None
   dtype: str = 'float32'  # Compute dtype; parameters stay float32.
   scan_layers: bool | None = None  # As model.ModelConfig.
@@ -92,6 +93,10 @@ class DecoderConfig:
   quantization: str = 'none'  # 'int8': weight-only int8 layer kernels with float32 scales (inference; quant.py).
 
   def __post_init__(self):
+    try:  # A list read from model_config.json: a tuple, as the config is hashed (a static jit argument).
+      object.__setattr__(self, 'stop_token_ids', tuple(int(i) for i in self.stop_token_ids))
+    except (TypeError, ValueError) as e:
+      raise UsageError(f'model.stop_token_ids={self.stop_token_ids!r}: expected a list of token ids') from e
     if self.family not in FAMILIES:
       raise UsageError(f'model.family={self.family!r}: expected one of {FAMILIES}')
     if not isinstance(self.vocab_multiple, int) or self.vocab_multiple < 1:

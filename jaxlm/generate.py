@@ -117,6 +117,12 @@ class Generator:
     tok_eos = getattr(self.tokenizer, 'eos_id', None)
     return self.cfg.eos_token_id if self.cfg.eos_token_id is not None else tok_eos
 
+  @property
+  def stop_token_ids(self) -> list[int]:
+    """The ids that end a row by default: the EOS (the model's, else the tokenizer's) and the model's stop_token_ids."""
+    eos = [] if self.eos_id is None else [self.eos_id]
+    return eos + [i for i in self.cfg.stop_token_ids if i not in eos]
+
   def _encode(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.tokenizer.backend.encode_batch(list(texts))]
 
@@ -124,13 +130,13 @@ class Generator:
     self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
     top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
   ) -> list[list[int]]:  # fmt: skip
-    """The new tokens of each prompt, up to and including the first stop token (the EOS by default)."""
+    """The new tokens of each prompt, up to and including the first stop token (stop_token_ids by default)."""
     if max_new_tokens < 1:
       raise UsageError(f'max_new_tokens={max_new_tokens}: must be at least 1')
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
       raise UsageError(f'temperature={temperature}, top_k={top_k}, top_p={top_p}: need temperature >= 0,'
                        ' top_k >= 0 and 0 < top_p <= 1')  # fmt: skip
-    stops = list(stop_ids) if stop_ids is not None else ([] if self.eos_id is None else [self.eos_id])
+    stops = list(stop_ids) if stop_ids is not None else self.stop_token_ids
     if len(stops) > MAX_STOP_IDS:
       raise UsageError(f'stop: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}')
     stop_E = np.full((MAX_STOP_IDS,), -1, np.int32)
@@ -164,11 +170,11 @@ class Generator:
     self, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
     top_p: float = 1.0, seed: int = 0, stop: Sequence[str] | None = None,
   ) -> list[str]:  # fmt: skip
-    """The continuation of each prompt, ended before the EOS or the first of the `stop` strings."""
+    """Each prompt's continuation, ended before a stop token (stop_token_ids) or the first `stop` string."""
     if isinstance(prompts, str):
       raise UsageError('prompts: expected a list of strings, got one string')
     stop = list(stop or [])
-    stop_ids = [] if self.eos_id is None else [self.eos_id]
+    stop_ids = self.stop_token_ids
     for s in stop:  # A stop string that is one token also ends the row inside the loop.
       ids = self.tokenizer.backend.encode(s, add_special_tokens=False).ids
       if len(ids) == 1 and ids[0] not in stop_ids:

@@ -81,12 +81,17 @@ def _rope_to_hf(cfg: decoder.DecoderConfig) -> dict:
   )
 
 
+def _ids(value) -> list[int]:
+  """An `eos_token_id` of a Hugging Face config: one id, a list of them, or None."""
+  return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
 def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decoder.DecoderConfig:
   """A DecoderConfig from a GPT2Config or LlamaConfig dict; `overrides` win."""
   kind = hf.get('model_type')
-  eos = hf.get('eos_token_id')
-  eos = eos[0] if isinstance(eos, list) else eos
-  common = dict(vocab_size=hf['vocab_size'], bos_token_id=hf.get('bos_token_id'), eos_token_id=eos,
+  eos = _ids(hf.get('eos_token_id'))  # Several in instruct models: the end of text and of a turn.
+  common = dict(vocab_size=hf['vocab_size'], bos_token_id=hf.get('bos_token_id'), eos_token_id=(eos or [None])[0],
+                stop_token_ids=tuple(eos[1:]),
                 pad_token_id=hf.get('pad_token_id'), initializer_range=hf.get('initializer_range', 0.02))  # fmt: skip
   if kind == 'gpt2':
     act = hf.get('activation_function', 'gelu_new')
@@ -118,7 +123,8 @@ def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decode
 
 def config_to_hf(cfg: decoder.DecoderConfig) -> dict:
   """The config.json of `cfg` for transformers."""
-  ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+  eos = [cfg.eos_token_id, *cfg.stop_token_ids] if cfg.stop_token_ids else cfg.eos_token_id
+  ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id)
   if cfg.family == 'gpt2':
     return dict(model_type='gpt2', architectures=['GPT2LMHeadModel'], vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size,
                 n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
@@ -295,10 +301,28 @@ def load(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State
     raise UsageError(f'{path}: holds float tensors; quantize them after loading (quant.quantize)')
   hf = hf_bert.read_config(path, ARCHITECTURES)
   cfg = config_from_hf(hf, os.path.join(path, 'config.json'), **overrides)
+  cfg = _with_generation_config(cfg, path, overrides)
   tensors, source = hf_bert.read_tensors(path)
   params = params_from_hf(tensors, cfg, source)
   graphdef, _ = decoder.abstract(cfg)
   return graphdef, params, hf
+
+
+def _with_generation_config(cfg: decoder.DecoderConfig, path: str, overrides: dict) -> decoder.DecoderConfig:
+  """`cfg` with the end-of-sequence ids that generation_config.json adds to config.json's (what transformers'
+  `generate` stops at), unless `overrides` set them."""
+  file = os.path.join(path, 'generation_config.json')
+  if not os.path.exists(file) or {'eos_token_id', 'stop_token_ids'} & set(overrides):
+    return cfg
+  try:
+    eos = _ids(json.loads(open(file).read()).get('eos_token_id'))
+  except (ValueError, AttributeError) as e:
+    raise UsageError(f'{file}: not a JSON object') from e
+  known = [cfg.eos_token_id, *cfg.stop_token_ids]
+  more = tuple(i for i in dict.fromkeys(eos) if i not in known)
+  if cfg.eos_token_id is None and more:
+    return cfg.replace(eos_token_id=more[0], stop_token_ids=cfg.stop_token_ids + more[1:])
+  return cfg.replace(stop_token_ids=cfg.stop_token_ids + more) if more else cfg
 
 
 def save(params: nnx.State, cfg: decoder.DecoderConfig, out_dir: str, tokenizer_dir: str | None = None) -> None:

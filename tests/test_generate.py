@@ -40,12 +40,14 @@ def model(request, tmp_path_factory):
 
 
 def _hf_greedy(path, prompt, n, eos=None):
+  """transformers' greedy continuation; `eos` 'config': the stop ids its config and generation config name."""
   import transformers
 
   m = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  stops = {} if eos == 'config' else {'eos_token_id': eos}
   with torch.no_grad():
-    out = m.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0,
-                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))  # fmt: skip
+    out = m.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, pad_token_id=0,
+                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **stops)  # fmt: skip
   return out[0, len(prompt) :].tolist()
 
 
@@ -66,6 +68,43 @@ def test_a_stop_token_ends_its_row_only(model):
     cut = f.index(stop) + 1 if stop in f else len(f)
     assert r == f[:cut]
   assert rows[1] == _hf_greedy(path, PROMPTS[1], 12, eos=stop)
+
+
+def _first_new(row, start):
+  """The index of the first token of `row` from `start` on that none before it is."""
+  return next(i for i in range(start, len(row)) if row[i] not in row[:i])
+
+
+def test_every_end_of_sequence_id_hugging_face_names_ends_a_row(tmp_path):
+  """An instruct model ends a turn with a token of its own: config.json's eos_token_id is a list, and
+  generation_config.json may name more. transformers' generate stops at any of them, and so does jaxlm; an export
+  writes them all back, and a jaxlm model config keeps them."""
+  import dataclasses
+  import json
+  import os
+
+  from jaxlm import models
+
+  family, kw = SHAPES['llama']
+  path = save_random_causal_lm(family, str(tmp_path / 'hf'), seed=3, **kw)
+  free = generate.Generator(*hf_causal.load(path)[:2], tokenizer=None).generate_ids([PROMPTS[1]], 12, stop_ids=[])[0]
+  early = free[_first_new(free, 3)]
+  late = free[_first_new(free, free.index(early) + 1)]
+  assert 2 not in free[: free.index(late) + 1]
+  for name, eos in (('config.json', [2, late]), ('generation_config.json', [2, late, early])):
+    with open(os.path.join(path, name)) as f:
+      hf = json.load(f)
+    with open(os.path.join(path, name), 'w') as f:
+      json.dump({**hf, 'eos_token_id': eos}, f)
+  graphdef, params, _ = hf_causal.load(path)
+  cfg = decoder.merge(graphdef, params).cfg
+  assert (cfg.eos_token_id, cfg.stop_token_ids) == (2, (late, early))
+  row = generate.Generator(graphdef, params, tokenizer=None).generate_ids([PROMPTS[1]], 12)[0]
+  assert row == free[: free.index(early) + 1] == _hf_greedy(path, PROMPTS[1], 12, eos='config')
+  assert len(row) < len(free)
+  hf_causal.save(params, cfg, str(tmp_path / 'out'))
+  assert json.load(open(tmp_path / 'out' / 'config.json'))['eos_token_id'] == [2, late, early]
+  assert models.config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
 def test_one_compile_per_shape_not_per_token_or_prompt(model):
