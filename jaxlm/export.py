@@ -9,6 +9,8 @@
   --quantize    int8: weight-only int8 dense kernels with per-channel float32 scales
                 (quant.py: an encoder's or a causal LM's), in a jaxlm export that
                 `jaxlm.load` runs as it is
+  --dtype       float32 (default), bfloat16 or float16: the tensor type of --format hf (16 bits:
+                half the size, as model hubs hold them; transformers loads them in that type)
   --drop_adapters  write the model without its bottleneck adapters (finetune.mode=adapter): what
                 --format hf needs, as transformers' BERT has no adapter layers (refused without it)
 
@@ -21,13 +23,14 @@ writing the directories is store.py's.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 from flax import nnx
 
+from jaxlm import hf, peft, quant, store
 from jaxlm import model as model_lib
-from jaxlm import peft, quant, store
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -38,6 +41,7 @@ def main(argv=None) -> int:
   p.add_argument('--out', required=True, help='output directory')
   p.add_argument('--format', choices=['jaxlm', 'hf'], default='jaxlm', help='jaxlm (Orbax) or hf (transformers)')
   p.add_argument('--quantize', choices=['none', 'int8'], default='none', help='int8: weight-only int8 kernels')
+  p.add_argument('--dtype', choices=hf.DTYPES, default='float32', help='tensor type of --format hf')
   p.add_argument(
     '--drop_adapters', action='store_true', help='leave out the bottleneck adapters (needed for --format hf)'
   )
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
   try:
     if args.quantize != 'none' and args.format == 'hf':
       raise UsageError('--quantize int8 writes a jaxlm export; a Hugging Face directory holds float tensors')
+    if args.dtype != 'float32' and args.format != 'hf':
+      raise UsageError(f'--dtype {args.dtype}: applies to --format hf; a jaxlm export keeps the float32 parameters')
     dest = os.path.realpath(args.out)
     if os.path.isdir(dest) and os.path.exists(args.checkpoint) and os.path.samefile(dest, args.checkpoint):
       raise UsageError(f'{out}: is the --checkpoint; export to another directory')
@@ -68,10 +74,14 @@ def main(argv=None) -> int:
     elif args.format == 'hf':
       graphdef, params = quant.dequantize(graphdef, params)  # An int8 export back to float tensors.
     tok = tokenizer_lib.load(tok_dir)
-    write = store.write_hf if args.format == 'hf' else store.write_jaxlm
+    if args.format == 'hf':
+      write = functools.partial(store.write_hf, dtype=args.dtype)
+    else:
+      write = store.write_jaxlm
     store.replace_dir(args.out, lambda d: write(d, graphdef, params, tok, labels), out)
     quantization = nnx.merge(graphdef, params).cfg.quantization
     kind = args.format if quantization == 'none' else f'{args.format}, {quantization} kernels'
+    kind += f', {args.dtype}' if args.dtype != 'float32' else ''
     print(f'exported {model_lib.count_params(params) / 1e6:.1f}M parameters ({kind}) -> {args.out}')
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -395,13 +395,27 @@ def save(
   cfg: model_lib.ModelConfig,
   tokenizer_dir: str | None = None,
   id2label: dict[int, str] | None = None,
+  dtype: str = 'float32',
 ) -> None:
-  """Writes config.json, model.safetensors and the tokenizer files to `out_dir`."""
+  """Writes config.json, model.safetensors (its tensors in `dtype`) and the tokenizer files to `out_dir`."""
+  write_weights(out_dir, params_to_hf(params, cfg), config_to_hf(cfg, id2label), dtype)
+  copy_tokenizer_files(tokenizer_dir, out_dir)
+
+
+# The tensor types of a Hugging Face export: float32 as trained, or half the size in 16 bits (what a model hub
+# usually holds; transformers loads it in that type, or in float32 with dtype=torch.float32).
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def write_weights(out_dir: str, tensors: dict[str, np.ndarray], config: dict, dtype: str = 'float32') -> None:
+  """config.json (naming `dtype`, as transformers does) and model.safetensors with `tensors` in `dtype`."""
+  if dtype not in DTYPES:
+    raise UsageError(f'--dtype {dtype}: expected one of {DTYPES}')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config_to_hf(cfg, id2label), f, indent=2)
-  save_file(params_to_hf(params, cfg), os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  copy_tokenizer_files(tokenizer_dir, out_dir)
+    json.dump({**config, 'dtype': dtype, 'torch_dtype': dtype}, f, indent=2)  # transformers 5 and 4's names.
+  cast = {k: v.astype(jnp.dtype(dtype)) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
+  save_file(cast, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
 
 
 def copy_tokenizer_files(tokenizer_dir: str | None, out_dir: str) -> None:

@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from jaxlm import decoder
 from jaxlm import hf as hf_bert
@@ -325,13 +324,12 @@ def _with_generation_config(cfg: decoder.DecoderConfig, path: str, overrides: di
   return cfg.replace(stop_token_ids=cfg.stop_token_ids + more) if more else cfg
 
 
-def save(params: nnx.State, cfg: decoder.DecoderConfig, out_dir: str, tokenizer_dir: str | None = None) -> None:
-  """Writes config.json + model.safetensors (+ the tokenizer's files) that transformers loads."""
-  os.makedirs(out_dir, exist_ok=True)
+def save(
+  params: nnx.State, cfg: decoder.DecoderConfig, out_dir: str, tokenizer_dir: str | None = None, dtype: str = 'float32'
+) -> None:
+  """Writes config.json + model.safetensors (tensors in `dtype`, hf.DTYPES) + the tokenizer's files for transformers."""
   tensors = params_to_hf(params, cfg)
   if cfg.tie_embeddings:
     tensors.pop('lm_head.weight', None)
-  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config_to_hf(cfg), f, indent=2)
+  hf_bert.write_weights(out_dir, tensors, config_to_hf(cfg), dtype)
   hf_bert.copy_tokenizer_files(tokenizer_dir, out_dir)

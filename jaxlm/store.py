@@ -296,14 +296,16 @@ def write_hf(
   params: nnx.State,
   tokenizer: tokenizer_lib.Tokenizer,
   labels: list[str] | None = None,
+  dtype: str = 'float32',
 ) -> None:
-  """Writes a Hugging Face directory (config.json, model.safetensors, tokenizer files); int8 kernels as float."""
+  """Writes a Hugging Face directory (config.json, model.safetensors with tensors in `dtype`, tokenizer files);
+  int8 kernels as float."""
   graphdef, params = quant.dequantize(graphdef, params)  # Hugging Face holds float tensors.
   cfg = nnx.merge(graphdef, params).cfg
   if models.family(cfg) == 'decoder':
-    hf_causal.save(params, cfg, out_dir)
+    hf_causal.save(params, cfg, out_dir, dtype=dtype)
   else:
-    hf.save(out_dir, params, cfg, id2label=dict(enumerate(labels)) if labels else None)
+    hf.save(out_dir, params, cfg, id2label=dict(enumerate(labels)) if labels else None, dtype=dtype)
   tokenizer.save(out_dir)
 
 

@@ -189,6 +189,38 @@ def test_exports_load_back_and_in_transformers_with_the_same_logits(run, tmp_pat
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_hugging_face_export_in_16_bits_is_half_the_size_and_transformers_loads_it_so(run, tmp_path, capsys):
+  import os
+
+  import transformers
+  from safetensors.numpy import load_file
+
+  workdir, *_ = run
+  f32, b16 = tmp_path / 'f32', tmp_path / 'bf16'
+  assert export.main(['--checkpoint', str(workdir), '--out', str(f32), '--format', 'hf']) == 0
+  assert export.main(['--checkpoint', str(workdir), '--out', str(b16), '--format', 'hf', '--dtype', 'bfloat16']) == 0
+  assert 'hf, bfloat16' in capsys.readouterr().out
+  a, b = load_file(str(f32 / 'model.safetensors')), load_file(str(b16 / 'model.safetensors'))
+  assert sorted(a) == sorted(b)
+  for k in a:  # Each tensor rounded to bfloat16, nothing else.
+    assert a[k].dtype == np.float32 and b[k].dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(b[k], a[k].astype(jax.numpy.bfloat16), err_msg=k)
+  assert os.path.getsize(b16 / 'model.safetensors') < 0.55 * os.path.getsize(f32 / 'model.safetensors')
+  assert json.load(open(b16 / 'config.json'))['dtype'] == 'bfloat16'
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(b16)).eval()
+  assert hf.dtype == torch.bfloat16  # The type the directory names.
+  ids = torch.arange(3, 40)[None]
+  with torch.no_grad():
+    want = transformers.AutoModelForCausalLM.from_pretrained(str(f32)).eval()(ids).logits.numpy()
+    got = hf.float()(ids).logits.numpy()
+  assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # bfloat16 weights: close, not equal.
+  back = jaxlm.load(str(b16))  # jaxlm reads it back in float32.
+  assert jax.tree.leaves(back.params)[0].dtype == np.float32
+  assert export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'jx'), '--dtype', 'float16']) == 2
+  assert '--dtype float16: applies to --format hf' in capsys.readouterr().err
+  assert not (tmp_path / 'jx').exists()
+
+
 def _du(path) -> int:
   return sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
 
