@@ -1,4 +1,4 @@
-"""Tokenizers from a directory (tokenizer.json or vocab.txt), via Hugging Face `tokenizers`.
+"""Tokenizers from a directory (tokenizer.json, vocab.txt, or GPT-2's vocab.json + merges.txt), via `tokenizers`.
 
 A thin wrapper that gives the rest of jaxlm one interface: encode single texts or pairs with
 truncation, encode plain texts, decode, and know the special ids. Two kinds: BERT's WordPiece
@@ -199,7 +199,8 @@ def _special_names(p: epath.Path) -> tuple[bool | None, dict[str, str | None]]:
 
 
 def load(path: str) -> Tokenizer:
-  """A tokenizer from a directory holding tokenizer.json or vocab.txt, or a tokenizer.json file (local or gs://)."""
+  """A tokenizer from a directory holding tokenizer.json, vocab.txt (WordPiece) or vocab.json + merges.txt (GPT-2's
+  byte-level BPE), or a tokenizer.json file (local or gs://)."""
   p = epath.Path(path)
   if p.is_file():
     return Tokenizer(_HFTokenizer.from_str(p.read_bytes().decode()), path)
@@ -207,11 +208,38 @@ def load(path: str) -> Tokenizer:
   tj, vocab = p / 'tokenizer.json', p / 'vocab.txt'
   if tj.exists():
     return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower, names)
+  if (p / 'vocab.json').exists() and (p / 'merges.txt').exists():  # GPT-2's files, with no tokenizer.json.
+    return Tokenizer(_byte_level_bpe(p, names), str(p / 'vocab.json'), lower, names)
   if vocab.exists():
     lower = True if lower is None else lower
     words = {w.rstrip(): i for i, w in enumerate(vocab.read_bytes().decode().split('\n')) if w.rstrip()}
     return Tokenizer(BertWordPieceTokenizer(words, lowercase=lower)._tokenizer, str(vocab), lower)
-  raise UsageError(f'{path}: no tokenizer.json or vocab.txt')
+  raise UsageError(f'{path}: no tokenizer.json, vocab.txt, or vocab.json with merges.txt')
+
+
+def _byte_level_bpe(p: epath.Path, names: dict[str, str | None]) -> _HFTokenizer:
+  """GPT-2's byte-level BPE from a directory's vocab.json and merges.txt, built as transformers' GPT2Tokenizer
+  builds it (add_prefix_space from tokenizer_config.json), its special tokens (`names`, <|endoftext|>) whole."""
+  config = p / 'tokenizer_config.json'
+  prefix = bool(json.loads(config.read_bytes()).get('add_prefix_space', False)) if config.exists() else False
+  merges = []
+  for i, line in enumerate(p.joinpath('merges.txt').read_bytes().decode().splitlines(), 1):
+    if line and not (i == 1 and line.startswith('#version')):
+      pair = tuple(line.split(' '))
+      if len(pair) != 2:
+        raise UsageError(f'{p / "merges.txt"}:{i}: expected two symbols separated by a space, got {line!r}')
+      merges.append(pair)
+  try:
+    vocab = json.loads(p.joinpath('vocab.json').read_bytes())
+  except ValueError as e:
+    raise UsageError(f'{p / "vocab.json"}: not valid JSON') from e
+  tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix='',
+                                end_of_word_suffix='', fuse_unk=False))  # fmt: skip
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+  tok.decoder = decoders.ByteLevel()
+  specials = sorted({n for n in (*names.values(), BPE_EOS) if n is not None and n in vocab}, key=vocab.get)
+  tok.add_special_tokens(specials)
+  return tok
 
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # Ids 0-4 of every trained vocabulary.

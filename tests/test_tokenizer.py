@@ -311,6 +311,29 @@ def test_trained_bpe_is_a_gpt2_style_tokenizer(docs, bpe, tmp_path):
   assert str(e.value) == 'vocab_size=256: a byte-level BPE needs at least 257 tokens (the 256 bytes and <|endoftext|>)'
 
 
+def test_gpt2_vocab_json_and_merges_txt_load_as_the_tokenizer_they_came_from(docs, bpe, tmp_path):
+  """Older GPT-2 checkpoints hold vocab.json and merges.txt and no tokenizer.json: the same tokenizer as
+  transformers' GPT2Tokenizer builds from them, special tokens whole, and a bad merges line named."""
+  import transformers
+
+  d = tmp_path / 'gpt2_files'
+  d.mkdir()
+  bpe.backend.model.save(str(d))
+  assert sorted(os.listdir(d)) == ['merges.txt', 'vocab.json']
+  tok = tokenizer.load(str(d))
+  assert (tok.kind, tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == ('bpe', 400, 0, 0, None)
+  hf = transformers.GPT2Tokenizer.from_pretrained(str(d))
+  for text in [*docs[:20], _UNICODE, ' a leading space', 'a<|endoftext|>b']:
+    want = bpe.encode_plain([text])[0]
+    assert tok.encode_plain([text])[0] == want and tok.decode(want) == text
+    assert tok.backend.encode(text).ids == hf(text)['input_ids'] == bpe.backend.encode(text).ids
+  assert tok.backend.encode('a<|endoftext|>').ids[-1] == 0  # What generation reads: the token whole.
+  lines = (d / 'merges.txt').read_text().splitlines()
+  (d / 'merges.txt').write_text('\n'.join([*lines[:3], 'a b c', *lines[3:]]) + '\n')
+  with pytest.raises(UsageError, match=r'merges.txt:4: expected two symbols separated by a space'):
+    tokenizer.load(str(d))
+
+
 def _llama_style(docs):
   """A Llama-style BPE (SentencePiece spaces '▁', <unk> <s> </s> = ids 0-2, <s> before every text)."""
   from tokenizers import Tokenizer as HFTokenizer
