@@ -119,7 +119,7 @@ class Generator:
 
   @property
   def stop_token_ids(self) -> list[int]:
-    """The ids that end a row by default: the EOS (the model's, else the tokenizer's) and the model's stop_token_ids."""
+    """The ids that end a row by default: the EOS (the model's, else the tokenizer's) and cfg.stop_token_ids."""
     eos = [] if self.eos_id is None else [self.eos_id]
     return eos + [i for i in self.cfg.stop_token_ids if i not in eos]
 

@@ -2,10 +2,11 @@
 
 Reads a directory saved by transformers' `BertModel`, `BertForMaskedLM`, `BertForPreTraining`
 or `BertForSequenceClassification` (config.json plus model.safetensors or pytorch_model.bin, or
-the shards of either and their index) and writes one back that transformers loads with no missing weight. The vocabulary tables
-are padded with zero rows to the model's `vocab_multiple` on loading (`vocab_multiple=128` as a
-`load` override) and cut back to `vocab_size` rows on writing. Every tensor is checked
-against the shape the model expects; a mismatch names the file, the tensor and both shapes.
+the shards of either and their index) and writes one back that transformers loads with no
+missing weight. The vocabulary tables are padded with zero rows to the model's `vocab_multiple`
+on loading (`vocab_multiple=128` as a `load` override) and cut back to `vocab_size` rows on
+writing. Every tensor is checked against the shape the model expects; a mismatch names the
+file, the tensor and both shapes.
 Nothing here imports TensorFlow; torch is imported only to read PyTorch weight files.
 """
 
@@ -225,7 +226,8 @@ def _read_weights(file: str) -> dict[str, np.ndarray]:
 def _read_shards(path: str, index: str) -> dict[str, np.ndarray]:
   """The tensors of every shard that `index`'s weight_map names, each checked to be in the shard named for it."""
   try:
-    weight_map = json.loads(open(index).read())['weight_map']
+    with open(index) as f:
+      weight_map = json.load(f)['weight_map']
     shards = sorted(set(weight_map.values()))
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise UsageError(f'{index}: not a weight index (a JSON object with a "weight_map" of tensor: file)') from e

@@ -1,10 +1,10 @@
 """Hugging Face causal-LM directories <-> jaxlm decoder parameters, both directions.
 
 Reads a directory saved by transformers' `GPT2LMHeadModel` / `GPT2Model` or `LlamaForCausalLM` /
-`LlamaModel` (config.json plus model.safetensors or pytorch_model.bin, or their shards: `hf.read_tensors`)
-and writes one back that transformers loads with no missing weight. GPT-2's fused `c_attn` Conv1D is split into the
-query, key and value kernels; Llama's [out, in] Linear weights are transposed into jaxlm's
-[in, heads, head size] layout (the rotate-half rotary form is the same on both sides, so the
+`LlamaModel` (config.json plus model.safetensors or pytorch_model.bin, or their shards:
+`hf.read_tensors`) and writes one back that transformers loads with no missing weight. GPT-2's
+fused `c_attn` Conv1D is split into the query, key and value kernels; Llama's [out, in] Linear
+weights are transposed into jaxlm's [in, heads, head size] layout (the rotate-half rotary form is the same on both sides, so the
 query and key kernels need no permutation). Vocabulary tables are padded to the model's
 `vocab_multiple` on loading and cut back on writing; every tensor is checked against the shape
 the model expects, and a mismatch names the file, the tensor and both shapes.
@@ -61,7 +61,8 @@ def _rope(hf: dict, source: str) -> dict:
 
   out.update(rope_scaling=kind, rope_factor=float(need('factor')))
   if kind == 'llama3':
-    out.update(rope_low_freq_factor=float(need('low_freq_factor')), rope_high_freq_factor=float(need('high_freq_factor')),
+    out.update(rope_low_freq_factor=float(need('low_freq_factor')),
+               rope_high_freq_factor=float(need('high_freq_factor')),
                rope_original_max_positions=int(need('original_max_position_embeddings')))  # fmt: skip
   return out
 
@@ -314,7 +315,8 @@ def _with_generation_config(cfg: decoder.DecoderConfig, path: str, overrides: di
   if not os.path.exists(file) or {'eos_token_id', 'stop_token_ids'} & set(overrides):
     return cfg
   try:
-    eos = _ids(json.loads(open(file).read()).get('eos_token_id'))
+    with open(file) as f:
+      eos = _ids(json.load(f).get('eos_token_id'))
   except (ValueError, AttributeError) as e:
     raise UsageError(f'{file}: not a JSON object') from e
   known = [cfg.eos_token_id, *cfg.stop_token_ids]
@@ -327,7 +329,7 @@ def _with_generation_config(cfg: decoder.DecoderConfig, path: str, overrides: di
 def save(
   params: nnx.State, cfg: decoder.DecoderConfig, out_dir: str, tokenizer_dir: str | None = None, dtype: str = 'float32'
 ) -> None:
-  """Writes config.json + model.safetensors (tensors in `dtype`, hf.DTYPES) + the tokenizer's files for transformers."""
+  """Writes config.json, model.safetensors (tensors in `dtype`, hf.DTYPES) and the tokenizer's files."""
   tensors = params_to_hf(params, cfg)
   if cfg.tie_embeddings:
     tensors.pop('lm_head.weight', None)
