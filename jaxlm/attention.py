@@ -1,9 +1,13 @@
-"""Fused self-attention kernels, and the choice among them per backend.
+"""Attention kernels: the encoder's fused self-attention and the choice among them per backend,
+and the decoder's causal and grouped-query attention.
 
 What lives here: `fused(q, k, v, valid, segments, impl)`, softmax(q k^T / sqrt(K)) v without the
-[B,N,T,T] probabilities in memory, and `choose`, which names the kernel that runs. What does
-not: the explicit path that materialises the probabilities, which training with attention
-dropout needs (model.py, next to the dropout).
+[B,N,T,T] probabilities in memory, and `choose`, which names the kernel that runs. For decoders
+(decoder.py): `grouped_query`, attention of N query heads over G key/value heads under any mask
+(decoding against the cache), `causal_blocks`, causal attention over whole rows a block of
+queries at a time with its own gradient, and `fused_causal`, cuDNN's causal kernel on a GPU. What
+does not: the encoder's explicit path that materialises the probabilities, which training with
+attention dropout needs (model.py, next to the dropout).
 
 The kernels (`model.attention_impl`; '' = auto picks the backend's own):
   'xla'     jax.nn.dot_product_attention(implementation='xla') with a boolean mask. CPU's choice,
@@ -130,3 +134,86 @@ def _splash(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, segment_BxT, spec: P):
     mesh = jax.sharding.get_abstract_mesh()
     run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None)), out_specs=spec, check_vma=False)
   return run(q_BxNxTxK, k_BxNxTxK, v_BxNxTxK, segment_BxT).transpose(0, 2, 1, 3)
+
+
+# ----------------------------------------------------------------------------- causal (decoder.py)
+
+
+def grouped_query(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
+  """softmax(q k^T / sqrt(K)) v over the keys `mask` allows, grouped-query (N = G * heads per group).
+  Keys and values are head-major (the cache's layout), so neither dot transposes them."""
+  B, T, N, K = q_BxTxNxK.shape
+  G = k_BxGxSxK.shape[1]
+  q = q_BxTxNxK.reshape(B, T, G, N // G, K)
+  s = jnp.einsum('btgrk,bgsk->bgrts', q, k_BxGxSxK).astype(jnp.float32) / math.sqrt(K)
+  s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxGxSxK.dtype)
+  return jnp.einsum('bgrts,bgsk->btgrk', p, v_BxGxSxK).reshape(B, T, N, K)
+
+
+@jax.custom_vjp
+def _softmax_attention(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
+  """grouped_query with its own gradient: the backward of softmax(s) v written out (dS = P * (dP - rowsum(dO * O)))
+  reads the saved probabilities once, where autodiff of grouped_query made transposed copies of them and of
+  their gradient."""
+  return _softmax_attention_fwd(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS)[0]
+
+
+def _softmax_attention_fwd(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
+  B, T, N, K = q_BxTxNxK.shape
+  G = k_BxGxSxK.shape[1]
+  q = (q_BxTxNxK * (1 / math.sqrt(K))).reshape(B, T, G, N // G, K)
+  s = jnp.einsum('btgrk,bgsk->bgrts', q, k_BxGxSxK).astype(jnp.float32)
+  s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+  top = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+  p = jnp.exp(s - (jnp.log(jnp.exp(s - top).sum(-1, keepdims=True)) + top))
+  o = jnp.einsum('bgrts,bgsk->btgrk', p.astype(v_BxGxSxK.dtype), v_BxGxSxK)
+  return o.reshape(B, T, N, K), (q, k_BxGxSxK, v_BxGxSxK, p, o)
+
+
+def _softmax_attention_bwd(res, do_BxTxNxK):
+  q, k, v, p, o = res
+  B, T, G, R, K = q.shape
+  do = do_BxTxNxK.reshape(B, T, G, R, K)
+  dp = jnp.einsum('btgrk,bgsk->bgrts', do, v).astype(jnp.float32)
+  delta = jnp.einsum('btgrk,btgrk->bgrt', do.astype(jnp.float32), o.astype(jnp.float32))
+  ds = p * (dp - delta[..., None])
+  dq = jnp.einsum('bgrts,bgsk->btgrk', ds.astype(k.dtype), k) * (1 / math.sqrt(K))
+  dk = jnp.einsum('bgrts,btgrk->bgsk', ds.astype(q.dtype), q)
+  dv = jnp.einsum('bgrts,btgrk->bgsk', p.astype(do.dtype), do)
+  return dq.reshape(B, T, G * R, K).astype(q.dtype), dk, dv, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+CAUSAL_BLOCK = 128  # Query rows per block of causal attention over whole rows (causal_blocks).
+
+
+def causal_blocks(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, mask_BxTxT, block: int = CAUSAL_BLOCK):
+  """Causal attention over whole rows, a block of queries at a time, each against the keys up to its
+  own last position: the keys after it are masked for every query of the block, so skipping them
+  changes nothing but the work (about half of the scores; at most 8 blocks per row, for the compile time)."""
+  T = q_BxTxNxK.shape[1]
+  block = max(block, -(-T // 8))
+  if T <= block:
+    return _softmax_attention(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, mask_BxTxT)
+  out = []
+  for a in range(0, T, block):
+    e = min(a + block, T)
+    out.append(_softmax_attention(q_BxTxNxK[:, a:e], k_BxGxTxK[:, :, :e], v_BxGxTxK[:, :, :e], mask_BxTxT[:, a:e, :e]))
+  return jnp.concatenate(out, 1)
+
+
+def fused_causal(q, k_BxGxTxK, v_BxGxTxK, valid_BxT, impl: str | None):
+  """Causal attention over right-padded rows by cuDNN's fused kernel (GPU, 16-bit), else None."""
+  impl = impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  K = q.shape[-1]
+  if impl != 'cudnn' or jax.default_backend() != 'gpu' or q.dtype not in CUDNN_DTYPES or K % 8:
+    return None
+  lengths = jnp.maximum(valid_BxT.sum(-1, dtype=jnp.int32), 1)
+  k, v = k_BxGxTxK.transpose(0, 2, 1, 3), v_BxGxTxK.transpose(0, 2, 1, 3)
+  try:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation='cudnn')  # fmt: skip
+  except NotImplementedError:
+    return None

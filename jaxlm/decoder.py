@@ -12,7 +12,7 @@ conversion (hf_causal.py), generation and perplexity (generate.py), losses (loss
          tied or untied head
 
 The building blocks (parameters with logical axis names, LayerNorm, dropout, vocabulary padding)
-are the encoder's (model.py), and so are the execution knobs: layers stacked on a `layers` axis
+are those the encoder shares (blocks.py), and so are the execution knobs: layers stacked on a `layers` axis
 and run as a `lax.scan` or unrolled, remat policies, the compute dtype. The word embeddings (and
 an untied head) have `padded_vocab_size` rows; the padding rows get a large negative logit.
 
@@ -26,7 +26,7 @@ packed (`segment_ids`: no attention across documents, `position_ids` restarting 
 `decode` over a preallocated key/value cache, for the prefill of a prompt batch and then one
 token per call (generate.py loops it inside one jitted while loop). Over whole rows attention runs
 cuDNN's fused kernel on a GPU (16-bit, unpacked rows), else blocks of queries against the keys up to
-each block's end (`_causal_blocks`), skipping the keys the causal mask hides from a whole block.
+each block's end (`attention.causal_blocks`), skipping the keys the causal mask hides from a whole block.
 
 Shape letters: B batch, T tokens in this call, S cache length, D hidden, N query heads, G key/value
 heads, K head size, F feed-forward, V vocabulary (padded), L layers.
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm import losses
-from jaxlm import model as blocks
+from jaxlm import attention, blocks, losses
 from jaxlm.errors import UsageError
 
 FAMILIES = ('gpt2', 'llama')
@@ -190,10 +189,10 @@ def preset(name: str, **overrides: Any) -> DecoderConfig:
 def _norm(x, scale, bias, cfg: DecoderConfig):
   """LayerNorm (gpt2) or RMSNorm (llama), computed in float32, returned in the input dtype."""
   if cfg.family == 'gpt2':
-    return blocks._layer_norm(x, scale, bias, cfg.norm_eps)
+    return blocks.layer_norm(x, scale, bias, cfg.norm_eps)
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
-  return (y * blocks._bcast(scale, x.ndim)).astype(x.dtype)
+  return (y * blocks.bcast(scale, x.ndim)).astype(x.dtype)
 
 
 def rope_frequencies(cfg: DecoderConfig) -> jax.Array:
@@ -225,86 +224,6 @@ def rope(x_BxTxHxK, positions_BxT, inv_freq_K2):
   return (x * cos + rotated * sin).astype(x_BxTxHxK.dtype)
 
 
-def _attend(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
-  """softmax(q k^T / sqrt(K)) v over the keys `mask` allows, grouped-query (N = G * heads per group).
-  Keys and values are head-major (the cache's layout), so neither dot transposes them."""
-  B, T, N, K = q_BxTxNxK.shape
-  G = k_BxGxSxK.shape[1]
-  q = q_BxTxNxK.reshape(B, T, G, N // G, K)
-  s = jnp.einsum('btgrk,bgsk->bgrts', q, k_BxGxSxK).astype(jnp.float32) / math.sqrt(K)
-  s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BxGxSxK.dtype)
-  return jnp.einsum('bgrts,bgsk->btgrk', p, v_BxGxSxK).reshape(B, T, N, K)
-
-
-@jax.custom_vjp
-def _softmax_attention(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
-  """_attend with its own gradient: the backward of softmax(s) v written out (dS = P * (dP - rowsum(dO * O)))
-  reads the saved probabilities once, where autodiff of _attend made transposed copies of them and of
-  their gradient."""
-  return _softmax_attention_fwd(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS)[0]
-
-
-def _softmax_attention_fwd(q_BxTxNxK, k_BxGxSxK, v_BxGxSxK, mask_BxTxS):
-  B, T, N, K = q_BxTxNxK.shape
-  G = k_BxGxSxK.shape[1]
-  q = (q_BxTxNxK * (1 / math.sqrt(K))).reshape(B, T, G, N // G, K)
-  s = jnp.einsum('btgrk,bgsk->bgrts', q, k_BxGxSxK).astype(jnp.float32)
-  s = jnp.where(mask_BxTxS[:, None, None], s, jnp.finfo(jnp.float32).min)
-  top = jax.lax.stop_gradient(s.max(-1, keepdims=True))
-  p = jnp.exp(s - (jnp.log(jnp.exp(s - top).sum(-1, keepdims=True)) + top))
-  o = jnp.einsum('bgrts,bgsk->btgrk', p.astype(v_BxGxSxK.dtype), v_BxGxSxK)
-  return o.reshape(B, T, N, K), (q, k_BxGxSxK, v_BxGxSxK, p, o)
-
-
-def _softmax_attention_bwd(res, do_BxTxNxK):
-  q, k, v, p, o = res
-  B, T, G, R, K = q.shape
-  do = do_BxTxNxK.reshape(B, T, G, R, K)
-  dp = jnp.einsum('btgrk,bgsk->bgrts', do, v).astype(jnp.float32)
-  delta = jnp.einsum('btgrk,btgrk->bgrt', do.astype(jnp.float32), o.astype(jnp.float32))
-  ds = p * (dp - delta[..., None])
-  dq = jnp.einsum('bgrts,bgsk->btgrk', ds.astype(k.dtype), k) * (1 / math.sqrt(K))
-  dk = jnp.einsum('bgrts,btgrk->bgsk', ds.astype(q.dtype), q)
-  dv = jnp.einsum('bgrts,btgrk->bgsk', p.astype(do.dtype), do)
-  return dq.reshape(B, T, G * R, K).astype(q.dtype), dk, dv, None
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-CAUSAL_BLOCK = 128  # Query rows per block of causal attention over whole rows (_causal_blocks).
-
-
-def _causal_blocks(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, mask_BxTxT, block: int = CAUSAL_BLOCK):
-  """Causal attention over whole rows, a block of queries at a time, each against the keys up to its
-  own last position: the keys after it are masked for every query of the block, so skipping them
-  changes nothing but the work (about half of the scores; at most 8 blocks per row, for the compile time)."""
-  T = q_BxTxNxK.shape[1]
-  block = max(block, -(-T // 8))
-  if T <= block:
-    return _softmax_attention(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, mask_BxTxT)
-  out = []
-  for a in range(0, T, block):
-    e = min(a + block, T)
-    out.append(_softmax_attention(q_BxTxNxK[:, a:e], k_BxGxTxK[:, :, :e], v_BxGxTxK[:, :, :e], mask_BxTxT[:, a:e, :e]))
-  return jnp.concatenate(out, 1)
-
-
-def _fused_causal(q, k_BxGxTxK, v_BxGxTxK, valid_BxT, cfg: DecoderConfig):
-  """Causal attention over right-padded rows by cuDNN's fused kernel (GPU, 16-bit), else None."""
-  impl = cfg.attention_impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
-  K = q.shape[-1]
-  if impl != 'cudnn' or jax.default_backend() != 'gpu' or q.dtype not in (jnp.bfloat16, jnp.float16) or K % 8:
-    return None
-  lengths = jnp.maximum(valid_BxT.sum(-1, dtype=jnp.int32), 1)
-  k, v = k_BxGxTxK.transpose(0, 2, 1, 3), v_BxGxTxK.transpose(0, 2, 1, 3)
-  try:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                        key_value_seq_lengths=lengths, implementation='cudnn')  # fmt: skip
-  except NotImplementedError:
-    return None
-
-
 class Decoder(nnx.Module):
   """A decoder-only language model of `cfg.family`."""
 
@@ -318,7 +237,7 @@ class Decoder(nnx.Module):
       cfg.head_size,
       cfg.intermediate_size,
     )
-    s, p = cfg.initializer_range, blocks._param
+    s, p = cfg.initializer_range, blocks.param
     gpt2 = cfg.family == 'gpt2'
     word = p(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
     self.word = word.replace(jnp.pad(word[...], ((0, cfg.padded_vocab_size - cfg.vocab_size), (0, 0))))
@@ -350,7 +269,7 @@ class Decoder(nnx.Module):
       for name in INT8_KERNELS:
         if name in layers:  # Scales over the layer axis and the output axes (a head's [G|N, K] for q/k/v).
           var, n_out = layers[name], 2 if name[0] in 'qkv' else 1
-          layers[name], layers[f'{name}_scale'] = blocks._int8(var, (0, *range(var.ndim - n_out, var.ndim)))
+          layers[name], layers[f'{name}_scale'] = blocks.int8_param(var, (0, *range(var.ndim - n_out, var.ndim)))
     self.layers = nnx.Dict(layers)
     self.final_norm_scale = p(None, (D,), ('embed',), fill=1.0)
     self.final_norm_bias = p(None, (D,), ('embed',)) if gpt2 else None
@@ -367,7 +286,7 @@ class Decoder(nnx.Module):
     x = jnp.take(self.word[...], ids_BxT, axis=0)
     if self.position is not None:
       x = x + jnp.take(self.position[...], positions_BxT, axis=0)
-    return blocks._dropout(x.astype(cfg.dtype), cfg.hidden_dropout, rng)
+    return blocks.dropout(x.astype(cfg.dtype), cfg.hidden_dropout, rng)
 
   def features(self, h_BxTxD):
     """The final norm over the last layer's hidden states: what the LM head multiplies."""
@@ -388,8 +307,8 @@ class Decoder(nnx.Module):
     (and whatever it returns beside, e.g. the updated cache)."""
     cfg = self.cfg
     dt = x.dtype
-    p = {k: blocks._weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
-    drop1, drop2 = blocks._split(rng, 2)
+    p = {k: blocks.weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v for k, v in p.items()}
+    drop1, drop2 = blocks.split_rng(rng, 2)
     h = _norm(x, p['attn_norm_scale'], p.get('attn_norm_bias'), cfg)
 
     B, T, D = x.shape
@@ -397,7 +316,7 @@ class Decoder(nnx.Module):
     def proj(n):  # Kernels as [D, heads * K] matrices: one plain dot, no transposed copy of the weights.
       w = p[f'{n}_kernel']
       y = (h.reshape(B * T, D) @ w.reshape(D, -1)).reshape(B, T, *w.shape[1:])
-      return y + blocks._bcast(p[f'{n}_bias'], 4) if f'{n}_bias' in p else y
+      return y + blocks.bcast(p[f'{n}_bias'], 4) if f'{n}_bias' in p else y
 
     q, k, v = proj('q'), proj('k'), proj('v')
     if cfg.family == 'llama':
@@ -406,18 +325,18 @@ class Decoder(nnx.Module):
     a, extra = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     a = (a.reshape(B * T, -1) @ p['o_kernel'].reshape(-1, D)).reshape(B, T, D)
     if 'o_bias' in p:
-      a = a + blocks._bcast(p['o_bias'], 3)
-    x = x + blocks._dropout(a, cfg.hidden_dropout, drop1)
+      a = a + blocks.bcast(p['o_bias'], 3)
+    x = x + blocks.dropout(a, cfg.hidden_dropout, drop1)
     h = _norm(x, p['mlp_norm_scale'], p.get('mlp_norm_bias'), cfg)
-    act = blocks._activation(cfg.activation)
+    act = blocks.activation(cfg.activation)
     if cfg.family == 'llama':
       f = act(h @ p['wg_kernel']) * (h @ p['wi_kernel'])
     else:
-      f = act(h @ p['wi_kernel'] + blocks._bcast(p['wi_bias'], 3))
+      f = act(h @ p['wi_kernel'] + blocks.bcast(p['wi_bias'], 3))
     f = f @ p['wo_kernel']
     if 'wo_bias' in p:
-      f = f + blocks._bcast(p['wo_bias'], 3)
-    return x + blocks._dropout(f, cfg.hidden_dropout, drop2), extra
+      f = f + blocks.bcast(p['wo_bias'], 3)
+    return x + blocks.dropout(f, cfg.hidden_dropout, drop2), extra
 
   def _stacked(self) -> dict:
     return {k: v[...] for k, v in self.layers.items()}
@@ -447,7 +366,7 @@ class Decoder(nnx.Module):
       raise UsageError(f'sequence length {T} exceeds model.max_position_embeddings={cfg.max_position_embeddings}')
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    emb_rng, layers_rng = blocks._split(rng, 2)
+    emb_rng, layers_rng = blocks.split_rng(rng, 2)
     x = self._embed(input_ids, position_ids, emb_rng)
     causal_TxT = jnp.tril(jnp.ones((T, T), bool))
     if segment_ids is not None:
@@ -458,8 +377,8 @@ class Decoder(nnx.Module):
       mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
 
     def attend(q, k, v):  # k, v: [B,G,T,K]
-      fused = None if segment_ids is not None else _fused_causal(q, k, v, valid_BxT, cfg)
-      return (_causal_blocks(q, k, v, mask_BxTxT) if fused is None else fused), None
+      fused = None if segment_ids is not None else attention.fused_causal(q, k, v, valid_BxT, cfg.attention_impl)
+      return (attention.causal_blocks(q, k, v, mask_BxTxT) if fused is None else fused), None
 
     def body(x, inputs):
       p, layer_rng = inputs
@@ -502,7 +421,7 @@ class Decoder(nnx.Module):
         at = (i, 0, 0, index, 0)
         ck2 = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
         cv2 = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-        return _attend(q, ck2[i], cv2[i], mask_BxTxS), (ck2, cv2)
+        return attention.grouped_query(q, ck2[i], cv2[i], mask_BxTxS), (ck2, cv2)
 
       p = jax.tree.map(lambda a: a[i], stacked) if layers is None or cfg.scanned else layers[i]
       return self._block(p, x, positions_BxT, None, attend)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from jaxlm import blocks
 from jaxlm import model as model_lib
 from jaxlm.errors import UsageError
 
@@ -295,7 +296,7 @@ def params_from_hf(
       missing.append(path)
       return
     value = np.asarray(to_jax(np.asarray(tensors[hf_name], np.float32)))
-    value = model_lib.fit_vocab(value, var.get_metadata()['axes'], cfg)  # Zero rows up to vocab_multiple.
+    value = blocks.fit_vocab(value, var.get_metadata()['axes'], cfg)  # Zero rows up to vocab_multiple.
     if value.shape != var.shape:
       raise UsageError(
         f'{source}: {hf_name} has shape {tuple(tensors[hf_name].shape)}, which does not fit'
@@ -378,7 +379,7 @@ def params_to_hf(params: nnx.State, cfg: model_lib.ModelConfig) -> dict[str, np.
     )
   # Hugging Face tables have vocab_size rows: the padding rows (vocab_multiple) are cut.
   flat = {
-    path: model_lib.vocab_rows(np.asarray(v[...], np.float32), v.get_metadata().get('axes', ()), cfg.vocab_size)
+    path: blocks.vocab_rows(np.asarray(v[...], np.float32), v.get_metadata().get('axes', ()), cfg.vocab_size)
     for path, v in nnx.to_flat_state(params)
   }
   prefix = 'bert.' if architecture(cfg) != 'BertModel' else ''

@@ -18,9 +18,8 @@ import os
 import numpy as np
 from flax import nnx
 
-from jaxlm import decoder
+from jaxlm import blocks, decoder
 from jaxlm import hf as hf_bert
-from jaxlm import model as blocks
 from jaxlm.errors import UsageError
 
 MODEL_TYPES = ('gpt2', 'llama')

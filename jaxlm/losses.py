@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.model import _PADDING_LOGIT
+from jaxlm.blocks import PADDING_LOGIT
 
 
 def weighted_xent(logits, labels, weights=None):
@@ -221,7 +221,7 @@ def head_logits(h, w_VxD, vocab_size: int):
   if vocab_size == logits.shape[-1]:
     return logits
   real = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < vocab_size
-  return jnp.where(real, logits, _PADDING_LOGIT * jnp.finfo(jnp.float32).max)
+  return jnp.where(real, logits, PADDING_LOGIT * jnp.finfo(jnp.float32).max)
 
 
 def causal_lm_loss(out: dict, batch: dict, norm: dict | None = None, mesh=None):

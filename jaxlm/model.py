@@ -21,7 +21,7 @@ LayerNorm; their up-projection starts at zero, so a fresh adapter leaves the mod
 The word embeddings and the MLM output bias have `padded_vocab_size` rows (`vocab_size` rounded
 up to `vocab_multiple`) so that the `vocab` axis splits over any mesh; the padding rows start at
 zero, no token id reaches them, and the MLM head gives them a large negative logit, so no loss,
-accuracy or prediction ever sees them. `fit_vocab` / `vocab_rows` pad or cut those rows when
+accuracy or prediction ever sees them. `blocks.fit_vocab` / `blocks.vocab_rows` pad or cut those rows when
 parameters move between multiples (loading, Hugging Face export).
 
 Use it functionally: `graphdef, params = nnx.split(Bert(cfg, rngs=nnx.Rngs(0)))` once, then
@@ -39,35 +39,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.extend.random import threefry2x32_p
 
-from jaxlm import attention
+from jaxlm import attention, blocks
 from jaxlm.errors import UsageError
 
-ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'silu')
-REMAT_POLICIES = ('none', 'full', 'save_dots', 'save_dots_no_batch')
-QUANTIZATIONS = ('none', 'int8')
 # adapter_placement -> the sublayers whose output passes through an adapter: attention ('attn'), feed-forward ('ffn').
 ADAPTER_PLACEMENTS = {'both': ('attn', 'ffn'), 'attention': ('attn',), 'ffn': ('ffn',)}
-# scan_layers=None scans stacks deeper than this, except on a GPU. Unrolled, each layer's saved
-# activations are buffers of their own: the scan's stacked residual buffers (zero-filled, written
-# and read by dynamic slices) cost the BERT-small CPU train step of tools/bench.py about 10%, and on
-# an H200 the unrolled BERT-base / BERT-large bf16 steps ran 1.38x / 1.30x faster than scanned
-# (README: GPU), for 1.3-2.6x the compile time. On a TPU the scan keeps compiles short.
-SCAN_ABOVE = 6
-
-
-def scan_by_default(num_layers: int) -> bool:
-  """Whether scan_layers=None runs `num_layers` layers as a lax.scan on this backend."""
-  return num_layers > SCAN_ABOVE and jax.default_backend() != 'gpu'
-
-
 # The layers' kernels that `quantization='int8'` stores as int8 (also the pooler and MLM transform).
 INT8_KERNELS = ('q_kernel', 'k_kernel', 'v_kernel', 'o_kernel', 'wi_kernel', 'wo_kernel')
-# The MLM logit of a padding row, as a fraction of the compute dtype's largest value.
-_PADDING_LOGIT = -0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +78,7 @@ class ModelConfig:
   classifier_dropout: float | None = None  # Dropout before the classifier; None = hidden_dropout.
   dtype: str = 'float32'  # Compute dtype ('bfloat16' on TPU); parameters stay float32.
   scan_layers: bool | None = None  # lax.scan over the layers (one compiled layer); None: scan
-  #   stacks deeper than SCAN_ABOVE layers and unroll shallower ones, and every stack on a GPU (faster steps).
+  #   stacks deeper than blocks.SCAN_ABOVE layers and unroll shallower ones, and every stack on a GPU (faster steps).
   remat: str = 'none'  # Rematerialisation: 'none', 'full', 'save_dots', 'save_dots_no_batch'.
   attention_impl: str | None = None  # Attention kernel when there is no attention dropout: 'xla',
   #   'cudnn' (GPU), 'splash' (TPU), 'explicit'; None / '' = the backend's own (attention.py).
@@ -112,14 +92,14 @@ class ModelConfig:
       raise UsageError(f'model.vocab_multiple={self.vocab_multiple!r}: must be a positive integer')
     if self.hidden_size % self.num_heads:
       raise UsageError(f'model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}')
-    if self.hidden_act not in ACTIVATIONS:
-      raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
-    if self.remat not in REMAT_POLICIES:
-      raise UsageError(f'model.remat={self.remat!r}: expected one of {REMAT_POLICIES}')
+    if self.hidden_act not in blocks.ACTIVATIONS:
+      raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {blocks.ACTIVATIONS}')
+    if self.remat not in blocks.REMAT_POLICIES:
+      raise UsageError(f'model.remat={self.remat!r}: expected one of {blocks.REMAT_POLICIES}')
     if (self.attention_impl or '') not in attention.IMPLS:
       raise UsageError(f'model.attention_impl={self.attention_impl!r}: expected one of {attention.IMPLS}')
-    if self.quantization not in QUANTIZATIONS:
-      raise UsageError(f'model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}')
+    if self.quantization not in blocks.QUANTIZATIONS:
+      raise UsageError(f'model.quantization={self.quantization!r}: expected one of {blocks.QUANTIZATIONS}')
     if not isinstance(self.adapter_size, int) or self.adapter_size < 0:
       raise UsageError(f'adapter_size={self.adapter_size!r}: must be an integer >= 0 (0: no adapters)')
     if self.adapter_placement not in ADAPTER_PLACEMENTS:
@@ -133,7 +113,7 @@ class ModelConfig:
   @property
   def scanned(self) -> bool:
     """Whether the layer stack runs as a lax.scan."""
-    return scan_by_default(self.num_layers) if self.scan_layers is None else self.scan_layers
+    return blocks.scan_by_default(self.num_layers) if self.scan_layers is None else self.scan_layers
 
   @property
   def padded_vocab_size(self) -> int:
@@ -195,151 +175,18 @@ def from_config(m, vocab_size: int = 1, **heads: Any) -> ModelConfig:
   return preset(m.preset, **kw)
 
 
-# ----------------------------------------------------------------------------- building blocks
-
-
-def _param(rngs: nnx.Rngs | None, shape, axes, std: float | None = None, fill: float = 0.0):
-  """A float32 parameter with logical axis names; truncated-normal if `std`, else `fill`."""
-  assert len(shape) == len(axes), (shape, axes)
-  if std is None:
-    value = jnp.full(shape, fill, jnp.float32)
-  else:
-    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-  return nnx.Param(value, axes=tuple(axes))
-
-
-def vocab_rows(value, axes, rows: int) -> np.ndarray:
-  """`value` (a parameter with logical `axes`) with `rows` rows on its `vocab` axis: padding rows
-  of zeros appended, or trailing rows cut. Other parameters come back as they are."""
-  value = np.asarray(value)
-  if 'vocab' not in (axes or ()) or len(axes) != value.ndim:
-    return value
-  axis = list(axes).index('vocab')
-  if value.shape[axis] == rows:
-    return value
-  if value.shape[axis] > rows:
-    return value[(slice(None),) * axis + (slice(0, rows),)]
-  widths = [(0, 0)] * value.ndim
-  widths[axis] = (0, rows - value.shape[axis])
-  return np.pad(value, widths)
-
-
-def fit_vocab(value, axes, cfg: ModelConfig):
-  """A loaded parameter refitted to `cfg.padded_vocab_size` rows on its `vocab` axis when it holds
-  all `cfg.vocab_size` real rows (saved unpadded or with another vocab_multiple); anything else
-  comes back as it is, for the caller's shape check to name."""
-  value = np.asarray(value)
-  if 'vocab' in (axes or ()) and len(axes) == value.ndim and value.shape[list(axes).index('vocab')] >= cfg.vocab_size:
-    return vocab_rows(value, axes, cfg.padded_vocab_size)
-  return value
-
-
-def _int8(var: nnx.Param, out_axes: tuple) -> tuple[nnx.Param, nnx.Param]:
-  """(int8 kernel shaped like `var`, float32 scale over the kernel's `out_axes` positions)."""
-  axes = var.get_metadata()['axes']
-  scale_shape = tuple(var.shape[i] for i in out_axes)
-  kernel = nnx.Param(jnp.zeros(var.shape, jnp.int8), axes=axes)
-  return kernel, nnx.Param(jnp.ones(scale_shape, jnp.float32), axes=tuple(axes[i] for i in out_axes))
-
-
-def _weight(w, scale, dt):
-  """A kernel in the compute dtype; an int8 one times its per-output-channel scale (in float32)."""
-  if scale is None:
-    return w.astype(dt)
-  return (w.astype(jnp.float32) * _bcast(scale.astype(jnp.float32), w.ndim)).astype(dt)
-
-
-def _activation(name: str):
-  return {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
-    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'relu': jax.nn.relu,
-    'silu': jax.nn.silu,
-  }[name]
-
-
-def _bcast(v, ndim: int):
-  """`v` with leading unit axes up to `ndim` (explicit broadcasting; rank promotion is off in tests)."""
-  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
-
-
-def _layer_norm(x, scale, bias, eps):
-  """LayerNorm computed in float32, returned in the input dtype."""
-  x32 = x.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * _bcast(scale, x.ndim) + _bcast(bias, x.ndim)
-  return y.astype(x.dtype)
-
-
-def _random_u16(rng, shape) -> jax.Array:
-  """Uniform uint16 values of `shape`, four per threefry2x32 evaluation.
-
-  `jax.random.bits(rng, shape, uint16)` spends one whole evaluation (64 random bits) on each
-  16-bit value. Here the counter is the row-major index over `shape` with its last axis cut to
-  a quarter, built from iotas as jax's partitionable threefry builds it (so the values do not
-  depend on how the array is sharded), and each evaluation's two 32-bit words give four values.
-  Other key types, a last axis not divisible by 4, or 2^32 evaluations or more fall back to
-  `jax.random.bits`.
-  """
-  *lead, last = shape
-  quarter = (*lead, last // 4)
-  if (
-    last % 4
-    or math.prod(quarter) >= 2**32
-    or not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    or str(jax.random.key_impl(rng)) != 'threefry2x32'
-  ):
-    return jax.random.bits(rng, shape, jnp.uint16)
-
-  index, stride = jnp.zeros(quarter, jnp.uint32), 1
-  for axis in reversed(range(len(quarter))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, quarter, axis) * jnp.uint32(stride)
-    stride *= quarter[axis]
-  k = jax.random.key_data(rng)
-  hi, lo = threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(index), index)
-  halves = [hi & 0xFFFF, hi >> 16, lo & 0xFFFF, lo >> 16]
-  return jnp.stack([h.astype(jnp.uint16) for h in halves], axis=-1).reshape(shape)
-
-
-def _dropout(x, rate: float, rng):
-  """Inverted dropout. The keep decision compares 16 random bits with round((1 - rate) * 2^16)
-  (the keep rate is exact to 1e-5); the random bits are a large share of a CPU step, so they
-  come four to a threefry evaluation (_random_u16)."""
-  if rng is None or rate == 0.0:
-    return x
-  keep = _random_u16(rng, x.shape) < jnp.uint16(round((1.0 - rate) * 65536))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def remat(body, policy: str, scanned: bool):
-  """`body` (one layer) rematerialised by `policy` (REMAT_POLICIES); as it is for 'none'."""
-  if policy == 'none':
-    return body
-  saved = {
-    'full': None,
-    'save_dots': jax.checkpoint_policies.checkpoint_dots,
-    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[policy]
-  return jax.checkpoint(body, policy=saved, prevent_cse=not scanned)
-
-
-def _split(rng, n: int):
-  return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
 class Embeddings(nnx.Module):
   """Word + position + token-type embeddings, then LayerNorm."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, s = cfg.hidden_size, cfg.initializer_range
     # The real rows are drawn as for an unpadded table, so vocab_multiple does not change them.
-    word = _param(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
+    word = blocks.param(rngs, (cfg.vocab_size, D), ('vocab', 'embed'), std=s)
     self.word = word.replace(jnp.pad(word[...], ((0, cfg.padded_vocab_size - cfg.vocab_size), (0, 0))))
-    self.position = _param(rngs, (cfg.max_position_embeddings, D), (None, 'embed'), std=s)
-    self.token_type = _param(rngs, (cfg.type_vocab_size, D), (None, 'embed'), std=s)
-    self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
-    self.ln_bias = _param(None, (D,), ('embed',))
+    self.position = blocks.param(rngs, (cfg.max_position_embeddings, D), (None, 'embed'), std=s)
+    self.token_type = blocks.param(rngs, (cfg.type_vocab_size, D), (None, 'embed'), std=s)
+    self.ln_scale = blocks.param(None, (D,), ('embed',), fill=1.0)
+    self.ln_bias = blocks.param(None, (D,), ('embed',))
 
   def __call__(self, ids_BxT, types_BxT, cfg: ModelConfig, positions_BxT=None):
     T = ids_BxT.shape[1]
@@ -350,7 +197,7 @@ class Embeddings(nnx.Module):
     else:  # Packed rows: each document's positions restart at 0.
       pos_BxTxD = jnp.take(self.position[...], positions_BxT, axis=0)
     x_BxTxD = jnp.take(self.word[...], ids_BxT, axis=0) + pos_BxTxD + jnp.take(self.token_type[...], types_BxT, axis=0)
-    return _layer_norm(x_BxTxD, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
+    return blocks.layer_norm(x_BxTxD, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
 
 
 class Layers(nnx.Module):
@@ -368,31 +215,31 @@ class Layers(nnx.Module):
     )  # fmt: skip
     s = cfg.initializer_range
     for name in ('q', 'k', 'v'):
-      setattr(self, f'{name}_kernel', _param(rngs, (L, D, N, K), ('layers', 'embed', 'heads', 'kv'), std=s))
-      setattr(self, f'{name}_bias', _param(None, (L, N, K), ('layers', 'heads', 'kv')))
-    self.o_kernel = _param(rngs, (L, N, K, D), ('layers', 'heads', 'kv', 'embed'), std=s)
-    self.o_bias = _param(None, (L, D), ('layers', 'embed'))
-    self.attn_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
-    self.attn_ln_bias = _param(None, (L, D), ('layers', 'embed'))
-    self.wi_kernel = _param(rngs, (L, D, F), ('layers', 'embed', 'mlp'), std=s)
-    self.wi_bias = _param(None, (L, F), ('layers', 'mlp'))
-    self.wo_kernel = _param(rngs, (L, F, D), ('layers', 'mlp', 'embed'), std=s)
-    self.wo_bias = _param(None, (L, D), ('layers', 'embed'))
-    self.mlp_ln_scale = _param(None, (L, D), ('layers', 'embed'), fill=1.0)
-    self.mlp_ln_bias = _param(None, (L, D), ('layers', 'embed'))
+      setattr(self, f'{name}_kernel', blocks.param(rngs, (L, D, N, K), ('layers', 'embed', 'heads', 'kv'), std=s))
+      setattr(self, f'{name}_bias', blocks.param(None, (L, N, K), ('layers', 'heads', 'kv')))
+    self.o_kernel = blocks.param(rngs, (L, N, K, D), ('layers', 'heads', 'kv', 'embed'), std=s)
+    self.o_bias = blocks.param(None, (L, D), ('layers', 'embed'))
+    self.attn_ln_scale = blocks.param(None, (L, D), ('layers', 'embed'), fill=1.0)
+    self.attn_ln_bias = blocks.param(None, (L, D), ('layers', 'embed'))
+    self.wi_kernel = blocks.param(rngs, (L, D, F), ('layers', 'embed', 'mlp'), std=s)
+    self.wi_bias = blocks.param(None, (L, F), ('layers', 'mlp'))
+    self.wo_kernel = blocks.param(rngs, (L, F, D), ('layers', 'mlp', 'embed'), std=s)
+    self.wo_bias = blocks.param(None, (L, D), ('layers', 'embed'))
+    self.mlp_ln_scale = blocks.param(None, (L, D), ('layers', 'embed'), fill=1.0)
+    self.mlp_ln_bias = blocks.param(None, (L, D), ('layers', 'embed'))
     A = cfg.adapter_size
     for site in ADAPTER_PLACEMENTS[cfg.adapter_placement] if A else ():
       # The bottleneck axis is small: replicated (no logical name). Up starts at zero: the identity.
-      setattr(self, f'adapter_{site}_down_kernel', _param(rngs, (L, D, A), ('layers', 'embed', None), std=s))
-      setattr(self, f'adapter_{site}_down_bias', _param(None, (L, A), ('layers', None)))
-      setattr(self, f'adapter_{site}_up_kernel', _param(None, (L, A, D), ('layers', None, 'embed')))
-      setattr(self, f'adapter_{site}_up_bias', _param(None, (L, D), ('layers', 'embed')))
+      setattr(self, f'adapter_{site}_down_kernel', blocks.param(rngs, (L, D, A), ('layers', 'embed', None), std=s))
+      setattr(self, f'adapter_{site}_down_bias', blocks.param(None, (L, A), ('layers', None)))
+      setattr(self, f'adapter_{site}_up_kernel', blocks.param(None, (L, A, D), ('layers', None, 'embed')))
+      setattr(self, f'adapter_{site}_up_bias', blocks.param(None, (L, D), ('layers', 'embed')))
     self.names = self.NAMES + adapter_names(cfg)
     if cfg.quantization == 'int8':
       for name in INT8_KERNELS:  # Scales over the layer axis and the output axes.
         n_out = {'q_kernel': 2, 'k_kernel': 2, 'v_kernel': 2}.get(name, 1)
         var = getattr(self, name)
-        kernel, scale = _int8(var, (0, *range(var.ndim - n_out, var.ndim)))
+        kernel, scale = blocks.int8_param(var, (0, *range(var.ndim - n_out, var.ndim)))
         setattr(self, name, kernel)
         setattr(self, f'{name}_scale', scale)
       self.names += tuple(f'{n}_scale' for n in INT8_KERNELS)
@@ -407,7 +254,7 @@ class Layers(nnx.Module):
       p, layer_rng = inputs
       return _layer(p, x, valid_BxT, segment_BxT, cfg, layer_rng), None
 
-    body = remat(body, cfg.remat, cfg.scanned)
+    body = blocks.remat(body, cfg.remat, cfg.scanned)
     if cfg.scanned:
       x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, rngs))
     else:
@@ -445,15 +292,15 @@ def _explicit_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask_Bx1xTxT, cfg: Mode
   scale = 1.0 / math.sqrt(cfg.head_size)
   s_BxNxTxT = jnp.einsum('btnk,bsnk->bnts', q_BxTxNxK, k_BxTxNxK).astype(jnp.float32) * scale
   s_BxNxTxT = jnp.where(mask_Bx1xTxT, s_BxNxTxT, jnp.finfo(jnp.float32).min)
-  p_BxNxTxT = _dropout(jax.nn.softmax(s_BxNxTxT, axis=-1), cfg.attention_dropout, rng)
+  p_BxNxTxT = blocks.dropout(jax.nn.softmax(s_BxNxTxT, axis=-1), cfg.attention_dropout, rng)
   return jnp.einsum('bnts,bsnk->btnk', p_BxNxTxT.astype(v_BxTxNxK.dtype), v_BxTxNxK)
 
 
 def _adapter(p: dict, site: str, h_BxTxD, cfg: ModelConfig):
   """A bottleneck adapter (Houlsby et al. 2019) on a sublayer's output: h + up(act(down(h)))."""
-  z_BxTxA = h_BxTxD @ p[f'adapter_{site}_down_kernel'] + _bcast(p[f'adapter_{site}_down_bias'], 3)
-  z_BxTxA = _activation(cfg.hidden_act)(z_BxTxA)
-  return h_BxTxD + z_BxTxA @ p[f'adapter_{site}_up_kernel'] + _bcast(p[f'adapter_{site}_up_bias'], 3)
+  z_BxTxA = h_BxTxD @ p[f'adapter_{site}_down_kernel'] + blocks.bcast(p[f'adapter_{site}_down_bias'], 3)
+  z_BxTxA = blocks.activation(cfg.hidden_act)(z_BxTxA)
+  return h_BxTxD + z_BxTxA @ p[f'adapter_{site}_up_kernel'] + blocks.bcast(p[f'adapter_{site}_up_bias'], 3)
 
 
 def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, queries: int | None = None):
@@ -462,11 +309,11 @@ def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, quer
   returned), attending to every key; no dropout."""
   dt = x_BxTxD.dtype
   p = {
-    k: _weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v
+    k: blocks.weight(v, p.get(f'{k}_scale'), dt) if k.endswith(('kernel', 'bias')) else v
     for k, v in p.items()
   }  # fmt: skip
-  attn_rng, drop1, drop2, drop3 = _split(rng, 4)
-  proj = lambda x, n: jnp.einsum('btd,dnk->btnk', x, p[f'{n}_kernel']) + _bcast(p[f'{n}_bias'], 4)  # noqa: E731
+  attn_rng, drop1, drop2, drop3 = blocks.split_rng(rng, 4)
+  proj = lambda x, n: jnp.einsum('btd,dnk->btnk', x, p[f'{n}_kernel']) + blocks.bcast(p[f'{n}_bias'], 4)  # noqa: E731
   k, v = proj(x_BxTxD, 'k'), proj(x_BxTxD, 'v')
   if queries is None:
     a_BxTxNxK = _attention(proj(x_BxTxD, 'q'), k, v, valid_BxT, segment_BxT, cfg, attn_rng)
@@ -474,32 +321,32 @@ def _layer(p: dict, x_BxTxD, valid_BxT, segment_BxT, cfg: ModelConfig, rng, quer
     x_BxTxD = x_BxTxD[:, :queries]
     mask_Bx1xQxT = attention.mask(valid_BxT, segment_BxT)[:, :, :queries]
     a_BxTxNxK = _explicit_attention(proj(x_BxTxD, 'q'), k, v, mask_Bx1xQxT, cfg, None)
-  a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + _bcast(p['o_bias'], 3)
-  a_BxTxD = _dropout(a_BxTxD, cfg.hidden_dropout, drop1)
+  a_BxTxD = jnp.einsum('btnk,nkd->btd', a_BxTxNxK, p['o_kernel']) + blocks.bcast(p['o_bias'], 3)
+  a_BxTxD = blocks.dropout(a_BxTxD, cfg.hidden_dropout, drop1)
   if 'adapter_attn_down_kernel' in p:  # After the dropout, before the residual add (as Houlsby et al.'s code).
     a_BxTxD = _adapter(p, 'attn', a_BxTxD, cfg)
-  x_BxTxD = _layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
-  h_BxTxF = _activation(cfg.hidden_act)(x_BxTxD @ p['wi_kernel'] + _bcast(p['wi_bias'], 3))
-  h_BxTxF = _dropout(h_BxTxF, 0.0, drop2)  # BERT has no dropout inside the FFN.
-  h_BxTxD = _dropout(h_BxTxF @ p['wo_kernel'] + _bcast(p['wo_bias'], 3), cfg.hidden_dropout, drop3)
+  x_BxTxD = blocks.layer_norm(x_BxTxD + a_BxTxD, p['attn_ln_scale'], p['attn_ln_bias'], cfg.layer_norm_eps)
+  h_BxTxF = blocks.activation(cfg.hidden_act)(x_BxTxD @ p['wi_kernel'] + blocks.bcast(p['wi_bias'], 3))
+  h_BxTxF = blocks.dropout(h_BxTxF, 0.0, drop2)  # BERT has no dropout inside the FFN.
+  h_BxTxD = blocks.dropout(h_BxTxF @ p['wo_kernel'] + blocks.bcast(p['wo_bias'], 3), cfg.hidden_dropout, drop3)
   if 'adapter_ffn_down_kernel' in p:
     h_BxTxD = _adapter(p, 'ffn', h_BxTxD, cfg)
-  return _layer_norm(x_BxTxD + h_BxTxD, p['mlp_ln_scale'], p['mlp_ln_bias'], cfg.layer_norm_eps)
+  return blocks.layer_norm(x_BxTxD + h_BxTxD, p['mlp_ln_scale'], p['mlp_ln_bias'], cfg.layer_norm_eps)
 
 
 class Dense(nnx.Module):
   """x @ kernel + bias, with logical axis names."""
 
   def __init__(self, d_in: int, d_out: int, axes, std: float, *, rngs: nnx.Rngs, int8: bool = False):
-    kernel, scale = _param(rngs, (d_in, d_out), axes, std=std), None
+    kernel, scale = blocks.param(rngs, (d_in, d_out), axes, std=std), None
     if int8:
-      kernel, scale = _int8(kernel, (1,))
+      kernel, scale = blocks.int8_param(kernel, (1,))
     self.kernel, self.kernel_scale = kernel, nnx.data(scale)
-    self.bias = _param(None, (d_out,), axes[1:])
+    self.bias = blocks.param(None, (d_out,), axes[1:])
 
   def __call__(self, x):
     scale = None if self.kernel_scale is None else self.kernel_scale[...]
-    return x @ _weight(self.kernel[...], scale, x.dtype) + _bcast(self.bias[...].astype(x.dtype), x.ndim)
+    return x @ blocks.weight(self.kernel[...], scale, x.dtype) + blocks.bcast(self.bias[...].astype(x.dtype), x.ndim)
 
 
 class MLMHead(nnx.Module):
@@ -509,13 +356,13 @@ class MLMHead(nnx.Module):
     D = cfg.hidden_size
     int8 = cfg.quantization == 'int8'
     self.transform = Dense(D, D, ('embed', 'mlp'), cfg.initializer_range, rngs=rngs, int8=int8)
-    self.ln_scale = _param(None, (D,), ('embed',), fill=1.0)
-    self.ln_bias = _param(None, (D,), ('embed',))
-    self.bias = _param(None, (cfg.padded_vocab_size,), ('vocab',))
+    self.ln_scale = blocks.param(None, (D,), ('embed',), fill=1.0)
+    self.ln_bias = blocks.param(None, (D,), ('embed',))
+    self.bias = blocks.param(None, (cfg.padded_vocab_size,), ('vocab',))
 
   def __call__(self, h_BxPxD, word_VxD, cfg: ModelConfig):
-    h = _activation(cfg.hidden_act)(self.transform(h_BxPxD))
-    h = _layer_norm(h, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
+    h = blocks.activation(cfg.hidden_act)(self.transform(h_BxPxD))
+    h = blocks.layer_norm(h, self.ln_scale[...], self.ln_bias[...], cfg.layer_norm_eps)
     logits_BxPxV = _tied_decoder(h, word_VxD.astype(h.dtype), self.bias[...].astype(h.dtype))
     if cfg.padded_vocab_size == cfg.vocab_size:
       return logits_BxPxV
@@ -524,14 +371,14 @@ class MLMHead(nnx.Module):
     # with headroom below the dtype's minimum, so that shifting by a max cannot overflow (bfloat16).
     dt = logits_BxPxV.dtype
     real = jax.lax.broadcasted_iota(jnp.int32, logits_BxPxV.shape, logits_BxPxV.ndim - 1) < cfg.vocab_size
-    return jnp.where(real, logits_BxPxV, jnp.asarray(_PADDING_LOGIT * jnp.finfo(dt).max, dt))
+    return jnp.where(real, logits_BxPxV, jnp.asarray(blocks.PADDING_LOGIT * jnp.finfo(dt).max, dt))
 
 
 @jax.custom_vjp
 def _tied_decoder(h_BxPxD, word_VxD, bias_V):
   """h @ word.T + bias. Its gradient is written out: XLA's own reduces the bias gradient over
   the vocabulary-wide cotangent with a slow reduction and transposes it before the dot."""
-  return h_BxPxD @ word_VxD.T + _bcast(bias_V, h_BxPxD.ndim)
+  return h_BxPxD @ word_VxD.T + blocks.bcast(bias_V, h_BxPxD.ndim)
 
 
 def _tied_decoder_fwd(h_BxPxD, word_VxD, bias_V):
@@ -597,9 +444,9 @@ class Bert(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    emb_rng, layers_rng, head_rng = _split(rng, 3)
+    emb_rng, layers_rng, head_rng = blocks.split_rng(rng, 3)
     x_BxTxD = self.embeddings(input_ids, token_type_ids, cfg, position_ids).astype(dt)
-    x_BxTxD = _dropout(x_BxTxD, cfg.hidden_dropout, emb_rng)
+    x_BxTxD = blocks.dropout(x_BxTxD, cfg.hidden_dropout, emb_rng)
     valid_BxT = attention_mask.astype(bool) if segment_ids is None else segment_ids > 0
     first_only = first_token_only and rng is None
     x_BxTxD = self.layers(x_BxTxD, valid_BxT, segment_ids, cfg, layers_rng, first_only)
@@ -616,7 +463,7 @@ class Bert(nnx.Module):
       out['nsp_logits'] = self.nsp(out['pooled'])
     if self.classifier is not None:
       rate = cfg.hidden_dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-      out['logits'] = self.classifier(_dropout(out['pooled'], rate, head_rng))
+      out['logits'] = self.classifier(blocks.dropout(out['pooled'], rate, head_rng))
     return out
 
 

@@ -9,7 +9,7 @@ kernels become int8 with a float32 scale per output channel (symmetric: w ~= q *
   decoder   the q/k/v/o/wi/wo (and a Llama's wg) kernels of every layer; embeddings, norms, biases
             and the LM head (tied or untied) stay float32
 
-The model dequantizes each kernel inside the jitted forward (model._weight), so the weights stay
+The model dequantizes each kernel inside the jitted forward (blocks.weight), so the weights stay
 int8 in memory and on disk; `python -m jaxlm.export --quantize int8` writes such an export and
 `jaxlm.load` runs it (a Predictor, or a Generator for a decoder). Which parameters are int8 is
 read from the model itself (each int8 kernel has a `<kernel>_scale` beside it), so the functions

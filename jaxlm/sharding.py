@@ -2,7 +2,7 @@
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and
 optimizer state sharded), `tensor` (Megatron-style tensor parallelism). Every parameter
-carries logical axis names in its `axes` metadata (see model.py); `RULES` says which mesh
+carries logical axis names in its `axes` metadata (see blocks.param); `RULES` says which mesh
 axis each logical name is split over. That table is the only sharding knob.
 """
 

@@ -38,8 +38,7 @@ from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 
-from jaxlm import checkpoint, decoder, hf, hf_causal, models, peft, quant
-from jaxlm import model as model_lib
+from jaxlm import blocks, checkpoint, decoder, hf, hf_causal, models, peft, quant
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.errors import UsageError
 
@@ -144,7 +143,7 @@ def _fill(cfg: models.Config, raw: dict, source: str, missing: list | None = Non
     if node is None:
       continue
     if tuple(node.shape) != tuple(var.shape):  # Vocabulary rows saved with another model.vocab_multiple.
-      node = model_lib.fit_vocab(node, var.get_metadata().get('axes'), cfg)
+      node = blocks.fit_vocab(node, var.get_metadata().get('axes'), cfg)
     if tuple(node.shape) != tuple(var.shape):
       raise UsageError(
         f'{source}: parameter {"/".join(map(str, path))} has shape {tuple(node.shape)}, the model expects {tuple(var.shape)}'
@@ -207,8 +206,8 @@ def load_model(path: str, **overrides) -> tuple[nnx.GraphDef, nnx.State, str, li
   if not (epath.Path(path) / 'config.json').exists():
     raise UsageError(f'{path}: not a model directory (no config.json, checkpoints/ or params/)')
   quantization = overrides.pop('quantization', 'none')
-  if quantization not in model_lib.QUANTIZATIONS:
-    raise UsageError(f'model.quantization={quantization!r}: expected one of {model_lib.QUANTIZATIONS}')
+  if quantization not in blocks.QUANTIZATIONS:
+    raise UsageError(f'model.quantization={quantization!r}: expected one of {blocks.QUANTIZATIONS}')
   if hf_causal.is_causal_dir(path):  # A Hugging Face GPT-2 or Llama directory.
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(decoder.DecoderConfig)})
     if unknown:

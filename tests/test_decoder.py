@@ -13,7 +13,7 @@ import torch
 from conftest import save_random_causal_lm as save_random_hf
 from safetensors.numpy import load_file
 
-from jaxlm import decoder, hf_causal
+from jaxlm import attention, decoder, hf_causal
 from jaxlm.errors import UsageError
 
 # (family, transformers config kwargs): the shapes parity is checked on.
@@ -322,19 +322,19 @@ def test_blocked_causal_attention_equals_the_explicit_one_values_and_gradients()
     out, back = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
     return out, back(do)
 
-  want, want_grads = jax.jit(lambda: vjp(decoder._attend))()
-  got, got_grads = jax.jit(lambda: vjp(functools.partial(decoder._causal_blocks, block=32)))()
+  want, want_grads = jax.jit(lambda: vjp(attention.grouped_query))()
+  got, got_grads = jax.jit(lambda: vjp(functools.partial(attention.causal_blocks, block=32)))()
   assert T % 32 and T > 32 * 4  # Several blocks, the last one short.
   np.testing.assert_allclose(got, want, atol=1e-5)
   for name, g, w in zip('qkv', got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=1e-5, err_msg=f'd{name}')
   # Only the keys up to a block's end are read: scores of 32 queries against 32, 64, ... keys, never
   # a [T, T] block.
-  jaxpr = str(jax.make_jaxpr(lambda q, k, v: decoder._causal_blocks(q, k, v, mask, block=32))(q, k, v))
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention.causal_blocks(q, k, v, mask, block=32))(q, k, v))
   lead = f'f32[{B},{groups},{N // groups},'
   assert all(f'{lead}32,{e}]' in jaxpr for e in (32, 64, 96, 128)) and f'{lead}22,150]' in jaxpr
   assert f'{lead}{T},{T}]' not in jaxpr
-  assert f'{lead}{T},{T}]' in str(jax.make_jaxpr(lambda q, k, v: decoder._attend(q, k, v, mask))(q, k, v))
+  assert f'{lead}{T},{T}]' in str(jax.make_jaxpr(lambda q, k, v: attention.grouped_query(q, k, v, mask))(q, k, v))
 
 
 def test_presets_have_the_published_sizes():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlm import losses, model
+from jaxlm import blocks, losses, model
 from jaxlm.errors import UsageError
 
 LOGICAL = {'vocab', 'embed', 'mlp', 'heads', 'kv', 'layers', None}
@@ -145,7 +145,7 @@ def test_bad_configs_name_the_key():
 
 def test_dropout_bits_are_uniform_and_independent_of_sharding():
   key = jax.random.key(7)
-  raw = model._random_u16(key, (16, 8, 128, 128))
+  raw = blocks.random_u16(key, (16, 8, 128, 128))
   assert raw.dtype == jnp.uint16 and raw.shape == (16, 8, 128, 128)
   u = np.asarray(raw).astype(np.float64)
   for lane in range(4):  # The four 16-bit parts of each threefry evaluation.
@@ -154,19 +154,19 @@ def test_dropout_bits_are_uniform_and_independent_of_sharding():
     assert abs(np.mean(part < 0.9 * 65536) - 0.9) < 0.002, lane
   flat = u.reshape(-1, 4)
   assert np.abs(np.corrcoef(flat.T) - np.eye(4)).max() < 0.01
-  assert not np.array_equal(np.asarray(model._random_u16(jax.random.key(8), (4, 8))), u[0, 0, 0, :8])
+  assert not np.array_equal(np.asarray(blocks.random_u16(jax.random.key(8), (4, 8))), u[0, 0, 0, :8])
   # The same values whichever way the array is split across devices.
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((4, 2), ('a', 'b'))
-  one = model._random_u16(key, (8, 6, 32))
-  split = jax.jit(lambda k: model._random_u16(k, (8, 6, 32)), out_shardings=NamedSharding(mesh, P('a', None, 'b')))(key)
+  one = blocks.random_u16(key, (8, 6, 32))
+  split = jax.jit(lambda k: blocks.random_u16(k, (8, 6, 32)), out_shardings=NamedSharding(mesh, P('a', None, 'b')))(key)
   np.testing.assert_array_equal(np.asarray(split), np.asarray(one))
   # Other key types and odd widths use jax.random.bits.
   rbg = jax.random.key(7, impl='rbg')
-  np.testing.assert_array_equal(model._random_u16(rbg, (4, 8)), jax.random.bits(rbg, (4, 8), jnp.uint16))
-  np.testing.assert_array_equal(model._random_u16(key, (4, 7)), jax.random.bits(key, (4, 7), jnp.uint16))
+  np.testing.assert_array_equal(blocks.random_u16(rbg, (4, 8)), jax.random.bits(rbg, (4, 8), jnp.uint16))
+  np.testing.assert_array_equal(blocks.random_u16(key, (4, 7)), jax.random.bits(key, (4, 7), jnp.uint16))
 
 
 # ----------------------------------------------------------------------------- vocabulary padding
@@ -243,13 +243,13 @@ def test_vocab_rows_pad_and_trim_only_the_vocabulary_axis():
   table = np.arange(12, dtype=np.float32).reshape(6, 2)
   cfg = model.ModelConfig(vocab_size=5, hidden_size=2, num_heads=1, vocab_multiple=4)
   assert cfg.padded_vocab_size == 8
-  padded = model.fit_vocab(table, ('vocab', 'embed'), cfg)  # Saved with 6 rows, this model has 8.
+  padded = blocks.fit_vocab(table, ('vocab', 'embed'), cfg)  # Saved with 6 rows, this model has 8.
   np.testing.assert_array_equal(padded, np.concatenate([table, np.zeros((2, 2), np.float32)]))
-  np.testing.assert_array_equal(model.fit_vocab(table, ('vocab', 'embed'), cfg.replace(vocab_multiple=1)), table[:5])
-  np.testing.assert_array_equal(model.vocab_rows(padded, ('vocab', 'embed'), 5), table[:5])
-  np.testing.assert_array_equal(model.fit_vocab(table, (None, 'embed'), cfg), table)  # Not a vocabulary table.
+  np.testing.assert_array_equal(blocks.fit_vocab(table, ('vocab', 'embed'), cfg.replace(vocab_multiple=1)), table[:5])
+  np.testing.assert_array_equal(blocks.vocab_rows(padded, ('vocab', 'embed'), 5), table[:5])
+  np.testing.assert_array_equal(blocks.fit_vocab(table, (None, 'embed'), cfg), table)  # Not a vocabulary table.
   # Fewer rows than the real vocabulary is another vocabulary, left for the caller to name.
-  np.testing.assert_array_equal(model.fit_vocab(table[:4], ('vocab', 'embed'), cfg), table[:4])
+  np.testing.assert_array_equal(blocks.fit_vocab(table[:4], ('vocab', 'embed'), cfg), table[:4])
 
 
 # ----------------------------------------------------------------------------- bottleneck adapters

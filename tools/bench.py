@@ -127,7 +127,7 @@ def _train_config(args, tmp: str):
   from jaxlm import config as config_lib  # lazy: see the note at the top
   from jaxlm import model
 
-  scan = True if args.scan else False if args.unroll else None  # None: the model's default (model.SCAN_ABOVE)
+  scan = True if args.scan else False if args.unroll else None  # None: the model's default (blocks.SCAN_ABOVE)
   common = {'global_batch_size': args.batch, 'data.seq_len': args.seq, 'data.shuffle_buffer': 1000,
             'model.dtype': args.dtype, 'model.remat': args.remat, 'model.scan_layers': scan}  # fmt: skip
   if args.attention_dropout is not None:
