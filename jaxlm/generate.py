@@ -2,6 +2,8 @@
 
   Generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop)   texts
   Generator.generate_ids(prompt_ids, ...)                                               token ids
+  Generator.chat(conversations, ...)                   the assistant's replies (the chat template's prompts)
+  Generator.chat_ids(conversations)                    those prompts as token ids
   Generator.perplexity(texts)                                                           per text
 
 A batch of prompts of different lengths is left-padded to a bucket (a power of two), so every
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm import decoder
+from jaxlm import chat, decoder
 from jaxlm.errors import UsageError
 
 MIN_BUCKET = 16  # Shortest prompt bucket.
@@ -173,14 +175,40 @@ class Generator:
     """Each prompt's continuation, ended before a stop token (stop_token_ids) or the first `stop` string."""
     if isinstance(prompts, str):
       raise UsageError('prompts: expected a list of strings, got one string')
+    return self._texts(self._encode(prompts), max_new_tokens, temperature, top_k, top_p, seed, stop)
+
+  def chat_ids(self, conversations: Sequence, add_generation_prompt: bool = True, **variables) -> list[list[int]]:
+    """Each conversation (a list of {'role', 'content'} messages) rendered by the tokenizer's chat template and
+    tokenized as transformers' `apply_chat_template(..., tokenize=True)` does: the special tokens the template
+    writes are the tokenizer's, and none are added. `variables`: more template variables."""
+    template = getattr(self.tokenizer, 'chat_template', None)
+    if template is None:
+      source = getattr(self.tokenizer, 'source', 'the tokenizer')
+      raise UsageError(f'{source}: the tokenizer has no chat template (chat_template in tokenizer_config.json'
+                       f' or {chat.TEMPLATE_FILE}); use generate() with prompts written out')  # fmt: skip
+    if isinstance(conversations, (str, dict)) or (len(conversations) and isinstance(conversations[0], dict)):
+      raise UsageError('conversations: expected a list of conversations (each a list of messages); wrap one in a list')
+    specials = getattr(self.tokenizer, 'special_tokens', {})
+    texts = [chat.render(template, c, specials, add_generation_prompt, f'conversation {i}', **variables)
+             for i, c in enumerate(conversations)]  # fmt: skip
+    return [e.ids for e in self.tokenizer.backend.encode_batch(texts, add_special_tokens=False)]
+
+  def chat(
+    self, conversations: Sequence, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+    top_p: float = 1.0, seed: int = 0, stop: Sequence[str] | None = None, **variables,
+  ) -> list[str]:  # fmt: skip
+    """The assistant's reply to each conversation: its chat_ids prompt continued as `generate` continues a prompt."""
+    return self._texts(self.chat_ids(conversations, **variables), max_new_tokens, temperature, top_k, top_p, seed, stop)
+
+  def _texts(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop) -> list[str]:
+    """The continuations of `prompt_ids` as text, each ended before a stop token or the first `stop` string."""
     stop = list(stop or [])
     stop_ids = self.stop_token_ids
     for s in stop:  # A stop string that is one token also ends the row inside the loop.
       ids = self.tokenizer.backend.encode(s, add_special_tokens=False).ids
       if len(ids) == 1 and ids[0] not in stop_ids:
         stop_ids.append(ids[0])
-    new = self.generate_ids(self._encode(prompts), max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_ids[:MAX_STOP_IDS])  # fmt: skip
+    new = self.generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids[:MAX_STOP_IDS])
     texts = []
     for row in new:
       if row and row[-1] in stop_ids:

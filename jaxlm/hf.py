@@ -36,6 +36,7 @@ _HF_ACT = {
 _TO_HF_ACT = {'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'relu': 'relu', 'silu': 'silu'}
 TOKENIZER_FILES = (
   'tokenizer.json', 'vocab.txt', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
+  'chat_template.jinja',
 )  # fmt: skip
 # Tensors transformers keeps as buffers or ties; never reported as unused.
 _IGNORED = ('embeddings.position_ids', 'cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')

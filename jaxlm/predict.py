@@ -7,6 +7,10 @@
                 embed      {"embedding": [...]} (--pooling mean | cls, --normalize)
                 generate   {"generated": "..."}, the continuation of each prompt, from a causal LM
                            (--max_new_tokens, --temperature, --top_k, --top_p, --seed, --stop)
+                chat       {"generated": "..."}, the assistant's reply to each conversation, by the model's
+                           chat template: a JSONL field holding a list of {"role", "content"} messages,
+                           or a text (any format), one user message; --system puts a system message
+                           first where a conversation has none; the generate flags apply
   --input       .txt (one text per line, every line counts), .jsonl (one object per non-blank
                 line), .csv / .tsv (a header row), .parquet; or, as in data.train, parquet:GLOB
                 (Parquet files in name order) or hf:PATH (a Hugging Face save_to_disk directory; the
@@ -52,11 +56,11 @@ from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
-from jaxlm import generate, inference, tables
+from jaxlm import chat, generate, inference, tables
 from jaxlm.errors import UsageError
 
 FORMATS = ('txt', 'jsonl', 'csv', 'tsv', 'parquet', 'hf')
-MODES = ('classify', 'fill-mask', 'embed', 'generate')
+MODES = ('classify', 'fill-mask', 'embed', 'generate', 'chat')
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl',
                '.csv': 'csv', '.tsv': 'tsv', '.parquet': 'parquet'}  # fmt: skip
 WINDOW_BATCHES = 64  # Batches read, length-sorted and run together.
@@ -78,7 +82,9 @@ def input_format(path: str, fmt: str | None) -> str:
   return _EXTENSIONS[ext]
 
 
-def _text(value, where: str, field: str) -> str:
+def _text(value, where: str, field: str, messages: bool = False) -> str | list:
+  if messages and isinstance(value, list):  # A conversation (chat), checked with the input's line.
+    return value
   if not isinstance(value, str):
     raise UsageError(f'{where}: field {field!r} is {type(value).__name__}, not a string')
   return value
@@ -115,10 +121,11 @@ def _tables(path: str, fmt: str, split: str | None) -> list[tables.Table]:
 
 def read_inputs(
   path: str, fmt: str, text_field: str = 'text', pair_field: str | None = None, stats: ReadStats | None = None,
-  split: str | None = None,
+  split: str | None = None, messages: bool = False,
 ) -> Iterator:  # fmt: skip
   """(line number, text or (text, pair)) per input, read lazily from `path` (Parquet / Arrow: row number from
-  0; `split`: of a saved DatasetDict); `stats` counts what was repaired."""
+  0; `split`: of a saved DatasetDict); `stats` counts what was repaired. `messages`: a JSONL text field may
+  also hold a list (a conversation)."""
   if fmt in tables.KINDS:
     found = _tables(path, fmt, split)
     roles = {text_field: 'text', **({pair_field: 'text'} if pair_field else {})}
@@ -152,7 +159,7 @@ def read_inputs(
         for field in (text_field, pair_field):
           if field and field not in rec:
             raise UsageError(f'{where}: no field {field!r} (fields: {", ".join(map(repr, rec)) or "none"})')
-        text = _text(rec[text_field], where, text_field)
+        text = _text(rec[text_field], where, text_field, messages)
         yield n, (text, _text(rec[pair_field], where, pair_field)) if pair_field else text
     else:
       yield from _csv_rows(path, lines, fmt, text_field, pair_field, stats, bad)
@@ -210,7 +217,19 @@ def _windows(records: Iterator, size: int) -> Iterator[list]:
 
 
 def _length(x) -> int:
+  if isinstance(x, list):  # A conversation.
+    return sum(len(str(m)) for m in x)
   return len(x) if isinstance(x, str) else len(x[0]) + len(x[1])
+
+
+def _conversation(x, system: str | None, where: str, predictor) -> list:
+  """Input `x` of --mode chat as a conversation (a text is one user message), checked against the template."""
+  conv = [{'role': 'user', 'content': x}] if isinstance(x, str) else chat.check_conversation(x, where)
+  if system is not None and not (conv and conv[0].get('role') == 'system'):
+    conv = [{'role': 'system', 'content': system}, *conv]
+  tok = predictor.tokenizer
+  chat.render(tok.chat_template, conv, getattr(tok, 'special_tokens', {}), where=where)  # Its refusal names the line.
+  return conv
 
 
 def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
@@ -220,9 +239,10 @@ def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
   if mode == 'embed':
     vecs = predictor.embed(inputs, pooling=args.pooling, normalize=args.normalize)
     return [{'embedding': [float(f'{x:.7g}') for x in v]} for v in vecs]
-  if mode == 'generate':
-    texts = predictor.generate(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k or 0, top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
+  if mode in ('generate', 'chat'):
+    run = predictor.generate if mode == 'generate' else predictor.chat
+    texts = run(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or 0,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
     return [{'generated': t} for t in texts]
   out = []
   for res in predictor.fill_mask(inputs, top_k=args.top_k or 5):
@@ -291,6 +311,8 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
     with tqdm(total=_count(args.input, fmt, args.split), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
       for window in _windows(records, args.batch_size * WINDOW_BATCHES):
         named = _report(args.input, stats, named)
+        if args.mode == 'chat':
+          window = [(line, _conversation(x, args.system, f'{args.input}:{line}', predictor)) for line, x in window]
         if args.mode == 'fill-mask':
           for line, x in window:
             if not any(mask in t for t in ([x] if isinstance(x, str) else x)):
@@ -319,6 +341,8 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
 
 
 def _check_flags(args) -> None:
+  if args.system is not None and args.mode != 'chat':
+    raise UsageError(f'--system is for --mode chat, not --mode {args.mode}')
   for flag in ('batch_size', 'max_length', 'top_k', 'max_new_tokens'):
     value = getattr(args, flag)
     if value is not None and value < 1:
@@ -343,6 +367,7 @@ def main(argv=None) -> int:
   p.add_argument('--top_p', type=float, default=1.0, help='generate: nucleus sampling mass')
   p.add_argument('--seed', type=int, default=0, help='generate: sampling seed')
   p.add_argument('--stop', action='append', help='generate: a string that ends the continuation (repeatable)')
+  p.add_argument('--system', help='chat: a system message for the conversations that have none')
   p.add_argument('--pooling', choices=['mean', 'cls'], default='mean', help='embed: mean of tokens or [CLS]')
   p.add_argument('--normalize', action='store_true', help='embed: unit-length vectors')
   p.add_argument('--dtype', help='compute dtype (default: bfloat16 on TPU / GPU, float32 on CPU)')
@@ -352,16 +377,21 @@ def main(argv=None) -> int:
     _check_flags(args)
     fmt = input_format(args.input, args.format)
     stats = ReadStats()
-    records = read_inputs(args.input, fmt, args.text_field, args.text_pair_field, stats, args.split)
+    records = read_inputs(
+      args.input, fmt, args.text_field, args.text_pair_field, stats, args.split, args.mode == 'chat'
+    )
     # The first record now: a wrong format or field stops the run before the model is loaded.
     first = next(records, None)
     records = itertools.chain([first] if first is not None else [], records)
     with output_file(args.output, args.input) as out:
       predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
       causal = isinstance(predictor, generate.Generator)
-      if causal != (args.mode == 'generate'):
+      if causal != (args.mode in ('generate', 'chat')):
         raise UsageError(f'{args.checkpoint}: --mode {args.mode} needs ' + ('an encoder; this is a causal LM (--mode generate)'
                          if causal else 'a causal LM (GPT-2, Llama); this is an encoder'))  # fmt: skip
+      if args.mode == 'chat' and predictor.tokenizer.chat_template is None:
+        raise UsageError(f'{args.checkpoint}: --mode chat needs a chat template; the tokenizer has none (--mode generate'
+                         ' takes prompts written out)')  # fmt: skip
       if args.max_length and not causal:
         predictor.max_length = min(args.max_length, predictor.config.max_position_embeddings)
       if args.mode == 'classify' and not predictor.config.num_labels:

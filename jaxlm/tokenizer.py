@@ -3,8 +3,9 @@
 A thin wrapper that gives the rest of jaxlm one interface: encode single texts or pairs with
 truncation, encode plain texts, decode, and know the special ids. Two kinds: BERT's WordPiece
 ([PAD] [CLS] [SEP]) and the byte-level BPE of GPT-2 / Llama style models (an end-of-text token
-such as <|endoftext|> or </s>). It imports neither TensorFlow nor transformers, so the inference
-path stays light.
+such as <|endoftext|> or </s>). A tokenizer keeps the chat template its directory ships (chat.py),
+and saving it writes the template back. It imports neither TensorFlow nor transformers, so the
+inference path stays light.
 
 `train_wordpiece` trains a vocabulary with the algorithm of Hugging Face's WordPiece trainer,
 in Python and deterministic: the same texts give a byte-identical tokenizer in every process
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from jaxlm import chat
 from jaxlm.errors import UsageError
 
 TextOrPair = str | tuple[str, str] | list
@@ -46,11 +48,13 @@ class Tokenizer:
   model without [CLS], as GPT-2 / Llama: `eos_id`, `bos_id` or None, `pad_id` the padding token's or else eos_id).
 
   `special_tokens` (role -> token, from tokenizer_config.json: 'eos', 'bos', 'pad', 'unk') names the special
-  tokens of a BPE vocabulary; a role it leaves out is found by its usual names."""
+  tokens of a BPE vocabulary; a role it leaves out is found by its usual names. `chat_template`: the Jinja
+  template an instruct model's conversations are rendered with (chat.py), or None."""
 
   def __init__(self, tok: _HFTokenizer, source: str = '', do_lower_case: bool | None = None,
-               special_tokens: dict[str, str | None] | None = None):  # fmt: skip
+               special_tokens: dict[str, str | None] | None = None, chat_template: str | None = None):  # fmt: skip
     self._tok = tok
+    self.chat_template = chat_template
     self._tok.no_padding()
     self._tok.no_truncation()
     self.source = source
@@ -145,7 +149,7 @@ class Tokenizer:
     return self._tok.id_to_token(i)
 
   def save(self, out_dir: str, extra_files: dict[str, str] | None = None) -> None:
-    """Writes tokenizer.json, tokenizer_config.json (readable by transformers), vocab.txt (WordPiece only) and
+    """Writes tokenizer.json, tokenizer_config.json (readable by transformers; with the chat template), vocab.txt (WordPiece only) and
     `extra_files` (name -> text); local or gs://. A save killed half way leaves no tokenizer.json in `out_dir`."""
     out = epath.Path(out_dir)
     tmp = out.parent / f'{out.name}.partial'  # Beside `out`, so the final rename stays on one filesystem.
@@ -163,6 +167,8 @@ class Tokenizer:
       (tmp / 'vocab.txt').write_bytes(''.join(t + '\n' for t, _ in vocab).encode())
       cfg = {'tokenizer_class': 'BertTokenizer', 'do_lower_case': bool(self.do_lower_case), 'pad_token': '[PAD]',
              'cls_token': '[CLS]', 'sep_token': '[SEP]', 'mask_token': '[MASK]', 'unk_token': '[UNK]'}  # fmt: skip
+    if self.chat_template is not None:  # Where every transformers version reads it.
+      cfg['chat_template'] = self.chat_template
     (tmp / 'tokenizer_config.json').write_text(json.dumps(cfg, indent=2))
     for name, text in (extra_files or {}).items():
       (tmp / name).write_text(text)
@@ -205,11 +211,12 @@ def load(path: str) -> Tokenizer:
   if p.is_file():
     return Tokenizer(_HFTokenizer.from_str(p.read_bytes().decode()), path)
   lower, names = _special_names(p)
+  template = chat.read_template(p)
   tj, vocab = p / 'tokenizer.json', p / 'vocab.txt'
   if tj.exists():
-    return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower, names)
+    return Tokenizer(_HFTokenizer.from_str(tj.read_bytes().decode()), str(tj), lower, names, template)
   if (p / 'vocab.json').exists() and (p / 'merges.txt').exists():  # GPT-2's files, with no tokenizer.json.
-    return Tokenizer(_byte_level_bpe(p, names), str(p / 'vocab.json'), lower, names)
+    return Tokenizer(_byte_level_bpe(p, names), str(p / 'vocab.json'), lower, names, template)
   if vocab.exists():
     lower = True if lower is None else lower
     words = {w.rstrip(): i for i, w in enumerate(vocab.read_bytes().decode().split('\n')) if w.rstrip()}

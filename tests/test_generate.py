@@ -253,3 +253,116 @@ def test_load_and_predict_quantize_a_hugging_face_causal_lm_on_loading(gpt2_dir,
   args = ['--checkpoint', gpt2_dir, '--input', str(src), '--output', str(out), '--mode', 'generate']
   assert predict.main([*args, '--max_new_tokens', '8', '--quantize', 'int8']) == 0
   assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == texts
+
+
+# A ChatML-style template: a default system message, a role check (raise_exception), a template variable
+# (`persona`), and block tags on lines of their own, which trim_blocks / lstrip_blocks strip.
+CHATML = """{%- set ns = namespace(system=false) %}
+{%- for message in messages %}
+  {%- if message['role'] == 'system' %}{% set ns.system = true %}{% endif %}
+{%- endfor %}
+{%- if not ns.system %}
+<|im_start|>system
+You are {{ persona | default('a helpful assistant') }}.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+  {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+    {{- raise_exception('roles are system, user and assistant, not ' + message['role']) }}
+  {%- endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] | trim }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+CONVERSATIONS = [
+  [{'role': 'user', 'content': 'def read(path):'}],
+  [{'role': 'system', 'content': 'Answer in Python.'}, {'role': 'user', 'content': ' Return the module '},
+   {'role': 'assistant', 'content': 'import os'}, {'role': 'user', 'content': 'The path, caf\u00e9?'}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def chat_dir(gpt2_dir, tmp_path_factory):
+  """gpt2_dir's model and tokenizer with ChatML's two special tokens and CHATML, saved by jaxlm's Tokenizer."""
+  from jaxlm import tokenizer
+
+  path = str(tmp_path_factory.mktemp('chat'))
+  tok = tokenizer.load(gpt2_dir)
+  tok.backend.add_special_tokens(['<|im_start|>', '<|im_end|>'])
+  tok.chat_template = CHATML
+  save_random_causal_lm('gpt2', path, seed=5, vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=96)
+  tok.save(path)
+  return path
+
+
+def test_chat_prompts_and_replies_equal_transformers_apply_chat_template(chat_dir, gpt2_dir, tmp_path):
+  import transformers
+
+  import jaxlm
+  from jaxlm import tokenizer
+  from jaxlm.errors import UsageError
+
+  gen = jaxlm.load(chat_dir)
+  assert gen.tokenizer.chat_template == CHATML
+  hf_tok = transformers.AutoTokenizer.from_pretrained(chat_dir)  # Reads the template jaxlm wrote.
+  end = hf_tok.convert_tokens_to_ids('<|im_end|>')
+  for prompt in (True, False):
+    want = [
+      hf_tok.apply_chat_template(c, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+      for c in CONVERSATIONS
+    ]
+    assert gen.chat_ids(CONVERSATIONS, add_generation_prompt=prompt) == want
+  ids = gen.chat_ids(CONVERSATIONS)
+  assert ids[0][0] == hf_tok.convert_tokens_to_ids('<|im_start|>') and ids[0].count(end) == 2  # Special, not text.
+  assert gen.chat_ids(CONVERSATIONS[:1], persona='a pirate') == [
+    hf_tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, persona='a pirate', return_dict=False)
+  ]
+  replies = gen.chat(CONVERSATIONS, max_new_tokens=8, stop=['<|im_end|>'])
+  for prompt, reply in zip(ids, replies):
+    assert reply == hf_tok.decode(_hf_greedy(chat_dir, prompt, 8, eos=end), skip_special_tokens=True)
+  assert any(replies)
+
+  # The template travels: a saved copy and transformers' own save (chat_template.jinja) load with it.
+  gen.tokenizer.save(str(tmp_path / 'ours'))
+  hf_tok.save_pretrained(str(tmp_path / 'theirs'))
+  assert tokenizer.load(str(tmp_path / 'ours')).chat_template == CHATML
+  assert tokenizer.load(str(tmp_path / 'theirs')).chat_template == CHATML
+
+  bad = [
+    ([[{'role': 'tool', 'content': 'x'}]], r'conversation 0: the chat template refused it: roles are .* not tool'),
+    ([CONVERSATIONS[0], [{'role': 'user'}]], r'conversation 1, message 0: expected \{"role": str, "content": str\}'),
+    (CONVERSATIONS[0], 'expected a list of conversations'),
+  ]
+  for convs, match in bad:
+    with pytest.raises(UsageError, match=match):
+      gen.chat(convs, max_new_tokens=4)
+  with pytest.raises(UsageError, match='the tokenizer has no chat template'):
+    jaxlm.load(gpt2_dir).chat(CONVERSATIONS)
+
+
+def test_predict_chat_answers_each_conversation_and_names_a_bad_line(chat_dir, gpt2_dir, tmp_path, capsys):
+  import json
+
+  import jaxlm
+  from jaxlm import predict
+
+  src, out = tmp_path / 'chats.jsonl', tmp_path / 'replies.jsonl'
+  rows = [{'messages': CONVERSATIONS[1]}, {'messages': 'def read(path):'}, {'messages': CONVERSATIONS[0]}]
+  src.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  args = ['--checkpoint', chat_dir, '--input', str(src), '--output', str(out), '--mode', 'chat',
+          '--text_field', 'messages', '--max_new_tokens', '8', '--stop', '<|im_end|>', '--batch_size', '2']  # fmt: skip
+  assert predict.main([*args, '--system', 'Be brief.']) == 0
+  system = [{'role': 'system', 'content': 'Be brief.'}]
+  want = jaxlm.load(chat_dir).chat(
+    [CONVERSATIONS[1], system + CONVERSATIONS[0], system + CONVERSATIONS[0]], max_new_tokens=8, stop=['<|im_end|>']
+  )
+  assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == want
+
+  before = out.read_text()
+  src.write_text(json.dumps(rows[0]) + '\n' + json.dumps({'messages': [{'content': 'no role'}]}) + '\n')
+  assert predict.main(args) == 2
+  assert f'{src}:2, message 0: expected {{"role": str, "content": str}}' in capsys.readouterr().err
+  assert predict.main([*args[:1], gpt2_dir, *args[2:]]) == 2
+  assert '--mode chat needs a chat template' in capsys.readouterr().err
+  assert out.read_text() == before  # Refused runs leave the earlier output.
