@@ -6,8 +6,10 @@ of named ones of which 'default' is used), and `render(template, conversation, .
 it as transformers' `apply_chat_template` does: a sandboxed Jinja environment with `trim_blocks`,
 `lstrip_blocks` and loop controls, the globals `raise_exception` and `strftime_now`, a `tojson`
 filter that leaves non-ASCII and HTML characters as they are, and the tokenizer's special tokens
-(`bos_token`, `eos_token`, ...) as variables. What does not: tokenizing the text (the Tokenizer
-holds the template; generate.Generator.chat renders, tokenizes and generates).
+(`bos_token`, `eos_token`, ...) as variables. `assistant_spans` finds
+where each assistant message sits in a rendered conversation, for fine-tuning on the assistant's
+turns only (data/causal.py). What does not: tokenizing the text (the Tokenizer holds the template;
+generate.Generator.chat renders, tokenizes and generates).
 
 A conversation is a list of messages, each a dict with a `role` ('system', 'user', 'assistant', or
 whatever the template knows) and a `content` string; other keys are passed to the template as they
@@ -95,3 +97,26 @@ def render(template: str, conversation: Sequence[Mapping], special_tokens: Mappi
     )
   except jinja2.exceptions.TemplateError as e:
     raise UsageError(f'{where}: the chat template refused it: {e}') from None
+
+
+def assistant_spans(template: str, conversation: Sequence[Mapping], special_tokens: Mapping[str, str | None] | None = None,
+                    where: str = 'conversation') -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
+  """The text of the whole conversation, and the [start, end) character span of each assistant message in it:
+  what the template writes for that message after the generation prompt before it, its end-of-turn marks
+  included. A template whose text of a shorter conversation is not the beginning of the longer one's (one that
+  rewrites earlier turns) cannot be cut so, and is a UsageError naming `where`."""
+  messages = check_conversation(conversation, where)
+  text = render(template, messages, special_tokens, False, where)
+  spans = []
+  for i, m in enumerate(messages):
+    if m['role'] != 'assistant':
+      continue
+    before = render(template, messages[:i], special_tokens, True, where)
+    upto = render(template, messages[: i + 1], special_tokens, False, where)
+    if not (upto.startswith(before) and text.startswith(upto)):
+      raise UsageError(f'{where}, message {i}: the chat template renders the conversation up to this message'
+                       ' otherwise than as the beginning of the whole one, so its assistant turns cannot be told'
+                       ' apart for the loss')  # fmt: skip
+    if len(upto) > len(before):
+      spans.append((len(before), len(upto)))
+  return text, spans

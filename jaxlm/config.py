@@ -130,6 +130,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.label_field = 'label'  # Field of the label (fine-tuning).
   c.data.prompt_field = 'prompt'  # task=sft: field of the prompt (no loss on its tokens) ...
   c.data.response_field = 'response'  # ... and of the response the model learns to write.
+  c.data.messages_field = ''  # task=sft: a field holding a conversation (a list of {"role", "content"} messages)
+  #   instead of prompt / response: rendered by the tokenizer's chat template, the loss on the assistant's turns.
+  c.data.chat_template = ''  # A Jinja chat template file the run's tokenizer takes (and saves) in place of its
+  #   own ('' = the tokenizer's, if any): what data.messages_field, Generator.chat and predict --mode chat use.
   c.data.text_docs = 'line'  # text: sources: 'line' (a document per line) or 'blank_line'
   #   (documents separated by blank lines, e.g. one sentence per line).
   c.data.whole_word_masking = False  # Mask all WordPieces of a word together.
@@ -207,6 +211,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     )
   if flat['data.seq_len'] < 8:
     raise UsageError(f'data.seq_len={flat["data.seq_len"]}: must be at least 8')
+  if flat['data.messages_field'] and flat['task'] != 'sft':
+    raise UsageError(f'data.messages_field={flat["data.messages_field"]!r}: conversations are fine-tuning data for'
+                     f' task=\'sft\', not task={flat["task"]!r}')  # fmt: skip
   mesh = sharding.mesh_shape(flat['mesh.data'], flat['mesh.fsdp'], flat['mesh.tensor'], num_devices)
   dp = mesh[0] * mesh[1]
   batch, accum = flat['global_batch_size'], flat['grad_accum_steps']

@@ -40,6 +40,8 @@ _ROLES = {  # role: (what it takes, in words; the test on a column's type)
   'number': ('integers or floats', lambda t: pat.is_integer(t) or pat.is_floating(t)),
   'any': ('strings, numbers or booleans',
           lambda t: _is_string(t) or pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t)),
+  'messages': ('lists of {role, content} messages, or their JSON text',
+               lambda t: _is_string(t) or pat.is_list(t) or pat.is_large_list(t)),
 }  # fmt: skip
 
 
@@ -219,6 +221,8 @@ def _as_bytes(col: pa.ChunkedArray, names: list[str] | None) -> np.ndarray:
   if names is not None:  # A ClassLabel: an id names a class; another value (-1: no label) stays a number.
     ids = col.to_numpy()
     return np.asarray([names[i].encode() if 0 <= i < len(names) else str(i).encode() for i in ids], object)
+  if pat.is_list(col.type) or pat.is_large_list(col.type):  # A conversation per row: as JSON text.
+    return np.asarray([json.dumps(v, ensure_ascii=False).encode() for v in col.to_pylist()], object)
   if pat.is_dictionary(col.type):
     col = pc.cast(col, col.type.value_type)
   if pat.is_boolean(col.type):  # As Python (and JSONL's str()) writes them.

@@ -31,7 +31,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxlm import checkpoint, generate, models, optim, peft, perf, prune, report, sharding, steps, store, tasks
+from jaxlm import chat, checkpoint, generate, models, optim, peft, perf, prune, report, sharding, steps, store, tasks
 from jaxlm import config as config_lib
 from jaxlm.data import pretrain, sources, vocab
 from jaxlm.errors import UsageError
@@ -231,8 +231,9 @@ def _write_metadata(run: Run) -> None:
   workdir = epath.Path(run.workdir)
   (workdir / 'config.json').write_text(run.config.to_json_best_effort(indent=2))
   (workdir / 'model_config.json').write_text(json.dumps(dataclasses.asdict(run.mcfg), indent=2))
-  if not (workdir / 'tokenizer' / 'tokenizer.json').exists():
-    run.tokenizer.save(str(workdir / 'tokenizer'))
+  saved = workdir / 'tokenizer'
+  if not (saved / 'tokenizer.json').exists() or chat.read_template(saved) != run.tokenizer.chat_template:
+    run.tokenizer.save(str(saved))  # Also when data.chat_template changed since.
   if run.task.labels:
     (workdir / 'labels.json').write_text(json.dumps(run.task.labels))
 

@@ -383,3 +383,27 @@ def save_random_causal_lm(family: str, out_dir: str, seed: int = 0, **kw) -> str
         p.normal_(0.0, 0.1)
   model.save_pretrained(out_dir)
   return out_dir
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+# A ChatML-style template: a default system message, a role check (raise_exception), a template variable
+# (`persona`), and block tags on lines of their own, which trim_blocks / lstrip_blocks strip.
+CHATML = """{%- set ns = namespace(system=false) %}
+{%- for message in messages %}
+  {%- if message['role'] == 'system' %}{% set ns.system = true %}{% endif %}
+{%- endfor %}
+{%- if not ns.system %}
+<|im_start|>system
+You are {{ persona | default('a helpful assistant') }}.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+  {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+    {{- raise_exception('roles are system, user and assistant, not ' + message['role']) }}
+  {%- endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] | trim }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""

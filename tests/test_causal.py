@@ -48,8 +48,19 @@ def files(tmp_path_factory):
   words = ['one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight']
   pairs = [{'prompt': f'Q: what follows {w}? A:', 'response': f' {words[(i + 1) % 8]}'} for i, w in enumerate(words)]
   _write_jsonl(d / 'sft.jsonl', pairs * 4)
+  chats = [[{'role': 'user', 'content': f'what follows {w}?'}, {'role': 'assistant', 'content': words[(i + 1) % 8]}]
+           for i, w in enumerate(words)]  # fmt: skip
+  _write_jsonl(d / 'chats.jsonl', [{'messages': c} for c in chats] * 4)
+  (d / 'chat.jinja').write_text(CHAT_TEMPLATE)
   return {'bpe': str(d / 'bpe'), 'train': f'text:{d}/train.txt', 'eval': f'text:{d}/eval.txt',
-          'sft': f'jsonl:{d}/sft.jsonl'}  # fmt: skip
+          'sft': f'jsonl:{d}/sft.jsonl', 'chats': f'jsonl:{d}/chats.jsonl', 'chat_template': str(d / 'chat.jinja')}  # fmt: skip
+
+
+# Roles as words; each assistant turn ends with the tokenizer's end-of-text token, which also ends generation.
+CHAT_TEMPLATE = (
+  "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+  "{% else %}{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 SAMPLE_PROMPTS = ('def ', 'Return the')
@@ -86,6 +97,18 @@ def test_check_config_names_the_bad_key(files, tmp_path):
       'data.separate_documents=True is for pretraining',
     ),  # fmt: skip
     ({'data.nsp': True}, 'data.nsp=True is for masked-LM pretraining'),
+    ({'data.messages_field': 'messages'}, "data.messages_field='messages': conversations are fine-tuning data for"),
+    (
+      {
+        'task': 'sft',
+        'model.init_from': '/m',
+        'data.train': files['chats'],
+        'data.eval': '',
+        'data.messages_field': 'messages',
+      },
+      f'the tokenizer ({files["bpe"]}/tokenizer.json) has no chat template',
+    ),
+    ({'data.chat_template': '/no/such.jinja'}, "data.chat_template='/no/such.jinja': no such file"),
   ]
   for overrides, message in bad:
     with pytest.raises(UsageError) as e:
@@ -284,3 +307,37 @@ def test_init_from_reads_a_hugging_face_gpt2_directory(tmp_path):
   assert cfg.family == 'gpt2' and cfg.padded_vocab_size == 384 and cfg.remat == 'full' and new == []
   _, want, _ = hf_causal.load(path)
   np.testing.assert_array_equal(params['layers']['q_kernel'][...], want['layers']['q_kernel'][...])
+
+
+def test_a_chat_fine_tune_of_our_own_run_chats_predicts_and_exports_its_template(run, files, tmp_path, capsys):
+  """Pretrained here, fine-tuned on conversations through a template of the user's (data.chat_template): the run
+  keeps the template, so jaxlm.load chats, predict --mode chat answers, and transformers renders the export alike."""
+  import transformers
+
+  from jaxlm import predict
+
+  workdir, *_ = run
+  sft = tmp_path / 'sft'
+  config = _config(files, {'task': 'sft', 'model.init_from': str(workdir), 'data.tokenizer': '', 'data.train':
+                           files['chats'], 'data.eval': files['chats'], 'data.messages_field': 'messages',
+                           'data.chat_template': files['chat_template'], 'num_train_steps': 4,
+                           'checkpoint_every_steps': 4, 'eval_every_steps': 4})  # fmt: skip
+  last = trainer.train(config, str(sft), devices=ONE)
+  assert math.isfinite(last['eval_perplexity'])
+  assert tokenizer.load(str(sft / 'tokenizer')).chat_template == CHAT_TEMPLATE
+  gen = jaxlm.load(str(sft))
+  convs = [[{'role': 'user', 'content': 'what follows two?'}], [{'role': 'user', 'content': 'what follows six?'}]]
+  ids = gen.chat_ids(convs)
+  assert gen.tokenizer.decode(ids[0]) == 'user: what follows two?\nassistant:'
+  replies = gen.chat(convs, max_new_tokens=6)
+  assert replies == [gen.tokenizer.decode(r) for r in gen.generate_ids(ids, max_new_tokens=6)]
+
+  src, out = tmp_path / 'questions.txt', tmp_path / 'answers.jsonl'
+  src.write_text('what follows two?\nwhat follows six?\n')
+  assert predict.main(['--checkpoint', str(sft), '--input', str(src), '--output', str(out), '--mode', 'chat',
+                       '--max_new_tokens', '6']) == 0  # fmt: skip
+  assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == replies
+
+  assert export.main(['--checkpoint', str(sft), '--out', str(tmp_path / 'hf'), '--format', 'hf']) == 0
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  assert [hf_tok.apply_chat_template(c, add_generation_prompt=True, return_dict=False) for c in convs] == ids

@@ -189,3 +189,82 @@ def test_errors_name_the_file_the_field_or_the_tokenizer(bpe, sft_file, corpus, 
   with pytest.raises(UsageError) as e:
     causal.causal_dataset(corpus[0], bpe, seq_len=16, global_batch_size=3, process_count=2)
   assert str(e.value) == 'global_batch_size=3 is not a multiple of the 2 processes'
+
+
+CHATS = [
+  [{'role': 'user', 'content': 'what follows one?'}, {'role': 'assistant', 'content': 'two'}],
+  [{'role': 'system', 'content': 'Count.'}, {'role': 'user', 'content': 'one'}, {'role': 'assistant', 'content': 'two'},
+   {'role': 'user', 'content': 'and then?'}, {'role': 'assistant', 'content': 'three, then caf\u00e9 \U0001f642'}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope='module')
+def chat_tok(bpe, tmp_path_factory):
+  """`bpe` (a copy) with ChatML's two special tokens and the CHATML template, saved for transformers too."""
+  from conftest import CHATML
+
+  path = tmp_path_factory.mktemp('chat_tok')
+  bpe.save(str(path))
+  tok = tokenizer.load(str(path))
+  tok.backend.add_special_tokens(['<|im_start|>', '<|im_end|>'])
+  tok.chat_template = CHATML
+  tok.save(str(path))
+  return tok, str(path)
+
+
+def test_conversations_are_tokenized_as_transformers_does_and_weigh_the_assistant_turns(chat_tok, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import transformers
+
+  tok, path = chat_tok
+  hf = transformers.AutoTokenizer.from_pretrained(path)
+  with open(tmp_path / 'chats.jsonl', 'w') as f:
+    f.writelines(json.dumps({'messages': c, 'n': i}) + '\n' for i, c in enumerate(CHATS))
+  (tmp_path / 'pq').mkdir()
+  pq.write_table(pa.table({'messages': CHATS, 'n': [0, 1]}), tmp_path / 'pq' / 'chats.parquet')  # list<struct>.
+  T = 96
+  kw = dict(seq_len=T, global_batch_size=1, shuffle_buffer=0, repeat=False, messages_field='messages')
+  for spec in (f'jsonl:{tmp_path}/chats.jsonl', f'parquet:{tmp_path}/pq/*.parquet'):
+    rows = _rows(causal.sft_dataset(spec, tok, **kw))
+    assert len(rows) == 2
+    for conv, r in zip(CHATS, rows):
+      want = hf.apply_chat_template(conv, tokenize=True, return_dict=False)
+      assert len(want) <= T + 1
+      padded = want + [tok.pad_id] * (T + 1 - len(want))
+      assert r['input_ids'].tolist() == padded[:-1] and r['targets'].tolist() == padded[1:]
+      # The weighted targets are the assistant's words and the template's end of each of its turns, nothing else.
+      turns = [m['content'] + '<|im_end|>\n' for m in conv if m['role'] == 'assistant']
+      assert hf.decode(r['targets'][r['loss_weights'] > 0]) == ''.join(turns)
+  # Cut at seq_len + 1 tokens: the second conversation keeps the weights of what is left of it.
+  n = len(hf.apply_chat_template(CHATS[1], tokenize=True, return_dict=False))
+  short = _rows(causal.sft_dataset(f'jsonl:{tmp_path}/chats.jsonl', tok, **{**kw, 'seq_len': n - 4}))
+  assert short[1]['input_ids'].tolist() == rows[1]['input_ids'].tolist()[: n - 4]
+  assert short[1]['loss_weights'].tolist() == rows[1]['loss_weights'].tolist()[: n - 4]
+  with pytest.raises(UsageError, match=r"no 'messages' conversation with an assistant token within seq_len=8"):
+    causal.sft_dataset(f'jsonl:{tmp_path}/chats.jsonl', tok, **{**kw, 'seq_len': 8})
+
+
+# Roles as words, the assistant's turns ended by </s>.
+PLAIN = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% else %}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+
+
+def test_a_conversation_that_cannot_be_read_or_cut_is_one_error(chat_tok, tmp_path):
+  from jaxlm import chat
+
+  tok, _ = chat_tok
+  kw = dict(seq_len=64, global_batch_size=1, shuffle_buffer=0, repeat=False, messages_field='messages')
+  (tmp_path / 'bad.jsonl').write_text(json.dumps({'messages': 'not a conversation'}) + '\n')
+  with pytest.raises(UsageError, match=r"data.train: the conversation 'not a conversation': not JSON"):
+    causal.sft_dataset(f'jsonl:{tmp_path}/bad.jsonl', tok, **kw)
+  (tmp_path / 'role.jsonl').write_text(json.dumps({'messages': [{'role': 'user', 'text': 'hi'}]}) + '\n')
+  with pytest.raises(UsageError, match=r'message 0: expected \{"role": str, "content": str\}'):
+    causal.sft_dataset(f'jsonl:{tmp_path}/role.jsonl', tok, **kw)
+  # A template that writes the last turn otherwise than the earlier ones cannot tell the turns apart.
+  rewrites = (
+    "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+  )
+  with pytest.raises(UsageError, match='conversation 1, message 2: the chat template renders the conversation up to'):
+    chat.assistant_spans(rewrites, CHATS[1], where='conversation 1')
+  text, spans = chat.assistant_spans(PLAIN, CHATS[0])  # trim_blocks drops the newline after a block tag.
+  assert text == 'user: what follows one?assistant: two</s>' and [text[a:b] for a, b in spans] == ['two</s>']

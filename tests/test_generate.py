@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import save_random_causal_lm
+from conftest import CHATML, save_random_causal_lm
 from flax import nnx
 
 from jaxlm import decoder, generate, hf_causal, store
@@ -255,26 +255,6 @@ def test_load_and_predict_quantize_a_hugging_face_causal_lm_on_loading(gpt2_dir,
   assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == texts
 
 
-# A ChatML-style template: a default system message, a role check (raise_exception), a template variable
-# (`persona`), and block tags on lines of their own, which trim_blocks / lstrip_blocks strip.
-CHATML = """{%- set ns = namespace(system=false) %}
-{%- for message in messages %}
-  {%- if message['role'] == 'system' %}{% set ns.system = true %}{% endif %}
-{%- endfor %}
-{%- if not ns.system %}
-<|im_start|>system
-You are {{ persona | default('a helpful assistant') }}.<|im_end|>
-{% endif %}
-{%- for message in messages %}
-  {%- if message['role'] not in ['system', 'user', 'assistant'] %}
-    {{- raise_exception('roles are system, user and assistant, not ' + message['role']) }}
-  {%- endif %}
-<|im_start|>{{ message['role'] }}
-{{ message['content'] | trim }}<|im_end|>
-{% endfor %}
-{%- if add_generation_prompt %}
-<|im_start|>assistant
-{% endif %}"""
 CONVERSATIONS = [
   [{'role': 'user', 'content': 'def read(path):'}],
   [{'role': 'system', 'content': 'Answer in Python.'}, {'role': 'user', 'content': ' Return the module '},

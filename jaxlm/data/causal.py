@@ -10,6 +10,8 @@
   eval_batches(spec, ...)        the whole eval set of causal_dataset, read once, as padded numpy batches
   sft_rows(recs, tokenizer, seq_len)  supervised fine-tuning: one prompt / response record per row,
                                  {input_ids, targets, loss_weights}, the loss on the response only
+  chat_rows(recs, tokenizer, seq_len, key)  the same from conversations (data.messages_field), rendered by
+                                 the tokenizer's chat template: the loss on the assistant messages
   sft_dataset(spec, ...)         sft_rows of a source, shuffled, this process's share, batched
   sft_eval_batches(spec, ...)    the whole eval set of sft_dataset, read once, as padded numpy batches
 
@@ -26,9 +28,12 @@ process_count-th row, so the global batches are the same whatever the number of 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tensorflow as tf
 
+from jaxlm import chat
 from jaxlm.data import pretrain, sources
 from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
@@ -192,15 +197,63 @@ def sft_rows(recs: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int) -> tf.da
   return examples.filter(lambda ex: tf.reduce_any(ex['loss_weights'] > 0))
 
 
+def chat_tokens(conversations: list[str], tokenizer: Tokenizer, key: str) -> list[tuple[list[int], list[bool]]]:
+  """(ids, assistant) per conversation (JSON text of a list of messages): the tokens of its text by the tokenizer's
+  chat template, tokenized as transformers' apply_chat_template does, and whether each lies in an assistant
+  message (chat.assistant_spans, by the tokens' character offsets)."""
+  texts, spans = [], []
+  for raw in conversations:
+    where = f'{key}: the conversation {raw[:60]!r}'
+    try:
+      conv = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise UsageError(f'{where}: not JSON ({e.msg}); data.messages_field holds a list of messages') from None
+    text, s = chat.assistant_spans(tokenizer.chat_template, conv, tokenizer.special_tokens, where)
+    texts.append(text)
+    spans.append(s)
+  out = []
+  for enc, s in zip(tokenizer.backend.encode_batch(texts, add_special_tokens=False), spans):
+    out.append((enc.ids, [any(a <= start < b for a, b in s) for start, _ in enc.offsets]))
+  return out
+
+
+def chat_rows(recs: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int, key: str) -> tf.data.Dataset:
+  """Examples {input_ids, targets, loss_weights} from {text: conversation} records (chat_tokens), cut to seq_len + 1
+  tokens and padded. The targets that are tokens of an assistant message weigh 1 (no end-of-text is added: the
+  template ends each turn); a conversation cut before any assistant token is dropped."""
+  pad = tokenizer.pad_id
+
+  def encode(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = chat_tokens([pretrain._decode(t) for t in raw], tokenizer, key)
+    ids = np.full((len(rows), seq_len + 1), pad, np.int32)
+    weights = np.zeros((len(rows), seq_len), np.float32)
+    for k, (x, assistant) in enumerate(rows):
+      x, assistant = x[: seq_len + 1], assistant[: seq_len + 1]
+      ids[k, : len(x)] = x
+      weights[k, : len(x) - 1] = assistant[1:]  # Position i predicts x[i + 1].
+    return ids, weights
+
+  def batch(b):
+    ids, weights = tf.numpy_function(encode, [b['text']], [tf.int32, tf.float32], stateful=False)
+    ids, weights = tf.ensure_shape(ids, [None, seq_len + 1]), tf.ensure_shape(weights, [None, seq_len])
+    return {'input_ids': ids[:, :-1], 'targets': ids[:, 1:], 'loss_weights': weights}
+
+  examples = recs.batch(_TOKENIZE_BATCH).map(batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  return examples.filter(lambda ex: tf.reduce_any(ex['loss_weights'] > 0))
+
+
 def _sft_records(spec: str, key: str, prompt_field: str, response_field: str, data_cfg: dict | None,
-                 file_shard=None) -> tf.data.Dataset:  # fmt: skip
+                 file_shard=None, messages_field: str = '') -> tf.data.Dataset:  # fmt: skip
   kind, _ = sources.split_spec(spec, key)
   if kind in ('builtin', 'tfrecord'):
     raise UsageError(
       f'{key}={spec!r}: supervised fine-tuning reads prompt / response records (jsonl, csv, tsv, parquet, hf, tfds)'
     )
+  fields = sources.Fields(text=prompt_field, text_pair=response_field)
+  if messages_field:
+    fields = sources.Fields(text=messages_field, text_role='messages')
   return sources.records(
-    spec, key, sources.Fields(text=prompt_field, text_pair=response_field), file_shard=file_shard,
+    spec, key, fields, file_shard=file_shard,
     split=sources.split_for(data_cfg, key), tfds_data_dir=(data_cfg or {}).get('tfds_data_dir') or None,
   )  # fmt: skip
 
@@ -214,6 +267,7 @@ def sft_dataset(
   seed: int = 0,
   prompt_field: str = 'prompt',
   response_field: str = 'response',
+  messages_field: str = '',
   shuffle_buffer: int = 1000,
   process_index: int = 0,
   process_count: int = 1,
@@ -221,14 +275,20 @@ def sft_dataset(
   key: str = 'data.train',
   data_cfg: dict | None = None,
 ) -> tf.data.Dataset:
-  """This process's batches of supervised fine-tuning examples, one prompt / response record a row (sft_rows):
-  input_ids, targets (int32 [B, seq_len]) and loss_weights (float32, 1 on the response's targets)."""
+  """This process's batches of supervised fine-tuning examples, one prompt / response record a row (sft_rows), or
+  one conversation (chat_rows) with `messages_field`: input_ids, targets (int32 [B, seq_len]) and loss_weights
+  (float32, 1 on the response's or the assistant's targets)."""
   by_file = sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = _sft_records(spec, key, prompt_field, response_field, data_cfg,
-                      (process_index, process_count) if by_file else None)  # fmt: skip
+                      (process_index, process_count) if by_file else None, messages_field)  # fmt: skip
+  if messages_field:
+    rows = chat_rows(recs, tokenizer, seq_len, key)
+    empty = f'no {messages_field!r} conversation with an assistant token within seq_len={seq_len}'
+  else:
+    rows = sft_rows(recs, tokenizer, seq_len)
+    empty = f'no {prompt_field!r} / {response_field!r} example with a response token within seq_len={seq_len}'
   return _share(
-    sft_rows(recs, tokenizer, seq_len), spec=spec, key=key, by_file=by_file, cache=False, seed=seed,
-    empty=f'no {prompt_field!r} / {response_field!r} example with a response token within seq_len={seq_len}',
+    rows, spec=spec, key=key, by_file=by_file, cache=False, seed=seed, empty=empty,
     shuffle_buffer=shuffle_buffer, repeat=repeat, global_batch_size=global_batch_size, process_index=process_index,
     process_count=process_count,
   )  # fmt: skip
@@ -236,11 +296,12 @@ def sft_dataset(
 
 def sft_eval_batches(
   spec: str, tokenizer: Tokenizer, *, seq_len: int, global_batch_size: int, process_index: int, process_count: int,
-  prompt_field: str = 'prompt', response_field: str = 'response', data_cfg: dict | None = None,
+  prompt_field: str = 'prompt', response_field: str = 'response', messages_field: str = '',
+  data_cfg: dict | None = None,
 ) -> list[dict]:  # fmt: skip
   """This process's share of the whole eval set of sft_dataset, read once, as padded numpy batches."""
   ds = sft_dataset(
     spec, tokenizer, seq_len=seq_len, global_batch_size=1, prompt_field=prompt_field, response_field=response_field,
-    shuffle_buffer=0, repeat=False, key='data.eval', data_cfg=data_cfg,
+    messages_field=messages_field, shuffle_buffer=0, repeat=False, key='data.eval', data_cfg=data_cfg,
   )  # fmt: skip
   return _whole(ds, global_batch_size, process_index, process_count)

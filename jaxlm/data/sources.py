@@ -45,6 +45,7 @@ class Fields:
   text_pair: str = ''
   label: str = ''
   label_role: str = 'any'  # What a Parquet / Arrow label column may hold (tables.py): 'class', 'number', 'any'.
+  text_role: str = 'text'  # 'messages': the text field holds a conversation, read as JSON text (tables.py).
 
 
 TEXT_DOCS = ('line', 'blank_line')
@@ -128,6 +129,8 @@ def _jsonl_fields(line: bytes, names: tuple[str, ...], where: str) -> list[bytes
     if n not in obj:
       raise UsageError(f'{where}: no field {n!r} (the record has {sorted(obj)})')
     v = obj[n]
+    if isinstance(v, (list, dict)):  # A conversation (data.messages_field): as JSON text.
+      v = json.dumps(v, ensure_ascii=False)
     out.append(str(v).encode() if not isinstance(v, str) else v.encode('utf-8', errors='replace'))
   return out
 
@@ -188,7 +191,7 @@ def records(
   if file_shard is not None:
     paths = paths[file_shard[0] :: file_shard[1]]
   if kind in tables.KINDS:
-    roles = {fields.text: 'text', fields.text_pair: 'text', fields.label: fields.label_role}
+    roles = {fields.text: fields.text_role, fields.text_pair: 'text', fields.label: fields.label_role}
     return _table_records(kind, paths, spec, key, names, out_keys, {n: r for n, r in roles.items() if n})
   if kind == 'tfrecord':
     feats = {'input_ids': tf.io.VarLenFeature(tf.int64)}

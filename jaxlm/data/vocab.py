@@ -27,7 +27,20 @@ from jaxlm.errors import UsageError
 def for_run(config, workdir: str, kind: str = 'wordpiece') -> tokenizer_lib.Tokenizer:
   """data.tokenizer, else the tokenizer of model.init_from, else WORKDIR/tokenizer if it was trained on this run's
   data and settings, else one of `kind` ('wordpiece' or 'bpe') trained on data.train (saved there once it passed
-  its checks)."""
+  its checks); with the chat template of data.chat_template, if set."""
+  template = None
+  if config.data.chat_template:
+    path = epath.Path(config.data.chat_template)
+    if not path.is_file():
+      raise UsageError(f'data.chat_template={config.data.chat_template!r}: no such file (a Jinja chat template)')
+    template = path.read_text()
+  tok = _for_run(config, workdir, kind, template)
+  if template is not None:
+    tok.chat_template = template
+  return tok
+
+
+def _for_run(config, workdir: str, kind: str, template: str | None) -> tokenizer_lib.Tokenizer:
   if config.data.tokenizer:
     return tokenizer_lib.load(config.data.tokenizer)
   if config.model.init_from:
@@ -47,6 +60,7 @@ def for_run(config, workdir: str, kind: str = 'wordpiece') -> tokenizer_lib.Toke
     tok = tokenizer_lib.train_bpe(texts, d.train_tokenizer_vocab)
   else:
     tok = tokenizer_lib.train_wordpiece(texts, d.train_tokenizer_vocab, d.lowercase)
+  tok.chat_template = template
   if tok.vocab_size <= (len(tokenizer_lib.SPECIAL_TOKENS) if kind == 'wordpiece' else 257):
     raise UsageError(f'data.train={d.train!r}: no text to train a tokenizer on')
   if jax.process_count() > 1:  # The same vocabulary everywhere, or the processes read different data.

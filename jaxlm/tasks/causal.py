@@ -6,7 +6,9 @@ fine-tuning on prompt / response pairs (task=sft).
              data.separate_documents no token attends across documents (segment_ids, position_ids)
   sft        data.train / data.eval are prompt / response records (jsonl:, csv:, tsv:, parquet:, hf: or tfds:;
              fields data.prompt_field, data.response_field), one per row; only the response's
-             tokens (and its end-of-text) weigh in the loss. Starts from model.init_from (a Hugging
+             tokens (and its end-of-text) weigh in the loss. Or, with data.messages_field, conversations
+             rendered by the tokenizer's chat template (data.chat_template, or the one init_from's
+             tokenizer ships), the loss on the assistant's turns. Starts from model.init_from (a Hugging
              Face GPT-2 / Llama directory or a jaxlm run), so finetune.mode (full, lora, head) applies
 
 The loss is losses.causal_lm_loss: next-token cross-entropy weighted by loss_weights, vocabulary-
@@ -92,7 +94,10 @@ class SFT(CausalLM):
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
     d = config.data
-    self._data_kw.update(prompt_field=d.prompt_field, response_field=d.response_field)
+    if d.messages_field and tokenizer.chat_template is None:
+      raise UsageError(f'data.messages_field={d.messages_field!r}: the tokenizer ({tokenizer.source}) has no chat'
+                       ' template to render conversations with; name one in data.chat_template')  # fmt: skip
+    self._data_kw.update(prompt_field=d.prompt_field, response_field=d.response_field, messages_field=d.messages_field)
 
   @classmethod
   def check_config(cls, config) -> None:
