@@ -82,6 +82,16 @@ def check_conversation(conversation, where: str) -> list[dict]:
   return [dict(m) for m in conversation]
 
 
+_REASONING = ('reasoning_content', 'thinking', 'reasoning')  # A message's reasoning, by the names templates read.
+
+
+def _with_reasoning(message: dict) -> dict:
+  """`message` with its reasoning (under any of _REASONING) also as `thinking` and `reasoning_content`, as
+  transformers passes it, so that a template reading either name finds it."""
+  reasoning = next((message[k] for k in _REASONING if message.get(k) is not None), None)
+  return message if reasoning is None else {'thinking': reasoning, **message, 'reasoning_content': reasoning}
+
+
 def render(template: str, conversation: Sequence[Mapping], special_tokens: Mapping[str, str | None] | None = None,
            add_generation_prompt: bool = True, where: str = 'conversation', **variables) -> str:  # fmt: skip
   """The text of `conversation` by `template`; `add_generation_prompt` ends it where the assistant's
@@ -89,12 +99,11 @@ def render(template: str, conversation: Sequence[Mapping], special_tokens: Mappi
   `variables` are more template variables (tools, documents, a template's own switches)."""
   import jinja2
 
-  messages = check_conversation(conversation, where)
+  messages = [_with_reasoning(m) for m in check_conversation(conversation, where)]
   tokens = {f'{role}_token': t for role, t in (special_tokens or {}).items() if t is not None}
+  variables = {'tools': None, 'documents': None, **tokens, **variables}  # Defined, as transformers defines them.
   try:
-    return _compiled(template).render(
-      messages=messages, add_generation_prompt=add_generation_prompt, **tokens, **variables
-    )
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
   except jinja2.exceptions.TemplateError as e:
     raise UsageError(f'{where}: the chat template refused it: {e}') from None
 

@@ -346,3 +346,30 @@ def test_predict_chat_answers_each_conversation_and_names_a_bad_line(chat_dir, g
   assert predict.main([*args[:1], gpt2_dir, *args[2:]]) == 2
   assert '--mode chat needs a chat template' in capsys.readouterr().err
   assert out.read_text() == before  # Refused runs leave the earlier output.
+
+
+def test_chat_render_equals_transformers_render_on_tools_reasoning_json_and_variables():
+  """What a large instruct template reads beyond roles and content: `tools` (defined, None), a date variable with
+  a default, a message's reasoning under the name the template reads, `items` and `tojson(indent=...)`."""
+  from transformers.utils.chat_template_utils import render_jinja_template
+
+  from jaxlm import chat
+
+  template = """{{- bos_token }}
+{%- if tools is defined %}tools: {{ tools | tojson }}{% endif %}
+{%- if not date_string is defined %}{% set date_string = '26 Jul 2024' %}{% endif %}
+Today: {{ date_string }}
+{%- for m in messages %}
+  {%- if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}
+  {{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}
+  {%- for k, v in m | items %}{% if k == 'meta' %}{{ v | tojson(indent=2) }}{% endif %}{% endfor %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"""
+  conv = [{'role': 'system', 'content': ' Be brief. '}, {'role': 'user', 'content': 'h\u00e9llo <b>', 'meta': {'a': [1, '\u00e9<']}},
+          {'role': 'assistant', 'content': 'hi', 'reasoning': 'thought'}, {'role': 'user', 'content': 'bye'}]  # fmt: skip
+  for prompt in (True, False):
+    for kw in ({}, {'date_string': '7 Dec 2026'}):
+      [want] = render_jinja_template([conv], chat_template=template, add_generation_prompt=prompt,
+                                     bos_token='<s>', eos_token='<|eot_id|>', **kw)[0]  # fmt: skip
+      got = chat.render(template, conv, {'bos': '<s>', 'eos': '<|eot_id|>', 'pad': None}, prompt, **kw)
+      assert got == want and '<think>thought</think>' in got and '\u00e9<' in got
