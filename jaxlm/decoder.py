@@ -8,8 +8,9 @@ conversion (hf_causal.py), generation and perplexity (generate.py), losses (loss
 
   gpt2   LayerNorm with biases, learned positions, tanh GELU MLP, biases everywhere, tied head
   llama  RMSNorm, rotary positions (rotate-half form, as transformers; frequencies optionally scaled,
-         ROPE_SCALINGS), SwiGLU MLP, no biases, grouped-query attention (num_kv_heads < num_heads),
-         tied or untied head
+         ROPE_SCALINGS), SwiGLU MLP, no biases (or on the query, key and value projections only:
+         qkv_bias, as Qwen2), grouped-query attention (num_kv_heads < num_heads), tied or untied head.
+         Mistral and Qwen2 checkpoints are of this family (hf_model_type keeps which, for export)
 
 The building blocks (parameters with logical axis names, LayerNorm, dropout, vocabulary padding)
 are those the encoder shares (blocks.py), and so are the execution knobs: layers stacked on a `layers` axis
@@ -46,6 +47,8 @@ from jaxlm import attention, blocks, losses
 from jaxlm.errors import UsageError
 
 FAMILIES = ('gpt2', 'llama')
+# Hugging Face model types of each family: what a checkpoint was read from and an export writes.
+HF_MODEL_TYPES = {'gpt2': ('gpt2',), 'llama': ('llama', 'mistral', 'qwen2')}
 # Rotary frequency scalings (llama): 'linear' divides every frequency by rope_factor (positions / factor);
 # 'llama3' (Llama 3.1 and later) divides the low ones only, those whose wavelength exceeds
 # rope_original_max_positions / rope_low_freq_factor, keeps those below rope_original_max_positions /
@@ -79,6 +82,8 @@ class DecoderConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192  # The context length the scaling extends.
   tie_embeddings: bool = True  # LM head = word embeddings transposed.
+  qkv_bias: bool = False  # llama: biases on the query, key and value projections (Qwen2); gpt2 has all biases.
+  hf_model_type: str = ''  # The Hugging Face model_type read / exported ('' = the family's; HF_MODEL_TYPES).
   hidden_dropout: float = 0.0  # Dropout on embeddings and residual branches (training only).
   initializer_range: float = 0.02
   bos_token_id: int | None = None
@@ -106,6 +111,11 @@ class DecoderConfig:
       raise UsageError(f'model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}')
     if self.family == 'gpt2' and self.kv_heads != self.num_heads:
       raise UsageError('model.num_kv_heads: the gpt2 family has no grouped-query attention')
+    if self.hf_model_type and self.hf_model_type not in HF_MODEL_TYPES[self.family]:
+      raise UsageError(f'model.hf_model_type={self.hf_model_type!r}: the {self.family} family exports as one of'
+                       f' {HF_MODEL_TYPES[self.family]}')  # fmt: skip
+    if self.qkv_bias and self.family != 'llama':
+      raise UsageError('model.qkv_bias: only the llama family has it (gpt2 has biases everywhere)')
     if self.activation not in ACTIVATIONS:
       raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
     if self.remat not in blocks.REMAT_POLICIES:
@@ -265,6 +275,12 @@ class Decoder(nnx.Module):
       }
     else:
       layers['wg_kernel'] = p(rngs, (L, D, F), ('layers', 'embed', 'mlp'), std=s)
+      if cfg.qkv_bias:
+        layers |= {
+          'q_bias': p(None, (L, N, K), ('layers', 'heads', 'kv')),
+          'k_bias': p(None, (L, G, K), ('layers', 'kv_heads', 'kv')),
+          'v_bias': p(None, (L, G, K), ('layers', 'kv_heads', 'kv')),
+        }
     if cfg.quantization == 'int8':
       for name in INT8_KERNELS:
         if name in layers:  # Scales over the layer axis and the output axes (a head's [G|N, K] for q/k/v).

@@ -1,8 +1,13 @@
 """Hugging Face causal-LM directories <-> jaxlm decoder parameters, both directions.
 
-Reads a directory saved by transformers' `GPT2LMHeadModel` / `GPT2Model` or `LlamaForCausalLM` /
-`LlamaModel` (config.json plus model.safetensors or pytorch_model.bin, or their shards:
-`hf.read_tensors`) and writes one back that transformers loads with no missing weight. GPT-2's
+Reads a directory saved by transformers' `GPT2LMHeadModel` / `GPT2Model`, `LlamaForCausalLM` /
+`LlamaModel`, or the Llama-shaped `MistralForCausalLM` and `Qwen2ForCausalLM` (and their base models)
+(config.json plus model.safetensors or pytorch_model.bin, or their shards: `hf.read_tensors`) and
+writes one back, of the model type it came from, that transformers loads with no missing weight.
+Qwen2's query, key and value biases are the decoder's `qkv_bias`. A sliding attention window (Mistral's
+`sliding_window`, Qwen2's with `use_sliding_window`) lets no token see further back than the window,
+which only sequences longer than it reach: such a model loads with max_position_embeddings cut to the
+window, where its attention is the plain causal one, and exports so (`sliding_window: null`). GPT-2's
 fused `c_attn` Conv1D is split into the query, key and value kernels; Llama's [out, in] Linear
 weights are transposed into jaxlm's [in, heads, head size] layout (the rotate-half rotary form is the same on both sides, so the
 query and key kernels need no permutation). Vocabulary tables are padded to the model's
@@ -22,8 +27,10 @@ from jaxlm import blocks, decoder
 from jaxlm import hf as hf_bert
 from jaxlm.errors import UsageError
 
-MODEL_TYPES = ('gpt2', 'llama')
-ARCHITECTURES = ('GPT2LMHeadModel', 'GPT2Model', 'LlamaForCausalLM', 'LlamaModel')
+MODEL_TYPES = ('gpt2', 'llama', 'mistral', 'qwen2')
+_CLASSES = {'gpt2': 'GPT2', 'llama': 'Llama', 'mistral': 'Mistral', 'qwen2': 'Qwen2'}  # transformers' class prefixes.
+ARCHITECTURES = ('GPT2LMHeadModel', 'GPT2Model', 'LlamaForCausalLM', 'LlamaModel', 'MistralForCausalLM', 'MistralModel',
+                 'Qwen2ForCausalLM', 'Qwen2Model')  # fmt: skip
 _GPT2_ACT = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh', 'gelu': 'gelu',
              'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}  # fmt: skip
 _TO_GPT2_ACT = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu'}
@@ -32,7 +39,7 @@ _IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq')
 
 
 def is_causal_dir(path: str) -> bool:
-  """True for a Hugging Face directory whose config.json names a GPT-2 or Llama model."""
+  """True for a Hugging Face directory whose config.json names a causal LM of MODEL_TYPES."""
   cfg_path = os.path.join(path, 'config.json')
   if not os.path.isfile(cfg_path):
     return False
@@ -85,8 +92,19 @@ def _ids(value) -> list[int]:
   return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
+def _window(hf: dict, kind: str) -> int | None:
+  """The sliding attention window of a Mistral / Qwen2 config, or None when every layer attends to all before."""
+  if kind == 'mistral':
+    return hf.get('sliding_window', 4096)  # MistralConfig's default when the key is absent.
+  if kind == 'qwen2' and hf.get('use_sliding_window'):
+    first = hf.get('max_window_layers', 28)  # Qwen2Config: the layers from this one on slide, unless layer_types says.
+    types = hf.get('layer_types') or ['sliding_attention' for i in range(hf['num_hidden_layers']) if i >= first]
+    return hf.get('sliding_window', 4096) if 'sliding_attention' in types else None
+  return None
+
+
 def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decoder.DecoderConfig:
-  """A DecoderConfig from a GPT2Config or LlamaConfig dict; `overrides` win."""
+  """A DecoderConfig from a GPT2Config, LlamaConfig, MistralConfig or Qwen2Config dict; `overrides` win."""
   kind = hf.get('model_type')
   eos = _ids(hf.get('eos_token_id'))  # Several in instruct models: the end of text and of a turn.
   common = dict(vocab_size=hf['vocab_size'], bos_token_id=hf.get('bos_token_id'), eos_token_id=(eos or [None])[0],
@@ -103,16 +121,18 @@ def config_from_hf(hf: dict, source: str = 'config.json', **overrides) -> decode
               intermediate_size=hf.get('n_inner') or 4 * hf['n_embd'], max_position_embeddings=hf['n_positions'],
               norm_eps=hf.get('layer_norm_epsilon', 1e-5), hidden_act=_GPT2_ACT[act],
               tie_embeddings=hf.get('tie_word_embeddings', True), **common)  # fmt: skip
-  elif kind == 'llama':
+  elif kind in ('llama', 'mistral', 'qwen2'):
     if hf.get('attention_bias') or hf.get('mlp_bias'):
       raise UsageError(f'{source}: attention_bias / mlp_bias are not supported (the Llama shape has no biases)')
     if hf.get('hidden_act', 'silu') != 'silu':
       raise UsageError(f'{source}: hidden_act={hf["hidden_act"]!r} is not supported (only "silu")')
+    positions, window = hf.get('max_position_embeddings', 2048), _window(hf, kind)
     kw = dict(family='llama', hidden_size=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
               num_heads=hf['num_attention_heads'], num_kv_heads=hf.get('num_key_value_heads'),
               head_dim=hf.get('head_dim'), intermediate_size=hf['intermediate_size'],
-              max_position_embeddings=hf.get('max_position_embeddings', 2048), norm_eps=hf.get('rms_norm_eps', 1e-6),
-              **_rope(hf, source), tie_embeddings=hf.get('tie_word_embeddings', False), **common)  # fmt: skip
+              max_position_embeddings=min(positions, window or positions), norm_eps=hf.get('rms_norm_eps', 1e-6),
+              **_rope(hf, source), tie_embeddings=hf.get('tie_word_embeddings', False), qkv_bias=kind == 'qwen2',
+              hf_model_type='' if kind == 'llama' else kind, **common)  # fmt: skip
   else:
     raise UsageError(f'{source}: model_type={kind!r} is not a causal LM jaxlm reads (expected one of {MODEL_TYPES})')
   if kw.get('head_dim') == kw['hidden_size'] // kw['num_heads']:
@@ -131,12 +151,17 @@ def config_to_hf(cfg: decoder.DecoderConfig) -> dict:
                 activation_function=_TO_GPT2_ACT[cfg.activation], tie_word_embeddings=cfg.tie_embeddings,
                 initializer_range=cfg.initializer_range, resid_pdrop=cfg.hidden_dropout,
                 embd_pdrop=cfg.hidden_dropout, attn_pdrop=0.0, **ids)  # fmt: skip
-  return dict(model_type='llama', architectures=['LlamaForCausalLM'], vocab_size=cfg.vocab_size,
+  kind = cfg.hf_model_type or 'llama'
+  if cfg.qkv_bias and kind != 'qwen2':
+    raise UsageError(f"model.qkv_bias: transformers' {kind} has no query / key / value biases (qwen2 has)")
+  extra = dict(attention_bias=False, mlp_bias=False)  # LlamaConfig's; Mistral and Qwen2 fix their biases.
+  if kind != 'llama':
+    extra = dict(sliding_window=None) if kind == 'mistral' else dict(use_sliding_window=False, sliding_window=None)
+  return dict(model_type=kind, architectures=[f'{_CLASSES[kind]}ForCausalLM'], vocab_size=cfg.vocab_size,
               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, intermediate_size=cfg.intermediate_size,
               max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-              **_rope_to_hf(cfg),
-              tie_word_embeddings=cfg.tie_embeddings, hidden_act='silu', attention_bias=False, mlp_bias=False,
+              **_rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings, hidden_act='silu', **extra,
               initializer_range=cfg.initializer_range, **ids)  # fmt: skip
 
 
@@ -159,6 +184,7 @@ def _layer_names(cfg: decoder.DecoderConfig, i: int) -> dict[str, str]:
     'attn_norm_scale': m + 'input_layernorm.weight', 'mlp_norm_scale': m + 'post_attention_layernorm.weight',
     'q_kernel': m + 'self_attn.q_proj.weight', 'k_kernel': m + 'self_attn.k_proj.weight',
     'v_kernel': m + 'self_attn.v_proj.weight', 'o_kernel': m + 'self_attn.o_proj.weight',
+    'q_bias': m + 'self_attn.q_proj.bias', 'k_bias': m + 'self_attn.k_proj.bias', 'v_bias': m + 'self_attn.v_proj.bias',
     'wg_kernel': m + 'mlp.gate_proj.weight', 'wi_kernel': m + 'mlp.up_proj.weight',
     'wo_kernel': m + 'mlp.down_proj.weight',
   }  # fmt: skip
@@ -194,6 +220,8 @@ def _to_jaxlm(name: str, t: np.ndarray, cfg: decoder.DecoderConfig) -> np.ndarra
   heads = {'q_kernel': N, 'k_kernel': G, 'v_kernel': G}
   if name in heads:  # [heads * K, D] -> [D, heads, K]
     return t.T.reshape(D, heads[name], K)
+  if name in ('q_bias', 'k_bias', 'v_bias'):  # [heads * K] -> [heads, K]
+    return t.reshape(-1, K)
   if name == 'o_kernel':  # [D, N * K] -> [N, K, D]
     return t.T.reshape(N, K, D)
   if name.endswith('kernel'):
@@ -208,6 +236,8 @@ def _to_hf(name: str, t: np.ndarray, cfg: decoder.DecoderConfig) -> np.ndarray:
     return t.reshape(-1, D) if name == 'o_kernel' else t
   if name in ('q_kernel', 'k_kernel', 'v_kernel'):
     return t.reshape(D, -1).T
+  if name in ('q_bias', 'k_bias', 'v_bias'):
+    return t.reshape(-1)
   if name == 'o_kernel':
     return t.reshape(-1, D).T
   return t.T if name.endswith('kernel') else t
@@ -294,7 +324,7 @@ def params_to_hf(params: nnx.State, cfg: decoder.DecoderConfig) -> dict[str, np.
 
 
 def load(path: str, seed: int = 0, **overrides) -> tuple[nnx.GraphDef, nnx.State, dict]:
-  """(graphdef, params, the HF config dict) of a GPT-2 or Llama directory; `overrides` set DecoderConfig fields.
+  """(graphdef, params, the HF config dict) of a GPT-2, Llama, Mistral or Qwen2 directory; `overrides` set DecoderConfig fields.
   The parameters are float (store.load_model quantizes them for `quantization='int8'`)."""
   if overrides.get('quantization', 'none') != 'none':
     raise UsageError(f'{path}: holds float tensors; quantize them after loading (quant.quantize)')

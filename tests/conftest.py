@@ -371,6 +371,8 @@ def save_random_causal_lm(family: str, out_dir: str, seed: int = 0, **kw) -> str
   cls, cfg_cls = {
     'gpt2': (transformers.GPT2LMHeadModel, transformers.GPT2Config),
     'llama': (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+    'mistral': (transformers.MistralForCausalLM, transformers.MistralConfig),
+    'qwen2': (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
   }[family]
   torch.manual_seed(seed)
   cfg = cfg_cls(initializer_range=0.2, bos_token_id=1, eos_token_id=2, **kw)

@@ -60,6 +60,36 @@ SHAPES = {
       rms_norm_eps=1e-5,
     ),
   ),  # fmt: skip
+  # Qwen2: query / key / value biases (random, as every bias here), grouped-query attention, a tied head.
+  'qwen2-bias': (
+    'qwen2',
+    dict(
+      vocab_size=270,
+      hidden_size=64,
+      intermediate_size=80,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=64,
+      tie_word_embeddings=True,
+      rope_theta=1000000.0,
+    ),
+  ),  # fmt: skip
+  # Mistral with a sliding window of 24 tokens: loaded with 24 positions, where attention is the causal one.
+  'mistral-window': (
+    'mistral',
+    dict(
+      vocab_size=280,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=8,
+      num_key_value_heads=4,
+      max_position_embeddings=64,
+      sliding_window=24,
+      tie_word_embeddings=False,
+    ),
+  ),  # fmt: skip
 }
 
 
@@ -112,7 +142,7 @@ def graphdef_cfg(graphdef, params) -> decoder.DecoderConfig:
   return decoder.merge(graphdef, params).cfg
 
 
-@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa', 'llama-tied-mha'])
+@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa', 'llama-tied-mha', 'qwen2-bias', 'mistral-window'])
 def test_hugging_face_round_trip_is_bitwise(hf_dirs, shape, tmp_path):
   path = hf_dirs[shape]
   graphdef, params, _ = hf_causal.load(path, vocab_multiple=64)
@@ -152,7 +182,7 @@ def test_a_packed_document_never_sees_its_neighbours(hf_dirs, shape):
   np.testing.assert_allclose(with_b[0, 5:11], second_alone[0], atol=1e-5)  # Nor document 1 in document 2.
 
 
-@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa'])
+@pytest.mark.parametrize('shape', ['gpt2', 'llama-gqa', 'qwen2-bias'])
 def test_cached_decoding_equals_the_whole_row(hf_dirs, shape):
   """A left-padded prefill then one token per call gives the logits of the unpadded whole-row forward."""
   graphdef, params, _ = hf_causal.load(hf_dirs[shape])
@@ -174,6 +204,34 @@ def test_cached_decoding_equals_the_whole_row(hf_dirs, shape):
     valid[:, 8 + t] = True
     logits, cache = step(params, ids[:, 5 + t : 6 + t], np.array([[5 + t]], np.int32), jnp.asarray(valid), cache, 8 + t)
     np.testing.assert_allclose(np.asarray(logits)[0, 0], full[5 + t], atol=1e-4)
+
+
+def test_mistral_and_qwen2_load_as_llama_shapes_and_export_as_themselves(hf_dirs, tmp_path):
+  import json
+
+  for shape, kind, positions in (('qwen2-bias', 'qwen2', 64), ('mistral-window', 'mistral', 24)):
+    graphdef, params, _ = hf_causal.load(hf_dirs[shape])
+    cfg = graphdef_cfg(graphdef, params)
+    assert (cfg.family, cfg.hf_model_type, cfg.qkv_bias) == ('llama', kind, kind == 'qwen2')
+    assert cfg.max_position_embeddings == positions  # Mistral's: its sliding window.
+    hf_causal.save(params, cfg, str(tmp_path / kind))
+    written = json.load(open(tmp_path / kind / 'config.json'))
+    assert written['model_type'] == kind and written['architectures'] == [
+      f'{"Qwen2" if kind == "qwen2" else "Mistral"}ForCausalLM'
+    ]
+    assert written['sliding_window'] is None
+  # Qwen2 slides only with use_sliding_window, from layer max_window_layers on.
+  hf = {'model_type': 'qwen2', 'vocab_size': 10, 'hidden_size': 8, 'num_hidden_layers': 2, 'num_attention_heads': 2,
+        'intermediate_size': 8, 'max_position_embeddings': 64, 'sliding_window': 16}  # fmt: skip
+  assert hf_causal.config_from_hf(hf).max_position_embeddings == 64
+  assert (
+    hf_causal.config_from_hf({**hf, 'use_sliding_window': True, 'max_window_layers': 2}).max_position_embeddings == 64
+  )
+  assert (
+    hf_causal.config_from_hf({**hf, 'use_sliding_window': True, 'max_window_layers': 1}).max_position_embeddings == 16
+  )
+  with pytest.raises(UsageError, match='qwen2 has'):
+    hf_causal.config_to_hf(decoder.preset('llama-tiny', qkv_bias=True))
 
 
 def test_unsupported_hugging_face_configs_are_named(hf_dirs, tmp_path):
