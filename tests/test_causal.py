@@ -165,6 +165,11 @@ def test_sft_with_lora_trains_adapters_only_and_weighs_only_the_response(run, fi
   # The loss reads the response's targets only: changing a prompt token's target changes nothing.
   batch = next(iter(pretrain.Iterator(sft.task.train_dataset(0))))
   loss = lambda b: float(sft.task.loss_fn(None)(steps.forward(sft.graphdef, sft.init, b), b)[0])  # noqa: E731
+  # The batch is cut to a length bucket (data.bucket_lengths): its loss is that of the batch padded to seq_len.
+  T = batch['input_ids'].shape[1]
+  assert T in sft.task.batch_lengths() and T < 32
+  padded = {k: np.pad(v, ((0, 0), (0, 32 - T)), constant_values=0) for k, v in batch.items()}
+  np.testing.assert_allclose(loss(padded), loss(batch), rtol=1e-6)
   w = batch['loss_weights'][0]
   prompt_pos, response_pos = int(np.flatnonzero(w == 0)[0]), int(np.flatnonzero(w > 0)[0])
   for pos, changes in ((prompt_pos, False), (response_pos, True)):

@@ -268,3 +268,33 @@ def test_a_conversation_that_cannot_be_read_or_cut_is_one_error(chat_tok, tmp_pa
     chat.assistant_spans(rewrites, CHATS[1], where='conversation 1')
   text, spans = chat.assistant_spans(PLAIN, CHATS[0])  # trim_blocks drops the newline after a block tag.
   assert text == 'user: what follows one?assistant: two</s>' and [text[a:b] for a, b in spans] == ['two</s>']
+
+
+def test_sft_batches_are_cut_to_length_buckets_the_same_on_every_process(bpe, tmp_path):
+  T, buckets = 16, (4, 8, 12, 16)
+  recs = [{'prompt': 'Q: 2+2?', 'response': ' 4'}, {'prompt': 'Q: 3+3?', 'response': ' 6'},
+          {'prompt': 'Translate: chat', 'response': ' cat, le chat \U0001f408' * 3}, {'prompt': 'a', 'response': ' b'}]  # fmt: skip
+  (tmp_path / 'sft.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  spec = f'jsonl:{tmp_path}/sft.jsonl'
+  kw = dict(seq_len=T, shuffle_buffer=0, repeat=False)
+  rows = _rows(causal.sft_dataset(spec, bpe, global_batch_size=1, **kw))  # Uncut, one a batch.
+  need = [int(np.flatnonzero(r['loss_weights'])[-1]) + 1 for r in rows]
+  assert len(rows) == 4 and max(need[:2]) <= 12 and need[2] == T
+  shares = [list(pretrain.Iterator(causal.sft_dataset(spec, bpe, global_batch_size=2, buckets=buckets,
+                                                      process_index=i, process_count=2, **kw))) for i in range(2)]  # fmt: skip
+  for i, batches in enumerate(shares):  # Process i holds row i of each global batch of 2.
+    assert len(batches) == 2
+    for g, batch in enumerate(batches):
+      cut = min(b for b in buckets if b >= max(need[2 * g : 2 * g + 2]))
+      assert batch['input_ids'].shape == (1, cut)
+      for k in batch:  # Cut after the weighted targets: nothing the loss reads is lost.
+        np.testing.assert_array_equal(batch[k][0], rows[2 * g + i][k][:cut])
+      assert batch['loss_weights'].sum() == rows[2 * g + i]['loss_weights'].sum()
+  assert shares[0][0]['input_ids'].shape[1] < T == shares[0][1]['input_ids'].shape[1]
+  # Evaluation: sorted by length (the sums do not care), each global batch cut to its own bucket.
+  kw = dict(seq_len=T, global_batch_size=2, process_index=0, process_count=1)
+  whole, cut = causal.sft_eval_batches(spec, bpe, **kw), causal.sft_eval_batches(spec, bpe, buckets=buckets, **kw)
+  assert [b['input_ids'].shape[1] for b in whole] == [T, T]
+  n = sorted(need)
+  assert [b['input_ids'].shape[1] for b in cut] == [min(b for b in buckets if b >= max(n[j : j + 2])) for j in (0, 2)]
+  assert sum(b['loss_weights'].sum() for b in cut) == sum(b['loss_weights'].sum() for b in whole)

@@ -12,7 +12,8 @@
                                  {input_ids, targets, loss_weights}, the loss on the response only
   chat_rows(recs, tokenizer, seq_len, key)  the same from conversations (data.messages_field), rendered by
                                  the tokenizer's chat template: the loss on the assistant messages
-  sft_dataset(spec, ...)         sft_rows of a source, shuffled, this process's share, batched
+  sft_dataset(spec, ...)         sft_rows of a source, shuffled, this process's share, batched; each batch cut to the
+                                 smallest length bucket that holds its weighted targets (data.bucket_lengths)
   sft_eval_batches(spec, ...)    the whole eval set of sft_dataset, read once, as padded numpy batches
 
 A row x of seq_len + 1 tokens gives input_ids = x[:-1] and targets = x[1:] (int32 [seq_len]); loss_weights
@@ -34,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxlm import chat
-from jaxlm.data import pretrain, sources
+from jaxlm.data import classify, pretrain, sources
 from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
 
@@ -86,11 +87,20 @@ def pack(stream: tf.data.Dataset, seq_len: int, eos: int, pad: int, separate_doc
   return stream.batch(seq_len + 1).filter(lambda r: tf.shape(r)[0] > 1).map(one, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _need(ex):
+  """The positions of a row the loss reads: up to its last weighted target (0 if none)."""
+  w = ex['loss_weights']
+  return tf.reduce_max(tf.where(w > 0, tf.range(1, tf.shape(w)[0] + 1), 0))
+
+
 def _share(examples: tf.data.Dataset, *, spec: str, key: str, empty: str, by_file: bool, cache: bool, seed: int,
            shuffle_buffer: int, repeat: bool, global_batch_size: int, process_index: int,
-           process_count: int) -> tf.data.Dataset:  # fmt: skip
+           process_count: int, buckets: tuple[int, ...] = ()) -> tf.data.Dataset:  # fmt: skip
   """This process's batches of `examples`: checked for emptiness (the error says `empty`), cached, repeated,
-  shuffled with the seed and shared between the processes as pretrain.pretrain_dataset does."""
+  shuffled with the seed and shared between the processes as pretrain.pretrain_dataset does. With `buckets`
+  (several lengths; every process reading every example, not by file), every process batches the same
+  global batches, keeps its rows, and cuts them to the smallest bucket that holds every row's weighted
+  targets: the positions after them change no loss (causal attention), so the loss is the uncut one."""
   if global_batch_size % process_count:
     raise UsageError(f'global_batch_size={global_batch_size} is not a multiple of the {process_count} processes')
   counted = pretrain.Stats.undecodable
@@ -106,11 +116,21 @@ def _share(examples: tf.data.Dataset, *, spec: str, key: str, empty: str, by_fil
   if shuffle_buffer:
     examples = examples.shuffle(shuffle_buffer, seed=seed + (process_index if by_file else 0),
                                 reshuffle_each_iteration=True)  # fmt: skip
-  if not by_file:
-    examples = examples.shard(process_count, process_index)
+  local = global_batch_size // process_count
+  if len(buckets) > 1:
+    lo = process_index * local
+
+    def cut(b):
+      T = classify.padded_to(b.pop('need'), buckets)
+      return {k: v[lo : lo + local, :T] for k, v in b.items()}
+
+    batches = examples.map(lambda ex: {**ex, 'need': _need(ex)}).batch(global_batch_size, drop_remainder=True).map(cut)
+  else:
+    if not by_file:
+      examples = examples.shard(process_count, process_index)
+    batches = examples.batch(local, drop_remainder=True)
   options = tf.data.Options()
   options.deterministic = True
-  batches = examples.batch(global_batch_size // process_count, drop_remainder=True)
   return batches.with_options(options).prefetch(2)
 
 
@@ -142,10 +162,15 @@ def causal_dataset(
   )  # fmt: skip
 
 
-def _whole(ds: tf.data.Dataset, global_batch_size: int, process_index: int, process_count: int) -> list[dict]:
+def _whole(ds: tf.data.Dataset, global_batch_size: int, process_index: int, process_count: int,
+           buckets: tuple[int, ...] = ()) -> list[dict]:  # fmt: skip
   """This process's share of the rows of a one-row-per-batch dataset, padded with zero rows to whole global
-  batches (weight 0 and segment 0 there: they count nowhere)."""
+  batches (weight 0 and segment 0 there: they count nowhere). With `buckets`, the rows are sorted by the
+  positions their loss reads and each global batch is cut to the smallest bucket that holds them (_share)."""
   found = [{k: v[0] for k, v in b.items()} for b in pretrain.Iterator(ds)]
+  need = lambda r: int(np.flatnonzero(r['loss_weights'])[-1]) + 1 if r['loss_weights'].any() else 0  # noqa: E731
+  if len(buckets) > 1:
+    found.sort(key=need)  # The metrics are sums: the order changes none.
   n = len(found)
   total = -(-n // global_batch_size) * global_batch_size
   pad = {k: np.zeros_like(v) for k, v in found[0].items()}
@@ -153,8 +178,10 @@ def _whole(ds: tf.data.Dataset, global_batch_size: int, process_index: int, proc
   local = global_batch_size // process_count
   batches = []
   for start in range(0, total, global_batch_size):
+    longest = max(need(r) for r in found[start : start + global_batch_size])
+    T = next((b for b in buckets if b >= longest), None) if len(buckets) > 1 else None
     mine = found[start + process_index * local : start + (process_index + 1) * local]
-    batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0]})
+    batches.append({k: np.stack([r[k] for r in mine])[:, :T] for k in mine[0]})
   return batches
 
 
@@ -268,6 +295,7 @@ def sft_dataset(
   prompt_field: str = 'prompt',
   response_field: str = 'response',
   messages_field: str = '',
+  buckets: tuple[int, ...] = (),
   shuffle_buffer: int = 1000,
   process_index: int = 0,
   process_count: int = 1,
@@ -276,9 +304,9 @@ def sft_dataset(
   data_cfg: dict | None = None,
 ) -> tf.data.Dataset:
   """This process's batches of supervised fine-tuning examples, one prompt / response record a row (sft_rows), or
-  one conversation (chat_rows) with `messages_field`: input_ids, targets (int32 [B, seq_len]) and loss_weights
-  (float32, 1 on the response's or the assistant's targets)."""
-  by_file = sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
+  one conversation (chat_rows) with `messages_field`: input_ids, targets (int32 [B, seq_len], or [B, T] cut to
+  a length of `buckets`, _share) and loss_weights (float32, 1 on the response's or the assistant's targets)."""
+  by_file = len(buckets) <= 1 and sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = _sft_records(spec, key, prompt_field, response_field, data_cfg,
                       (process_index, process_count) if by_file else None, messages_field)  # fmt: skip
   if messages_field:
@@ -288,7 +316,7 @@ def sft_dataset(
     rows = sft_rows(recs, tokenizer, seq_len)
     empty = f'no {prompt_field!r} / {response_field!r} example with a response token within seq_len={seq_len}'
   return _share(
-    rows, spec=spec, key=key, by_file=by_file, cache=False, seed=seed, empty=empty,
+    rows, spec=spec, key=key, by_file=by_file, cache=False, seed=seed, empty=empty, buckets=buckets,
     shuffle_buffer=shuffle_buffer, repeat=repeat, global_batch_size=global_batch_size, process_index=process_index,
     process_count=process_count,
   )  # fmt: skip
@@ -297,11 +325,12 @@ def sft_dataset(
 def sft_eval_batches(
   spec: str, tokenizer: Tokenizer, *, seq_len: int, global_batch_size: int, process_index: int, process_count: int,
   prompt_field: str = 'prompt', response_field: str = 'response', messages_field: str = '',
-  data_cfg: dict | None = None,
+  buckets: tuple[int, ...] = (), data_cfg: dict | None = None,
 ) -> list[dict]:  # fmt: skip
-  """This process's share of the whole eval set of sft_dataset, read once, as padded numpy batches."""
+  """This process's share of the whole eval set of sft_dataset, read once, as padded numpy batches (cut to the
+  lengths of `buckets`, _whole)."""
   ds = sft_dataset(
     spec, tokenizer, seq_len=seq_len, global_batch_size=1, prompt_field=prompt_field, response_field=response_field,
     messages_field=messages_field, shuffle_buffer=0, repeat=False, key='data.eval', data_cfg=data_cfg,
   )  # fmt: skip
-  return _whole(ds, global_batch_size, process_index, process_count)
+  return _whole(ds, global_batch_size, process_index, process_count, buckets)

@@ -87,7 +87,7 @@ def check_config(data_cfg: dict) -> None:
     raise UsageError(f'data.length_window={window!r}: must be a positive integer (1 = no grouping by length)')
 
 
-def _padded_to(lengths, buckets: tuple[int, ...]):
+def padded_to(lengths, buckets: tuple[int, ...]):
   """The smallest bucket that holds the longest of `lengths` (a tf tensor)."""
   longest = tf.reduce_max(lengths)
   fits = tf.constant(buckets, tf.int32)
@@ -159,7 +159,7 @@ def classify_dataset(
             'labels': tf.ensure_shape(y, [None]), 'length': tf.ensure_shape(n, [None])}  # fmt: skip
 
   def batch_fn(b):
-    T = _padded_to(b['length'], buckets)
+    T = padded_to(b['length'], buckets)
     lo = process_index * local
     ids, types, y = (
       b['input_ids'][lo : lo + local, :T],

@@ -9,7 +9,8 @@ fine-tuning on prompt / response pairs (task=sft).
              tokens (and its end-of-text) weigh in the loss. Or, with data.messages_field, conversations
              rendered by the tokenizer's chat template (data.chat_template, or the one init_from's
              tokenizer ships), the loss on the assistant's turns. Starts from model.init_from (a Hugging
-             Face GPT-2 / Llama directory or a jaxlm run), so finetune.mode (full, lora, head) applies
+             Face GPT-2 / Llama directory or a jaxlm run), so finetune.mode (full, lora, head) applies.
+             A batch is cut to the smallest of data.bucket_lengths that holds its weighted targets
 
 The loss is losses.causal_lm_loss: next-token cross-entropy weighted by loss_weights, vocabulary-
 parallel when mesh.tensor > 1. Evaluation runs it with a unit normalizer (sums per batch), divided
@@ -24,7 +25,7 @@ import math
 from jaxlm import losses
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.config import split_spec
-from jaxlm.data import causal
+from jaxlm.data import causal, classify
 from jaxlm.errors import UsageError
 from jaxlm.tasks import Task, register
 
@@ -97,7 +98,8 @@ class SFT(CausalLM):
     if d.messages_field and tokenizer.chat_template is None:
       raise UsageError(f'data.messages_field={d.messages_field!r}: the tokenizer ({tokenizer.source}) has no chat'
                        ' template to render conversations with; name one in data.chat_template')  # fmt: skip
-    self._data_kw.update(prompt_field=d.prompt_field, response_field=d.response_field, messages_field=d.messages_field)
+    self._data_kw.update(prompt_field=d.prompt_field, response_field=d.response_field, messages_field=d.messages_field,
+                         buckets=self.batch_lengths())  # fmt: skip
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -105,6 +107,7 @@ class SFT(CausalLM):
     d = config.data
     if d.separate_documents:
       raise UsageError(f'data.separate_documents=True is for pretraining; task={config.task!r} has one example a row')
+    classify.check_config(d.to_dict())  # data.bucket_lengths
     for key in ('train', 'eval'):
       spec = d[key]
       if spec and split_spec(spec, f'data.{key}')[0] not in _RECORD_KINDS:
@@ -113,6 +116,9 @@ class SFT(CausalLM):
     if not (config.model.init_from or d.tokenizer):
       raise UsageError('model.init_from is empty: supervised fine-tuning starts from a causal LM (a Hugging Face'
                        ' GPT-2 / Llama directory or a jaxlm run)')  # fmt: skip
+
+  def batch_lengths(self) -> tuple[int, ...]:
+    return classify.bucket_lengths(self.config.data.to_dict(), self.config.data.seq_len)
 
   def train_dataset(self, seed: int):
     d = self.config.data
