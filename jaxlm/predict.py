@@ -8,8 +8,9 @@
                 generate   {"generated": "..."}, the continuation of each prompt, from a causal LM
                            (--max_new_tokens, --temperature, --top_k, --top_p, --seed, --stop)
                 chat       {"generated": "..."}, the assistant's reply to each conversation, by the model's
-                           chat template: a JSONL field holding a list of {"role", "content"} messages,
-                           or a text (any format), one user message; --system puts a system message
+                           chat template: a field (--text_field, default messages) holding a list of
+                           {"role", "content"} messages (JSONL, or a Parquet / Arrow list column), or
+                           a text (any format), one user message; --system puts a system message
                            first where a conversation has none; the generate flags apply
   --input       .txt (one text per line, every line counts), .jsonl (one object per non-blank
                 line), .csv / .tsv (a header row), .parquet; or, as in data.train, parquet:GLOB
@@ -128,10 +129,11 @@ def read_inputs(
   also hold a list (a conversation)."""
   if fmt in tables.KINDS:
     found = _tables(path, fmt, split)
-    roles = {text_field: 'text', **({pair_field: 'text'} if pair_field else {})}
+    roles = {text_field: 'messages' if messages else 'text', **({pair_field: 'text'} if pair_field else {})}
     tables.check_columns(found, roles)
+    listed = messages and tables.is_list(found[0].schema.field(text_field).type)  # Conversations, as JSON text.
     for n, row in enumerate(tables.iter_text(found, roles)):
-      yield n, (row[0], row[-1]) if pair_field else row[0]
+      yield n, json.loads(row[0]) if listed else (row[0], row[-1]) if pair_field else row[0]
     return
   if not os.path.isfile(path):
     raise UsageError(f'{path}: no such file')
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
   p.add_argument('--mode', choices=MODES, default='classify', help='what to compute')
   p.add_argument('--format', choices=FORMATS, help='input format (default: from the extension)')
   p.add_argument('--split', help='hf: the split of a saved DatasetDict (needed when it has several)')
-  p.add_argument('--text_field', default='text', help='JSONL field / CSV column holding the text')
+  p.add_argument('--text_field', help='JSONL field / CSV column holding the text (default: text; chat: messages)')
   p.add_argument('--text_pair_field', help='JSONL field / CSV column holding the second segment')
   p.add_argument('--batch_size', type=int, default=32, help='inputs per forward pass')
   p.add_argument('--max_length', type=int, default=None, help='truncate to this many tokens (default 512)')
@@ -373,6 +375,7 @@ def main(argv=None) -> int:
   p.add_argument('--dtype', help='compute dtype (default: bfloat16 on TPU / GPU, float32 on CPU)')
   p.add_argument('--quantize', choices=['none', 'int8'], default='none', help='int8: quantize kernels on loading')
   args = p.parse_args(argv)
+  args.text_field = args.text_field or ('messages' if args.mode == 'chat' else 'text')
   try:
     _check_flags(args)
     fmt = input_format(args.input, args.format)

@@ -41,8 +41,12 @@ _ROLES = {  # role: (what it takes, in words; the test on a column's type)
   'any': ('strings, numbers or booleans',
           lambda t: _is_string(t) or pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t)),
   'messages': ('lists of {role, content} messages, or their JSON text',
-               lambda t: _is_string(t) or pat.is_list(t) or pat.is_large_list(t)),
+               lambda t: _is_string(t) or is_list(t)),
 }  # fmt: skip
+
+
+def is_list(t: pa.DataType) -> bool:
+  return pat.is_list(t) or pat.is_large_list(t)
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -221,7 +225,7 @@ def _as_bytes(col: pa.ChunkedArray, names: list[str] | None) -> np.ndarray:
   if names is not None:  # A ClassLabel: an id names a class; another value (-1: no label) stays a number.
     ids = col.to_numpy()
     return np.asarray([names[i].encode() if 0 <= i < len(names) else str(i).encode() for i in ids], object)
-  if pat.is_list(col.type) or pat.is_large_list(col.type):  # A conversation per row: as JSON text.
+  if is_list(col.type):  # A conversation per row: as JSON text.
     return np.asarray([json.dumps(v, ensure_ascii=False).encode() for v in col.to_pylist()], object)
   if pat.is_dictionary(col.type):
     col = pc.cast(col, col.type.value_type)

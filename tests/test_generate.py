@@ -334,10 +334,22 @@ def test_predict_chat_answers_each_conversation_and_names_a_bad_line(chat_dir, g
           '--text_field', 'messages', '--max_new_tokens', '8', '--stop', '<|im_end|>', '--batch_size', '2']  # fmt: skip
   assert predict.main([*args, '--system', 'Be brief.']) == 0
   system = [{'role': 'system', 'content': 'Be brief.'}]
-  want = jaxlm.load(chat_dir).chat(
+  gen = jaxlm.load(chat_dir)
+  want = gen.chat(
     [CONVERSATIONS[1], system + CONVERSATIONS[0], system + CONVERSATIONS[0]], max_new_tokens=8, stop=['<|im_end|>']
   )
   assert [json.loads(line)['generated'] for line in out.read_text().splitlines()] == want
+
+  # A Parquet list column of conversations, read by the default --text_field of chat (messages).
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.table({'messages': [CONVERSATIONS[1], CONVERSATIONS[0]]}), tmp_path / 'chats.parquet')
+  pq_args = ['--checkpoint', chat_dir, '--input', str(tmp_path / 'chats.parquet'), '--output', str(tmp_path / 'pq.jsonl'),
+             '--mode', 'chat', '--max_new_tokens', '8', '--stop', '<|im_end|>', '--batch_size', '2']  # fmt: skip
+  assert predict.main(pq_args) == 0
+  pq_want = gen.chat([CONVERSATIONS[1], CONVERSATIONS[0]], max_new_tokens=8, stop=['<|im_end|>'])
+  assert [json.loads(line)['generated'] for line in (tmp_path / 'pq.jsonl').read_text().splitlines()] == pq_want
 
   before = out.read_text()
   src.write_text(json.dumps(rows[0]) + '\n' + json.dumps({'messages': [{'content': 'no role'}]}) + '\n')
