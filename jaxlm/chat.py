@@ -23,7 +23,10 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 
+import jinja2
+import jinja2.ext
 from etils import epath
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxlm.errors import UsageError
 
@@ -50,10 +53,6 @@ def read_template(directory) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str):
-  import jinja2  # Only a chat needs it.
-  import jinja2.ext
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
-
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -97,8 +96,6 @@ def render(template: str, conversation: Sequence[Mapping], special_tokens: Mappi
   """The text of `conversation` by `template`; `add_generation_prompt` ends it where the assistant's
   reply begins. `special_tokens` (role -> token: 'bos', 'eos', ...) become `bos_token`, `eos_token`, ...;
   `variables` are more template variables (tools, documents, a template's own switches)."""
-  import jinja2
-
   messages = [_with_reasoning(m) for m in check_conversation(conversation, where)]
   tokens = {f'{role}_token': t for role, t in (special_tokens or {}).items() if t is not None}
   variables = {'tools': None, 'documents': None, **tokens, **variables}  # Defined, as transformers defines them.
