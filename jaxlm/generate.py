@@ -5,6 +5,8 @@
   Generator.chat(conversations, ...)                   the assistant's replies (the chat template's prompts)
   Generator.chat_ids(conversations)                    those prompts as token ids
   Generator.perplexity(texts)                                                           per text
+  Generator.score(texts, continuations=None)    summed next-token NLL and token count per text, or of each
+                                                continuation given its text (multiple-choice scoring)
 
 A batch of prompts of different lengths is left-padded to a bucket (a power of two), so every
 prompt ends at the same slot; each row's positions count only its own tokens. One jitted
@@ -91,11 +93,12 @@ def _generate_fn(graphdef: nnx.GraphDef, B: int, Tp: int, max_new: int, sample: 
 
 @functools.cache
 def _nll_fn(graphdef: nnx.GraphDef):
-  """(ids [B,T], mask [B,T]) -> summed next-token NLL and count per row, float32."""
+  """(ids [B,T], mask [B,T], scored [B,T]) -> summed next-token NLL and count per row, float32, over the tokens
+  `scored` marks (each predicted from the tokens before it; position 0 is never scored)."""
 
-  def run(params, ids, mask):
-    logits = decoder.apply(graphdef, params, ids, mask)['logits'][:, :-1]
-    targets, w = ids[:, 1:], mask[:, 1:].astype(jnp.float32)
+  def run(params, ids, mask, scored):
+    logits = decoder.apply(graphdef, params, ids, mask)['logits'][:, :-1].astype(jnp.float32)
+    targets, w = ids[:, 1:], scored[:, 1:].astype(jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
     return (nll * w).sum(-1), w.sum(-1)
 
@@ -220,24 +223,44 @@ class Generator:
 
   def perplexity(self, texts: Sequence[str]) -> list[float]:
     """exp(mean next-token NLL) of each text, tokenized as the tokenizer does (its BOS included)."""
+    return [math.exp(r['nll'] / r['tokens']) for r in self.score(texts)]
+
+  def score(
+    self, texts: Sequence[str], continuations: Sequence[str] | None = None, names: Sequence[str] | None = None
+  ) -> list[dict]:
+    """{'nll': summed next-token negative log-likelihood (nats), 'tokens': how many tokens it sums} per text.
+
+    Without `continuations`, every token of each text after the first (the tokenizer's BOS, where it adds
+    one) is scored. With them, each continuation is scored given its text, the way multiple-choice tasks are
+    scored: the text tokenized as a prompt, the continuation tokenized on its own (no special tokens) and
+    appended, and only the continuation's tokens summed; -nll is its log-probability. Texts are batched by
+    length (each batch padded to a power of two). A row with nothing to score or longer than
+    max_position_embeddings is one error naming it: names[i] if given, else `text i`."""
+    if continuations is not None and len(continuations) != len(texts):
+      raise UsageError(f'{len(texts)} texts but {len(continuations)} continuations')
     enc = self._encode(texts)
+    first = [1] * len(enc)  # The index of each row's first scored token.
+    if continuations is not None:
+      tails = [e.ids for e in self.tokenizer.backend.encode_batch(list(continuations), add_special_tokens=False)]
+      first = [len(e) for e in enc]
+      enc = [e + t for e, t in zip(enc, tails)]
     for i, ids in enumerate(enc):
-      if len(ids) < 2:
-        raise UsageError(f'text {i}: perplexity needs at least 2 tokens, got {len(ids)}')
+      name = names[i] if names is not None else f'text {i}'
+      if first[i] < 1 or len(ids) <= first[i]:
+        what = 'a token of text and one of continuation' if continuations is not None else '2 tokens'
+        raise UsageError(f'{name}: nothing to score; scoring needs at least {what}, got {len(ids)} in all')
       if len(ids) > self.cfg.max_position_embeddings:
-        raise UsageError(
-          f'text {i}: {len(ids)} tokens exceed max_position_embeddings={self.cfg.max_position_embeddings}'
-        )
-    out = [0.0] * len(enc)
+        raise UsageError(f'{name}: {len(ids)} tokens exceed max_position_embeddings={self.cfg.max_position_embeddings}')
+    out: list[dict] = [{}] * len(enc)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     fn = _nll_fn(self.graphdef)
     for start in range(0, len(order), self.batch_size):
       rows = order[start : start + self.batch_size]
       T = min(_bucket(len(enc[rows[-1]])), self.cfg.max_position_embeddings)
-      ids, mask = np.zeros((self.batch_size, T), np.int32), np.zeros((self.batch_size, T), np.int32)
+      ids, mask, scored = (np.zeros((self.batch_size, T), np.int32) for _ in range(3))
       for r, i in enumerate(rows):
-        ids[r, : len(enc[i])], mask[r, : len(enc[i])] = enc[i], 1
-      nll, n = (np.asarray(a) for a in fn(self.params, ids, mask))
+        ids[r, : len(enc[i])], mask[r, : len(enc[i])], scored[r, first[i] : len(enc[i])] = enc[i], 1, 1
+      nll, n = (np.asarray(a) for a in fn(self.params, ids, mask, scored))
       for r, i in enumerate(rows):
-        out[i] = math.exp(float(nll[r]) / float(n[r]))
+        out[i] = {'nll': float(nll[r]), 'tokens': int(n[r])}
     return out

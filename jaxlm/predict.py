@@ -12,6 +12,11 @@
                            {"role", "content"} messages (JSONL, or a Parquet / Arrow list column), or
                            a text (any format), one user message; --system puts a system message
                            first where a conversation has none; the generate flags apply
+                score      {"nll": x, "tokens": n, "perplexity": p}, a causal LM's summed next-token
+                           negative log-likelihood of each text (nats) and over how many tokens; with
+                           --text_pair_field, of the continuation in that field given the text (-nll is
+                           its log-probability, as multiple-choice tasks compare). The perplexity over
+                           all tokens ends the run on stderr
   --input       .txt (one text per line, every line counts), .jsonl (one object per non-blank
                 line), .csv / .tsv (a header row), .parquet; or, as in data.train, parquet:GLOB
                 (Parquet files in name order) or hf:PATH (a Hugging Face save_to_disk directory; the
@@ -49,6 +54,7 @@ import dataclasses
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,7 +67,8 @@ from jaxlm import chat, generate, inference, tables
 from jaxlm.errors import UsageError
 
 FORMATS = ('txt', 'jsonl', 'csv', 'tsv', 'parquet', 'hf')
-MODES = ('classify', 'fill-mask', 'embed', 'generate', 'chat')
+MODES = ('classify', 'fill-mask', 'embed', 'generate', 'chat', 'score')
+CAUSAL_MODES = ('generate', 'chat', 'score')
 _EXTENSIONS = {'.txt': 'txt', '.text': 'txt', '.jsonl': 'jsonl', '.ndjson': 'jsonl', '.json': 'jsonl',
                '.csv': 'csv', '.tsv': 'tsv', '.parquet': 'parquet'}  # fmt: skip
 WINDOW_BATCHES = 64  # Batches read, length-sorted and run together.
@@ -234,8 +241,8 @@ def _conversation(x, system: str | None, where: str, predictor) -> list:
   return conv
 
 
-def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
-  """One output record per input, for inputs of one window."""
+def _run(predictor, mode: str, inputs: list, args, names: list[str] | None = None) -> list[dict]:
+  """One output record per input, for inputs of one window; `names`: what an error about an input calls it."""
   if mode == 'classify':
     return predictor.predict(inputs)
   if mode == 'embed':
@@ -246,6 +253,11 @@ def _run(predictor, mode: str, inputs: list, args) -> list[dict]:
     texts = run(inputs, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or 0,
                 top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
     return [{'generated': t} for t in texts]
+  if mode == 'score':
+    pairs = bool(inputs) and not isinstance(inputs[0], str)
+    texts, tails = ([x[0] for x in inputs], [x[1] for x in inputs]) if pairs else (inputs, None)
+    scores = predictor.score(texts, tails, names=names)
+    return [{**s, 'perplexity': math.exp(s['nll'] / s['tokens'])} for s in scores]
   out = []
   for res in predictor.fill_mask(inputs, top_k=args.top_k or 5):
     masks = [res] if res and isinstance(res[0], dict) else res
@@ -307,7 +319,7 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
   input order; returns the number of inputs."""
   stats = stats if stats is not None else ReadStats()
   mask = getattr(predictor.tokenizer, 'mask_token', None)
-  n, named = 0, 0
+  n, named, nll, tokens = 0, 0, 0.0, 0
   try:
     fmt = input_format(args.input, args.format)
     with tqdm(total=_count(args.input, fmt, args.split), unit='ex', file=sys.stderr, dynamic_ncols=True) as bar:
@@ -320,7 +332,10 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
             if not any(mask in t for t in ([x] if isinstance(x, str) else x)):
               raise UsageError(f'{args.input}:{line}: no {mask} in the text')
         order = sorted(range(len(window)), key=lambda i: _length(window[i][1]))
-        results = _run(predictor, args.mode, [window[i][1] for i in order], args)
+        names = [f'{args.input}:{window[i][0]}' for i in order]
+        results = _run(predictor, args.mode, [window[i][1] for i in order], args, names)
+        if args.mode == 'score':
+          nll, tokens = nll + sum(r['nll'] for r in results), tokens + sum(r['tokens'] for r in results)
         by_input = [None] * len(window)
         for i, res in zip(order, results):
           by_input[i] = res
@@ -339,6 +354,8 @@ def predict_file(predictor, records: Iterable, out, args, stats: ReadStats | Non
       _warn(f'{args.input}: {len(more)} more row(s) with a quoted field over several lines (lines {lines})')
     if stats.undecodable:
       _warn(f'{stats.undecodable} input(s) had undecodable bytes (replaced by U+FFFD)')
+  if tokens:
+    tqdm.write(f'perplexity {math.exp(nll / tokens):.4f} over {tokens} tokens of {n} inputs', file=sys.stderr)
   return n
 
 
@@ -389,7 +406,7 @@ def main(argv=None) -> int:
     with output_file(args.output, args.input) as out:
       predictor = inference.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size, quantize=args.quantize)
       causal = isinstance(predictor, generate.Generator)
-      if causal != (args.mode in ('generate', 'chat')):
+      if causal != (args.mode in CAUSAL_MODES):
         raise UsageError(f'{args.checkpoint}: --mode {args.mode} needs ' + ('an encoder; this is a causal LM (--mode generate)'
                          if causal else 'a causal LM (GPT-2, Llama); this is an encoder'))  # fmt: skip
       if args.mode == 'chat' and predictor.tokenizer.chat_template is None:

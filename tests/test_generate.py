@@ -360,6 +360,64 @@ def test_predict_chat_answers_each_conversation_and_names_a_bad_line(chat_dir, g
   assert out.read_text() == before  # Refused runs leave the earlier output.
 
 
+def test_scores_of_texts_and_continuations_equal_transformers_and_predict_writes_them(gpt2_dir, tmp_path, capsys):
+  """Generator.score: each text's summed next-token NLL, or a continuation's given its text (what multiple-choice
+  tasks compare), against transformers' log-softmax on the same ids; `predict --mode score` writes the same
+  and the perplexity over every token; a row too long for the model is one error naming its line."""
+  import json
+
+  import transformers
+
+  import jaxlm
+  from jaxlm import predict
+
+  gen = jaxlm.load(gpt2_dir)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+  m = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+
+  def hf_logprob(ids, first):  # Summed log-probability of ids[first:], each given the ids before it.
+    with torch.no_grad():
+      logp = torch.log_softmax(m(torch.tensor([ids])).logits[0].double(), -1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(first, len(ids)))
+
+  texts = ['Return the number of items.', 'def read(path):', 'An exception raised when a file is not found, and more.']
+  tails = [' It is an int.', '\n  return open(path).read()', ' Always.']
+  got = gen.score(texts)
+  for text, g in zip(texts, got):
+    ids = hf_tok(text).input_ids
+    assert g['tokens'] == len(ids) - 1
+    np.testing.assert_allclose(-g['nll'], hf_logprob(ids, 1), rtol=1e-4)
+  assert gen.perplexity(texts) == pytest.approx([np.exp(g['nll'] / g['tokens']) for g in got], rel=1e-12)
+  cont = gen.score(texts, tails)
+  for text, tail, g in zip(texts, tails, cont):
+    head = hf_tok(text).input_ids
+    ids = head + hf_tok(tail, add_special_tokens=False).input_ids
+    assert g['tokens'] == len(ids) - len(head)
+    np.testing.assert_allclose(-g['nll'], hf_logprob(ids, len(head)), rtol=1e-4)
+  with pytest.raises(jaxlm.UsageError, match='text 1: nothing to score'):
+    gen.score(['a b', ''], ['c', ''])
+
+  src, out = tmp_path / 'in.jsonl', tmp_path / 'scores.jsonl'
+  src.write_text(''.join(json.dumps({'text': t, 'ending': e}) + '\n' for t, e in zip(texts, tails)))
+  args = ['--checkpoint', gpt2_dir, '--input', str(src), '--output', str(out), '--mode', 'score', '--batch_size', '2']
+  assert predict.main(args) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['tokens'] for r in rows] == [g['tokens'] for g in got]  # Other batches (2 rows): other sums' rounding.
+  np.testing.assert_allclose([r['nll'] for r in rows], [g['nll'] for g in got], rtol=1e-6)
+  assert rows[0]['perplexity'] == pytest.approx(np.exp(got[0]['nll'] / got[0]['tokens']), rel=1e-12)
+  total = np.exp(sum(r['nll'] for r in rows) / sum(r['tokens'] for r in rows))
+  assert f'perplexity {total:.4f} over {sum(g["tokens"] for g in got)} tokens of 3 inputs' in capsys.readouterr().err
+  assert predict.main([*args, '--text_pair_field', 'ending']) == 0
+  np.testing.assert_allclose([json.loads(line)['nll'] for line in out.read_text().splitlines()],
+                             [g['nll'] for g in cont], rtol=1e-6)  # fmt: skip
+  before = out.read_text()
+  src.write_text(json.dumps({'text': 'short'}) + '\n' + json.dumps({'text': ' word' * 80}) + '\n')
+  assert predict.main(args) == 2
+  err = capsys.readouterr().err
+  assert f'{src}:2: ' in err and ' tokens exceed max_position_embeddings=64' in err, err[-500:]
+  assert out.read_text() == before  # The refused run left the earlier output.
+
+
 def test_chat_render_equals_transformers_render_on_tools_reasoning_json_and_variables():
   """What a large instruct template reads beyond roles and content: `tools` (defined, None), a date variable with
   a default, a message's reasoning under the name the template reads, `items` and `tojson(indent=...)`."""
