@@ -1,7 +1,7 @@
 """jaxlm: pretrain, fine-tune and serve BERT-style encoders and causal LMs with JAX and Flax NNX.
 
 `jaxlm.load(path)` returns a Predictor (embed / fill_mask / predict), or a generate.Generator
-(generate / perplexity) for a causal LM run or export; `jaxlm.preset(name)`
+(generate / chat / perplexity / score) for a causal LM run or export; `jaxlm.preset(name)`
 returns a ModelConfig of the published BERT family. Training is `python -m jaxlm.train`.
 """
 
