@@ -93,7 +93,9 @@ def test_pruning_through_adamw_is_exact_and_leaves_the_rest_alone(tiny, per_laye
     s = float(schedule(t))
     for name, w in fp.items():
       if not prune.encoder_kernels(name):
-        assert np.array_equal(w, fq[name]), (t, name)  # Bitwise what plain AdamW computes.
+        # What plain AdamW computes: bitwise with XLA's default CPU back end; the suite's (conftest) may fuse the
+        # two optimizers' element-wise ops differently, a few ulp apart after 10 steps.
+        np.testing.assert_array_max_ulp(w, fq[name], maxulp=8)
         continue
       pruned = ~masks[name]
       assert np.all(w[pruned] == 0.0)  # Exactly zero, through AdamW's update and weight decay.
