@@ -132,6 +132,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.response_field = 'response'  # ... and of the response the model learns to write.
   c.data.messages_field = ''  # task=sft: a field holding a conversation (a list of {"role", "content"} messages)
   #   instead of prompt / response: rendered by the tokenizer's chat template, the loss on the assistant's turns.
+  c.data.pack_examples = False  # task=sft: several examples (or conversations) in each training row, first fit
+  #   in runs of 256, each attending only to itself from position 0 (segment_ids): fewer rows of padding; the
+  #   evaluation keeps one example a row.
   c.data.chat_template = ''  # A Jinja chat template file the run's tokenizer takes (and saves) in place of its
   #   own ('' = the tokenizer's, if any): what data.messages_field, Generator.chat and predict --mode chat use.
   c.data.text_docs = 'line'  # text: sources: 'line' (a document per line) or 'blank_line'

@@ -97,6 +97,7 @@ def test_check_config_names_the_bad_key(files, tmp_path):
       'data.separate_documents=True is for pretraining',
     ),  # fmt: skip
     ({'data.nsp': True}, 'data.nsp=True is for masked-LM pretraining'),
+    ({'data.pack_examples': True}, "data.pack_examples=True packs fine-tuning examples (task=sft); task='causal_lm'"),
     ({'data.messages_field': 'messages'}, "data.messages_field='messages': conversations are fine-tuning data for"),
     (
       {
@@ -176,6 +177,44 @@ def test_sft_with_lora_trains_adapters_only_and_weighs_only_the_response(run, fi
     other = {**batch, 'targets': batch['targets'].copy()}
     other['targets'][0, pos] = (other['targets'][0, pos] + 7) % 500
     assert (loss(other) != loss(batch)) == changes, pos
+
+
+def test_packed_sft_rows_give_every_example_its_loss_alone(run, files, tmp_path):
+  workdir, *_ = run
+  config = _config(files, {'task': 'sft', 'model.init_from': str(workdir), 'data.tokenizer': '', 'data.eval': '',
+                           'data.train': files['sft'], 'data.pack_examples': True, 'data.bucket_lengths': 'none',
+                           'data.seq_len': 64})  # fmt: skip
+  sft = trainer.setup(config, str(tmp_path), devices=ONE)
+  packed = next(iter(pretrain.Iterator(sft.task.train_dataset(0))))
+  B, T = packed['input_ids'].shape
+  # The same examples one a row, at positions from 0, as sft_rows makes them (no segment or position ids).
+  alone = {k: np.zeros((0, T), packed[k].dtype) for k in ('input_ids', 'targets', 'loss_weights')}
+  for r in range(B):
+    for s in range(1, int(packed['segment_ids'][r].max()) + 1):
+      at = np.flatnonzero(packed['segment_ids'][r] == s)
+      for k in alone:
+        alone[k] = np.concatenate([alone[k], np.pad(packed[k][r, at], (0, T - len(at)))[None]])
+  assert len(alone['input_ids']) > B  # Several examples a row.
+  unit = {'lm': 1.0}  # Sums, not means.
+
+  def per_example(batch, pieces):  # The summed NLL of each example: its weights alone.
+    out = steps.forward(sft.graphdef, sft.init, batch)
+    nll = []
+    for row, where in pieces:
+      w = np.zeros_like(batch['loss_weights'])
+      w[row, where] = batch['loss_weights'][row, where]
+      nll.append(float(losses.causal_lm_loss(out, {**batch, 'loss_weights': w}, unit)[0]))
+    return np.array(nll)
+
+  where = [
+    (r, packed['segment_ids'][r] == s) for r in range(B) for s in range(1, int(packed['segment_ids'][r].max()) + 1)
+  ]
+  got = per_example(packed, where)
+  want = per_example(alone, [(i, slice(None)) for i in range(len(alone['input_ids']))])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Without its segment and position ids the packed row mixes its examples: other losses.
+  mixed = per_example({k: packed[k] for k in alone}, where)
+  assert np.abs(mixed - want).max() > 1e-2
 
 
 def test_jaxlm_load_gives_a_generator_whose_greedy_output_is_decoding_by_hand(run):
@@ -325,7 +364,7 @@ def test_a_chat_fine_tune_of_our_own_run_chats_predicts_and_exports_its_template
   sft = tmp_path / 'sft'
   config = _config(files, {'task': 'sft', 'model.init_from': str(workdir), 'data.tokenizer': '', 'data.train':
                            files['chats'], 'data.eval': files['chats'], 'data.messages_field': 'messages',
-                           'data.chat_template': files['chat_template'], 'num_train_steps': 4,
+                           'data.chat_template': files['chat_template'], 'data.pack_examples': True, 'num_train_steps': 4,
                            'checkpoint_every_steps': 4, 'eval_every_steps': 4})  # fmt: skip
   last = trainer.train(config, str(sft), devices=ONE)
   assert math.isfinite(last['eval_perplexity'])

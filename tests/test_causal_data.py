@@ -298,3 +298,46 @@ def test_sft_batches_are_cut_to_length_buckets_the_same_on_every_process(bpe, tm
   n = sorted(need)
   assert [b['input_ids'].shape[1] for b in cut] == [min(b for b in buckets if b >= max(n[j : j + 2])) for j in (0, 2)]
   assert sum(b['loss_weights'].sum() for b in cut) == sum(b['loss_weights'].sum() for b in whole)
+
+
+def test_packed_examples_are_the_examples_whole_apart_and_each_once(bpe, chat_tok, tmp_path):
+  T = 64
+  words = ['one', 'two', 'three', 'four', 'five', 'six']
+  recs = [{'prompt': f'Q: what follows {w}?', 'response': f' {words[(i + 1) % 6]}' * (1 + i % 3)}
+          for i, w in enumerate(words * 3)]  # fmt: skip
+  recs.append({'prompt': 'x ' * 40, 'response': ' never seen'})  # Cut before its response: dropped, packed or not.
+  (tmp_path / 'sft.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  spec = f'jsonl:{tmp_path}/sft.jsonl'
+  kw = dict(seq_len=T, global_batch_size=1, shuffle_buffer=0, repeat=False)
+  alone = _rows(causal.sft_dataset(spec, bpe, **kw))
+  packed = _rows(causal.sft_dataset(spec, bpe, pack=True, **kw))
+  assert len(alone) == 18 and len(packed) < len(alone) / 2  # Fewer rows, far less padding.
+  seen = []
+  for r in packed:
+    assert sorted(r) == ['input_ids', 'loss_weights', 'position_ids', 'segment_ids', 'targets']
+    seg = r['segment_ids']
+    n = int((seg > 0).sum())
+    assert seg[:n].tolist() == sorted(seg[:n].tolist()) and not seg[n:].any()  # Segments 1, 2, ..., then padding.
+    assert not r['loss_weights'][n:].any() and (r['input_ids'][n:] == bpe.pad_id).all()
+    for s in range(1, int(seg.max()) + 1):
+      at = np.flatnonzero(seg == s)
+      assert r['position_ids'][at].tolist() == list(range(len(at)))  # From 0 in each example.
+      seen.append({k: r[k][at].tolist() for k in ('input_ids', 'targets', 'loss_weights')})
+  # Every example once, whole: the positions up to its last weighted target, as it is alone in a row.
+  want = []
+  for a in alone:
+    n = int(np.flatnonzero(a['loss_weights'])[-1]) + 1
+    want.append({k: a[k][:n].tolist() for k in ('input_ids', 'targets', 'loss_weights')})
+  key = lambda e: json.dumps(e)  # noqa: E731
+  assert sorted(map(key, seen)) == sorted(map(key, want))
+  again = _rows(causal.sft_dataset(spec, bpe, pack=True, **kw))  # The same examples, the same rows.
+  assert len(again) == len(packed) and all(np.array_equal(x[k], y[k]) for x, y in zip(again, packed) for k in x)
+  # Conversations pack the same way; the evaluation keeps one example a row.
+  tok, _ = chat_tok
+  convs = [[{'role': 'user', 'content': f'what follows {w}?'}, {'role': 'assistant', 'content': w}] for w in words]
+  (tmp_path / 'chats.jsonl').write_text(''.join(json.dumps({'messages': c}) + '\n' for c in convs))
+  chats = f'jsonl:{tmp_path}/chats.jsonl'
+  rows = _rows(causal.sft_dataset(chats, tok, messages_field='messages', pack=True, **{**kw, 'seq_len': 128}))
+  assert len(rows) < len(convs) and sum(int(r['segment_ids'].max()) for r in rows) == len(convs)
+  evals = causal.sft_eval_batches(spec, bpe, seq_len=T, global_batch_size=4, process_index=0, process_count=1)
+  assert 'segment_ids' not in evals[0]

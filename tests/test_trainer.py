@@ -50,6 +50,11 @@ BAD = [
     'data.separate_documents=True is for pretraining',
   ),
   ({'task': 'classification', 'model.init_from': '/m', 'data.length_window': 0}, 'data.length_window=0: must be'),
+  ({'data.pack_examples': True}, 'data.pack_examples=True packs causal LM examples (task=sft); masked-LM'),
+  (
+    {'task': 'classification', 'model.init_from': '/m', 'data.pack_examples': True},
+    "data.pack_examples=True packs causal LM examples (task=sft); task='classification' has one example a row",
+  ),
   ({'data.train': 'corpus.txt'}, "data.train='corpus.txt': expected KIND:SPEC"),
   ({'data.eval': 'ftp:x'}, "data.eval='ftp:x': expected KIND:SPEC"),
   ({'wandb.entity': 'me'}, "wandb.entity='me' is set but wandb.project is empty"),

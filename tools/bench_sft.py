@@ -1,6 +1,7 @@
-"""Supervised fine-tuning on conversations, batches cut to length buckets against padded to data.seq_len.
+"""Supervised fine-tuning on conversations, batches cut to length buckets against padded to data.seq_len, and
+(--packed) several conversations packed into each row.
 
-  python tools/bench_sft.py --rounds 2 [--out /tmp/bench_sft]
+  python tools/bench_sft.py --rounds 2 [--out /tmp/bench_sft] [--packed]
 
 Makes, once, in --out: a byte-level BPE of 2,000 tokens trained on the builtin corpus with ChatML's two special
 tokens and a ChatML template; a random Qwen2-shaped model saved by transformers (4 layers, hidden 256, 4 query
@@ -9,7 +10,9 @@ words as the question, up to 60 words after as the answer: 19-167 tokens rendere
 command `python -m jaxlm.train` fine-tunes that model in full on them, 80 steps of 16 at data.seq_len=256,
 with data.bucket_lengths '' (buckets: 16, 24, 32, ...) and 'none' (every batch padded to 256) in turn, A B A B,
 each run a fresh process and workdir. Prints every run's wall seconds, the medians, their ratio, and the losses
-each side logged (the same: the cut drops only what the loss never reads).
+each side logged (the same: the cut drops only what the loss never reads). With --packed, a third run in each
+round packs the conversations (data.pack_examples) and every run's conversations/s is printed: a packed row holds
+several, counted by packing the file as the run does.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ def make_inputs(out: str) -> None:
       f.write(json.dumps({'messages': conv}) + '\n')
 
 
-def train(out: str, buckets: str, steps: int) -> tuple[float, list[float]]:
-  """(wall seconds, logged losses) of one fresh `python -m jaxlm.train` run."""
-  workdir = os.path.join(out, f'run_{buckets or "buckets"}')
+def train(out: str, mode: str, steps: int) -> tuple[float, list[float]]:
+  """(wall seconds, logged losses) of one fresh `python -m jaxlm.train` run: mode 'buckets', 'none' or 'packed'."""
+  workdir = os.path.join(out, f'run_{mode}')
+  buckets = 'none' if mode == 'none' else ''
   subprocess.run(['rm', '-rf', workdir], check=True)
   cmd = [
     sys.executable, '-m', 'jaxlm.train', '--config', os.path.join(HERE, 'configs', 'quickstart_causal.py'),
@@ -71,6 +75,7 @@ def train(out: str, buckets: str, steps: int) -> tuple[float, list[float]]:
     f'--config.num_train_steps={steps}', '--config.learning_rate=1e-3', '--config.warmup_steps=5',
     '--config.log_every_steps=20', '--config.eval_every_steps=0', f'--config.checkpoint_every_steps={steps}',
     '--config.sample_prompts=', f'--config.data.bucket_lengths={buckets}',
+    f'--config.data.pack_examples={mode == "packed"}',
   ]  # fmt: skip
   t0 = time.perf_counter()
   subprocess.run(cmd, check=True, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,24 +84,44 @@ def train(out: str, buckets: str, steps: int) -> tuple[float, list[float]]:
     return seconds, [round(r['loss'], 4) for r in map(json.loads, f) if 'loss' in r]
 
 
+def per_row(out: str) -> float:
+  """Conversations per row of the packed run: the file packed as the run packs it (one pass, in order)."""
+  from jaxlm import tokenizer
+  from jaxlm.data import causal, pretrain
+
+  tok = tokenizer.load(os.path.join(out, 'hf'))
+  spec = f'jsonl:{out}/chats.jsonl'
+  kw = dict(seq_len=256, global_batch_size=1, messages_field='messages', shuffle_buffer=0, repeat=False)
+  rows = list(pretrain.Iterator(causal.sft_dataset(spec, tok, pack=True, **kw)))
+  return sum(int(b['segment_ids'].max()) for b in rows) / len(rows)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='/tmp/bench_sft')
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--steps', type=int, default=80)
+  p.add_argument('--packed', action='store_true', help='also run with data.pack_examples and compare conversations/s')
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
   if not os.path.exists(os.path.join(args.out, 'chats.jsonl')):
     make_inputs(args.out)
-  times = {'': [], 'none': []}
+  modes = ('buckets', 'none', 'packed') if args.packed else ('buckets', 'none')
+  times = {m: [] for m in modes}
   losses = {}
   for r in range(args.rounds):
-    for buckets in ('', 'none'):
-      seconds, losses[buckets] = train(args.out, buckets, args.steps)
-      times[buckets].append(seconds)
-      print(f'round {r + 1} data.bucket_lengths={buckets!r}: {seconds:.1f}s  losses {losses[buckets]}', flush=True)
-  a, b = statistics.median(times['']), statistics.median(times['none'])
-  print(f'medians: buckets {a:.1f}s, padded to seq_len {b:.1f}s; ratio {b / a:.2f}x')
+    for mode in modes:
+      seconds, losses[mode] = train(args.out, mode, args.steps)
+      times[mode].append(seconds)
+      print(f'round {r + 1} {mode}: {seconds:.1f}s  losses {losses[mode]}', flush=True)
+  med = {m: statistics.median(t) for m, t in times.items()}
+  print(f'medians: buckets {med["buckets"]:.1f}s, padded to seq_len {med["none"]:.1f}s;'
+        f' ratio {med["none"] / med["buckets"]:.2f}x')  # fmt: skip
+  if args.packed:
+    rows = args.steps * 16
+    rate = {m: rows * (per_row(args.out) if m == 'packed' else 1) / med[m] for m in modes}
+    print('conversations/s: ' + ', '.join(f'{m} {v:.1f}' for m, v in rate.items()) +
+          f'; packed / buckets {rate["packed"] / rate["buckets"]:.2f}x')  # fmt: skip
 
 
 if __name__ == '__main__':

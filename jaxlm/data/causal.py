@@ -12,8 +12,10 @@
                                  {input_ids, targets, loss_weights}, the loss on the response only
   chat_rows(recs, tokenizer, seq_len, key)  the same from conversations (data.messages_field), rendered by
                                  the tokenizer's chat template: the loss on the assistant messages
-  sft_dataset(spec, ...)         sft_rows of a source, shuffled, this process's share, batched; each batch cut to the
-                                 smallest length bucket that holds its weighted targets (data.bucket_lengths)
+  pack_examples(examples, seq_len, pad)  several sft_rows / chat_rows examples a row, each attending only to
+                                 itself (segment_ids, position_ids; data.pack_examples)
+  sft_dataset(spec, ...)         sft_rows of a source (packed or not), shuffled, this process's share, batched; each
+                                 batch cut to the smallest length bucket that holds its weighted targets
   sft_eval_batches(spec, ...)    the whole eval set of sft_dataset, read once, as padded numpy batches
 
 A row x of seq_len + 1 tokens gives input_ids = x[:-1] and targets = x[1:] (int32 [seq_len]); loss_weights
@@ -40,6 +42,7 @@ from jaxlm.errors import UsageError
 from jaxlm.tokenizer import Tokenizer
 
 _TOKENIZE_BATCH = 256
+_PACK_GROUP = 256  # pack_examples fills rows from the examples of each run of this many consecutive ones.
 
 
 def _eos(tokenizer: Tokenizer) -> int:
@@ -269,6 +272,45 @@ def chat_rows(recs: tf.data.Dataset, tokenizer: Tokenizer, seq_len: int, key: st
   return examples.filter(lambda ex: tf.reduce_any(ex['loss_weights'] > 0))
 
 
+def pack_examples(examples: tf.data.Dataset, seq_len: int, pad: int) -> tf.data.Dataset:
+  """Rows of several examples each ({input_ids, targets, loss_weights}, as sft_rows / chat_rows make them): from
+  each run of _PACK_GROUP consecutive examples, every example in turn goes, whole, into the first row with room
+  for its positions up to its last weighted target (first fit). The rows also carry segment_ids (1, 2, ... per
+  example, 0 on padding) and position_ids (from 0 in each example), so that an example attends only to itself,
+  at the positions it has alone: its loss is the one it has alone in a row. The same examples give the same rows."""
+
+  def pack(ids: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    need = [int(np.flatnonzero(w)[-1]) + 1 for w in weights]  # Every example has a weighted target (filtered).
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k, n in enumerate(need):
+      r = next((i for i, left in enumerate(room) if left >= n), len(rows))
+      if r == len(rows):
+        rows.append([])
+        room.append(seq_len)
+      rows[r].append(k)
+      room[r] -= n
+    shape = (len(rows), seq_len)
+    out = (np.full(shape, pad, np.int32), np.full(shape, pad, np.int32), np.zeros(shape, np.float32),
+           np.zeros(shape, np.int32), np.zeros(shape, np.int32))  # fmt: skip
+    for r, members in enumerate(rows):
+      at = 0
+      for segment, k in enumerate(members, 1):
+        n, span = need[k], slice(at, at + need[k])
+        out[0][r, span], out[1][r, span], out[2][r, span] = ids[k, :n], targets[k, :n], weights[k, :n]
+        out[3][r, span], out[4][r, span] = segment, np.arange(n)
+        at += n
+    return out
+
+  def group(b):
+    keys = ('input_ids', 'targets', 'loss_weights', 'segment_ids', 'position_ids')
+    packed = tf.numpy_function(pack, [b['input_ids'], b['targets'], b['loss_weights']],
+                               [tf.int32, tf.int32, tf.float32, tf.int32, tf.int32], stateful=False)  # fmt: skip
+    return {k: tf.ensure_shape(v, [None, seq_len]) for k, v in zip(keys, packed)}
+
+  return examples.batch(_PACK_GROUP).map(group).unbatch()
+
+
 def _sft_records(spec: str, key: str, prompt_field: str, response_field: str, data_cfg: dict | None,
                  file_shard=None, messages_field: str = '') -> tf.data.Dataset:  # fmt: skip
   kind, _ = sources.split_spec(spec, key)
@@ -296,6 +338,7 @@ def sft_dataset(
   response_field: str = 'response',
   messages_field: str = '',
   buckets: tuple[int, ...] = (),
+  pack: bool = False,
   shuffle_buffer: int = 1000,
   process_index: int = 0,
   process_count: int = 1,
@@ -305,7 +348,8 @@ def sft_dataset(
 ) -> tf.data.Dataset:
   """This process's batches of supervised fine-tuning examples, one prompt / response record a row (sft_rows), or
   one conversation (chat_rows) with `messages_field`: input_ids, targets (int32 [B, seq_len], or [B, T] cut to
-  a length of `buckets`, _share) and loss_weights (float32, 1 on the response's or the assistant's targets)."""
+  a length of `buckets`, _share) and loss_weights (float32, 1 on the response's or the assistant's targets). With
+  `pack`, several examples a row (pack_examples) and their segment_ids and position_ids."""
   by_file = len(buckets) <= 1 and sources.by_file(spec, key, process_count, sources.split_for(data_cfg, key))
   recs = _sft_records(spec, key, prompt_field, response_field, data_cfg,
                       (process_index, process_count) if by_file else None, messages_field)  # fmt: skip
@@ -315,6 +359,8 @@ def sft_dataset(
   else:
     rows = sft_rows(recs, tokenizer, seq_len)
     empty = f'no {prompt_field!r} / {response_field!r} example with a response token within seq_len={seq_len}'
+  if pack:
+    rows = pack_examples(rows, seq_len, tokenizer.pad_id)
   return _share(
     rows, spec=spec, key=key, by_file=by_file, cache=False, seed=seed, empty=empty, buckets=buckets,
     shuffle_buffer=shuffle_buffer, repeat=repeat, global_batch_size=global_batch_size, process_index=process_index,

@@ -5,7 +5,8 @@ fine-tuning on prompt / response pairs (task=sft).
              end-of-text token, and packed into rows of data.seq_len (data/causal.py); with
              data.separate_documents no token attends across documents (segment_ids, position_ids)
   sft        data.train / data.eval are prompt / response records (jsonl:, csv:, tsv:, parquet:, hf: or tfds:;
-             fields data.prompt_field, data.response_field), one per row; only the response's
+             fields data.prompt_field, data.response_field), one per row (with data.pack_examples several a
+             training row, each attending only to itself: segment_ids, position_ids); only the response's
              tokens (and its end-of-text) weigh in the loss. Or, with data.messages_field, conversations
              rendered by the tokenizer's chat template (data.chat_template, or the one init_from's
              tokenizer ships), the loss on the assistant's turns. Starts from model.init_from (a Hugging
@@ -54,6 +55,9 @@ class CausalLM(Task):
     d = config.data
     if d.nsp:
       raise UsageError(f'data.nsp=True is for masked-LM pretraining; task={config.task!r}')
+    if d.pack_examples and not cls.finetuning:
+      raise UsageError(f'data.pack_examples=True packs fine-tuning examples (task=sft); task={config.task!r} packs'
+                       ' its documents already (data.separate_documents keeps them apart)')  # fmt: skip
     if d.tokenizer:  # Cheap to read: a WordPiece vocabulary is refused before any work.
       tok = tokenizer_lib.load(d.tokenizer)
       if tok.kind != 'bpe' or tok.eos_id is None:
@@ -122,7 +126,8 @@ class SFT(CausalLM):
 
   def train_dataset(self, seed: int):
     d = self.config.data
-    return causal.sft_dataset(d.train, self.tokenizer, seed=seed, shuffle_buffer=d.shuffle_buffer, **self._data_kw)
+    return causal.sft_dataset(d.train, self.tokenizer, seed=seed, shuffle_buffer=d.shuffle_buffer,
+                              pack=d.pack_examples, **self._data_kw)  # fmt: skip
 
   def eval_sets(self) -> dict[str, list[dict]]:
     return {'': causal.sft_eval_batches(self.config.data.eval, self.tokenizer, **self._data_kw)}

@@ -38,6 +38,9 @@ class _Supervised(Task):
     for key in ('nsp', 'separate_documents'):
       if config.data[key]:
         raise UsageError(f'data.{key}=True is for pretraining; task={config.task!r}')
+    if config.data.pack_examples:
+      raise UsageError(f'data.pack_examples=True packs causal LM examples (task=sft); task={config.task!r} has one'
+                       ' example a row')  # fmt: skip
     classify.check_config(config.data.to_dict())
     if not (config.model.init_from or config.data.tokenizer):
       raise UsageError('model.init_from is empty: fine-tuning starts from a Hugging Face BERT directory or a jaxlm run')

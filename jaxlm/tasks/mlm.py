@@ -43,6 +43,9 @@ class MaskedLM(Task):
         f' ([CLS] and [SEP] are never masked): at most {d.seq_len - 2}'
       )
     pretrain.check_options(d.nsp, d.separate_documents)
+    if d.pack_examples:
+      raise UsageError('data.pack_examples=True packs causal LM examples (task=sft); masked-LM pretraining packs its'
+                       ' documents already (data.separate_documents keeps them apart)')  # fmt: skip
 
   def heads(self) -> dict:
     nsp = self.config.data.nsp
