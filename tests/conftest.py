@@ -13,8 +13,8 @@ import time
 
 # The suite compiles far more than it computes (tiny models, many programs). XLA's CPU back end compiles in about
 # half the time without LLVM's optimisation passes and with its older element-wise emitters (together about 30% off
-# the suite), and every comparison the tests make holds there. This process and every process a test starts use the
-# same flags (one compilation cache, the same numerics).
+# the suite), and every comparison the tests make holds there (one at a few ulp rather than bitwise: test_prune.py).
+# This process and every process a test starts use the same flags (one compilation cache, the same numerics).
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 
 

@@ -328,8 +328,7 @@ def test_packed_examples_are_the_examples_whole_apart_and_each_once(bpe, chat_to
   for a in alone:
     n = int(np.flatnonzero(a['loss_weights'])[-1]) + 1
     want.append({k: a[k][:n].tolist() for k in ('input_ids', 'targets', 'loss_weights')})
-  key = lambda e: json.dumps(e)  # noqa: E731
-  assert sorted(map(key, seen)) == sorted(map(key, want))
+  assert sorted(map(json.dumps, seen)) == sorted(map(json.dumps, want))
   again = _rows(causal.sft_dataset(spec, bpe, pack=True, **kw))  # The same examples, the same rows.
   assert len(again) == len(packed) and all(np.array_equal(x[k], y[k]) for x, y in zip(again, packed) for k in x)
   # Conversations pack the same way; the evaluation keeps one example a row.

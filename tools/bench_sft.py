@@ -27,6 +27,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN, BATCH = 256, 16  # data.seq_len and global_batch_size of every run.
 CHATML = (
   "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -71,7 +72,7 @@ def train(out: str, mode: str, steps: int) -> tuple[float, list[float]]:
     sys.executable, '-m', 'jaxlm.train', '--config', os.path.join(HERE, 'configs', 'quickstart_causal.py'),
     '--workdir', workdir, '--config.task=sft', f'--config.model.init_from={out}/hf',
     f'--config.data.train=jsonl:{out}/chats.jsonl', '--config.data.eval=', '--config.data.messages_field=messages',
-    '--config.data.seq_len=256', '--config.model.max_position_embeddings=512', '--config.global_batch_size=16',
+    f'--config.data.seq_len={SEQ_LEN}', '--config.model.max_position_embeddings=512', f'--config.global_batch_size={BATCH}',
     f'--config.num_train_steps={steps}', '--config.learning_rate=1e-3', '--config.warmup_steps=5',
     '--config.log_every_steps=20', '--config.eval_every_steps=0', f'--config.checkpoint_every_steps={steps}',
     '--config.sample_prompts=', f'--config.data.bucket_lengths={buckets}',
@@ -91,7 +92,7 @@ def per_row(out: str) -> float:
 
   tok = tokenizer.load(os.path.join(out, 'hf'))
   spec = f'jsonl:{out}/chats.jsonl'
-  kw = dict(seq_len=256, global_batch_size=1, messages_field='messages', shuffle_buffer=0, repeat=False)
+  kw = dict(seq_len=SEQ_LEN, global_batch_size=1, messages_field='messages', shuffle_buffer=0, repeat=False)
   rows = list(pretrain.Iterator(causal.sft_dataset(spec, tok, pack=True, **kw)))
   return sum(int(b['segment_ids'].max()) for b in rows) / len(rows)
 
@@ -118,7 +119,7 @@ def main() -> None:
   print(f'medians: buckets {med["buckets"]:.1f}s, padded to seq_len {med["none"]:.1f}s;'
         f' ratio {med["none"] / med["buckets"]:.2f}x')  # fmt: skip
   if args.packed:
-    rows = args.steps * 16
+    rows = args.steps * BATCH
     rate = {m: rows * (per_row(args.out) if m == 'packed' else 1) / med[m] for m in modes}
     print('conversations/s: ' + ', '.join(f'{m} {v:.1f}' for m, v in rate.items()) +
           f'; packed / buckets {rate["packed"] / rate["buckets"]:.2f}x')  # fmt: skip
