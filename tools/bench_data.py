@@ -3,7 +3,7 @@
   python tools/bench.py --mode make-ragged --out DIR     # DIR/train.jsonl, DIR/test.jsonl: {"text", "label"}
 
 The sentences of the Python standard library's own prose: the docstrings of its modules, classes
-and functions and its comment blocks, read from the source files with `ast` and `tokenize` (no
+and functions and its comment blocks, read from the source files with `ast` and one regular expression (no
 module is imported, nothing is downloaded). A sentence's label says which part of the library its
 module belongs to (TOPICS): 'io', the internet and the operating system, or 'code', the language's
 tools and its data. Sentences have 5 to 60 words, mostly plain words; most are short and a few
@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import io
 import json
 import os
 import re
 import sysconfig
-import tokenize
 
 import numpy as np
 
@@ -55,6 +53,14 @@ _SKIP_DIRS = ('test', 'tests', '__pycache__')
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=[A-Z])')
 _RULE = re.compile(r'[-=*#~_+.]{4,}')
 _WORD = re.compile(r'[A-Za-z][a-z]+[,;:.!?]?$')  # A plain word, not an identifier or a number.
+_STATEMENTS = (ast.stmt, ast.excepthandler, ast.match_case)  # What a class or function can sit in.
+# A string literal (its prefix letters are skipped as code) or a comment, whichever starts first: a '#' in a string
+# is no comment. Backslashes escape the next character in every kind of literal, raw ones included.
+_STRING_OR_COMMENT = re.compile(
+  r"""(?P<string>'{3}(?:\\.|[^\\])*?'{3}|"{3}(?:\\.|[^\\])*?"{3}|'(?:\\.|[^\\'\n])*'|"(?:\\.|[^\\"\n])*")"""
+  r'|(?P<comment>#[^\r\n]*)',
+  re.S,
+)
 
 
 def _sentences(text: str):
@@ -70,29 +76,32 @@ def _sentences(text: str):
 
 
 def _file_text(path: str):
-  """Docstrings and comment blocks (consecutive comment lines joined) of one source file."""
+  """Docstrings and comment blocks (consecutive comment lines joined) of one source file, docstrings first in
+  breadth-first order (as `ast.walk` visits them), then the comments in file order."""
   with open(path, encoding='utf-8', errors='replace') as f:
     src = f.read()
   try:
     tree = ast.parse(src)
   except (SyntaxError, ValueError):
     return
-  for node in ast.walk(tree):
-    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-      doc = ast.get_docstring(node)
-      if doc:
-        yield doc
-  block, last = [], -2
-  try:
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-      if tok.type == tokenize.COMMENT:
-        if tok.start[0] != last + 1 and block:
-          yield ' '.join(block)
-          block = []
-        block.append(tok.string.lstrip('#!').strip())
-        last = tok.start[0]
-  except (tokenize.TokenError, SyntaxError):
-    pass
+  level = [tree]  # Docstrings sit on statements only: expressions are not walked (the walk's cost).
+  while level:
+    for node in level:
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc:
+          yield doc
+    level = [c for node in level for c in ast.iter_child_nodes(node) if isinstance(c, _STATEMENTS)]
+  block, last, line, pos = [], -2, 1, 0
+  for m in _STRING_OR_COMMENT.finditer(src):  # The file parsed, so its strings are well formed.
+    if m.lastgroup == 'comment':
+      line += src.count('\n', pos, m.start())
+      pos = m.start()
+      if line != last + 1 and block:
+        yield ' '.join(block)
+        block = []
+      block.append(m.group().lstrip('#!').strip())
+      last = line
   if block:
     yield ' '.join(block)
 
