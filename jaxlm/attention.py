@@ -5,9 +5,10 @@ What lives here: `fused(q, k, v, valid, segments, impl)`, softmax(q k^T / sqrt(K
 [B,N,T,T] probabilities in memory, and `choose`, which names the kernel that runs. For decoders
 (decoder.py): `grouped_query`, attention of N query heads over G key/value heads under any mask
 (decoding against the cache), `causal_blocks`, causal attention over whole rows a block of
-queries at a time with its own gradient, and `fused_causal`, cuDNN's causal kernel on a GPU. What
-does not: the encoder's explicit path that materialises the probabilities, which training with
-attention dropout needs (model.py, next to the dropout).
+queries at a time with its own gradient, and `fused_causal`, cuDNN's causal kernel on a GPU or
+splash's on a TPU (grouped-query, packed rows). What does not: the encoder's explicit path that
+materialises the probabilities, which training with attention dropout needs (model.py, next to the
+dropout).
 
 The kernels (`model.attention_impl`; '' = auto picks the backend's own):
   'xla'     jax.nn.dot_product_attention(implementation='xla') with a boolean mask. CPU's choice,
@@ -112,22 +113,26 @@ def _splash_spec(B: int, N: int) -> P | None:
   return spec if B % devices(spec[0]) == 0 and N % devices(spec[1]) == 0 else None
 
 
+def _splash_blocks(T: int):
+  """One tile size for every pass of the kernel: the largest of SPLASH_BLOCKS that divides T."""
+  b = next(b for b in SPLASH_BLOCKS if T % b == 0)
+  return splash_kernel.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                                  block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)  # fmt: skip
+
+
 def _splash(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, segment_BxT, spec: P):
   """Splash attention, split over the devices by `spec`: tokens attend within their segment."""
   B, T, N, K = q_BxTxNxK.shape
-  block = next(b for b in SPLASH_BLOCKS if T % b == 0)
   # The kernel takes [N,T,K] per row and applies no scale of its own.
   q_BxNxTxK = (q_BxTxNxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxNxK.dtype)).transpose(0, 2, 1, 3)
   k_BxNxTxK, v_BxNxTxK = k_BxTxNxK.transpose(0, 2, 1, 3), v_BxTxNxK.transpose(0, 2, 1, 3)
-  sizes = splash_kernel.BlockSizes(
-    block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
-    block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
-  )  # fmt: skip
 
   def run(q, k, v, seg):
     # Built per shard, for the shard's own heads (the mask is the same full mask on every head).
     heads = splash_mask.MultiHeadMask([splash_mask.FullMask((T, T))] * q.shape[1])
-    kernel = splash_kernel.make_splash_mha(heads, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=INTERPRET)
+    kernel = splash_kernel.make_splash_mha(
+      heads, block_sizes=_splash_blocks(T), head_shards=1, q_seq_shards=1, interpret=INTERPRET
+    )
     return jax.vmap(kernel)(q, k, v, splash_kernel.SegmentIds(seg, seg))
 
   if len(spec):
@@ -204,16 +209,50 @@ def causal_blocks(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, mask_BxTxT, block: int = CAUS
   return jnp.concatenate(out, 1)
 
 
-def fused_causal(q, k_BxGxTxK, v_BxGxTxK, valid_BxT, impl: str | None):
-  """Causal attention over right-padded rows by cuDNN's fused kernel (GPU, 16-bit), else None."""
-  impl = impl or ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
-  K = q.shape[-1]
-  if impl != 'cudnn' or jax.default_backend() != 'gpu' or q.dtype not in CUDNN_DTYPES or K % 8:
+def fused_causal(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, valid_BxT, segment_BxT, impl: str | None):
+  """Causal attention by a fused kernel, else None (causal_blocks runs then): cuDNN's on a GPU (16-bit, right
+  padding only), splash on a TPU (right padding and packed documents, as segment ids; T divisible by 128)."""
+  backend = jax.default_backend()
+  impl = impl or {'gpu': 'cudnn', 'tpu': 'splash'}.get(backend, 'xla')
+  B, T, _, K = q_BxTxNxK.shape
+  if impl == 'splash':
+    spec = _splash_spec(B, k_BxGxTxK.shape[1])
+    if choose(impl, backend, T, K, q_BxTxNxK.dtype, True, spec is not None) != 'splash':
+      return None
+    segment_BxT = valid_BxT.astype(jnp.int32) if segment_BxT is None else segment_BxT
+    return _splash_causal(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, segment_BxT, spec)
+  dtype_ok = q_BxTxNxK.dtype in CUDNN_DTYPES and K % 8 == 0
+  if impl != 'cudnn' or backend != 'gpu' or segment_BxT is not None or not dtype_ok:
     return None
   lengths = jnp.maximum(valid_BxT.sum(-1, dtype=jnp.int32), 1)
   k, v = k_BxGxTxK.transpose(0, 2, 1, 3), v_BxGxTxK.transpose(0, 2, 1, 3)
   try:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+    return jax.nn.dot_product_attention(q_BxTxNxK, k, v, is_causal=True, query_seq_lengths=lengths,
                                         key_value_seq_lengths=lengths, implementation='cudnn')  # fmt: skip
   except NotImplementedError:
     return None
+
+
+def _splash_causal(q_BxTxNxK, k_BxGxTxK, v_BxGxTxK, segment_BxT, spec: P):
+  """Splash attention under a causal mask, grouped-query: each of the G key/value heads is one multi-query
+  kernel call for its R = N / G query heads. Split over the devices by `spec` ([B,G,...]) as _splash."""
+  B, T, N, K = q_BxTxNxK.shape
+  G = k_BxGxTxK.shape[1]
+  scaled = q_BxTxNxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxNxK.dtype)  # The kernel applies no scale.
+  q_BxGxRxTxK = scaled.reshape(B, T, G, N // G, K).transpose(0, 2, 3, 1, 4)
+
+  def run(q, k, v, seg):
+    heads = splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T))] * q.shape[2])
+    kernel = splash_kernel.make_splash_mqa(
+      heads, block_sizes=_splash_blocks(T), head_shards=1, q_seq_shards=1, interpret=INTERPRET
+    )
+    per_row = lambda q, k, v, s: jax.vmap(kernel, (0, 0, 0, None))(q, k, v, splash_kernel.SegmentIds(s, s))  # noqa: E731
+    return jax.vmap(per_row)(q, k, v, seg)
+
+  if len(spec):
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = P(*spec, None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, spec, spec, P(spec[0], None)), out_specs=q_spec,
+                        check_vma=False)  # fmt: skip
+  out_BxGxRxTxK = run(q_BxGxRxTxK, k_BxGxTxK, v_BxGxTxK, segment_BxT)
+  return out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(B, T, N, K)

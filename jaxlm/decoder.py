@@ -26,8 +26,10 @@ Two ways to run it: `__call__` (training, evaluation, perplexity) over whole row
 packed (`segment_ids`: no attention across documents, `position_ids` restarting per document);
 `decode` over a preallocated key/value cache, for the prefill of a prompt batch and then one
 token per call (generate.py loops it inside one jitted while loop). Over whole rows attention runs
-cuDNN's fused kernel on a GPU (16-bit, unpacked rows), else blocks of queries against the keys up to
-each block's end (`attention.causal_blocks`), skipping the keys the causal mask hides from a whole block.
+cuDNN's fused kernel on a GPU (16-bit, unpacked rows), splash attention on a TPU (padded or packed rows whose
+length divides by 128; grouped-query as one multi-query kernel per key/value head), else blocks of queries against
+the keys up to each block's end (`attention.causal_blocks`), skipping the keys the causal mask hides from a whole
+block.
 
 Shape letters: B batch, T tokens in this call, S cache length, D hidden, N query heads, G key/value
 heads, K head size, F feed-forward, V vocabulary (padded), L layers.
@@ -93,7 +95,7 @@ class DecoderConfig:
   dtype: str = 'float32'  # Compute dtype; parameters stay float32.
   scan_layers: bool | None = None  # As model.ModelConfig.
   remat: str = 'none'  # As model.ModelConfig.
-  attention_impl: str | None = None  # '' / None: the backend's own (cuDNN on GPU), else 'xla'.
+  attention_impl: str | None = None  # '' / None: the backend's own (cuDNN on GPU, splash on TPU), else 'xla'.
   quantization: str = 'none'  # 'int8': weight-only int8 layer kernels with float32 scales (inference; quant.py).
 
   def __post_init__(self):
@@ -120,8 +122,8 @@ class DecoderConfig:
       raise UsageError(f'model.hidden_act={self.hidden_act!r}: expected one of {ACTIVATIONS}')
     if self.remat not in blocks.REMAT_POLICIES:
       raise UsageError(f'model.remat={self.remat!r}: expected one of {blocks.REMAT_POLICIES}')
-    if (self.attention_impl or '') not in ('', 'xla', 'cudnn'):
-      raise UsageError(f'model.attention_impl={self.attention_impl!r}: a decoder runs "", "xla" or "cudnn"')
+    if (self.attention_impl or '') not in ('', 'xla', 'cudnn', 'splash'):
+      raise UsageError(f'model.attention_impl={self.attention_impl!r}: a decoder runs "", "xla", "cudnn" or "splash"')
     if self.quantization not in blocks.QUANTIZATIONS:
       raise UsageError(f'model.quantization={self.quantization!r}: expected one of {blocks.QUANTIZATIONS}')
     if self.rope_scaling not in ROPE_SCALINGS:
@@ -393,7 +395,7 @@ class Decoder(nnx.Module):
       mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
 
     def attend(q, k, v):  # k, v: [B,G,T,K]
-      fused = None if segment_ids is not None else attention.fused_causal(q, k, v, valid_BxT, cfg.attention_impl)
+      fused = attention.fused_causal(q, k, v, valid_BxT, segment_ids, cfg.attention_impl)
       return (attention.causal_blocks(q, k, v, mask_BxTxT) if fused is None else fused), None
 
     def body(x, inputs):

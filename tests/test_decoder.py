@@ -2,6 +2,7 @@
 weights of several shapes, Hugging Face round trips, packing without cross-document attention, and the
 key/value cache against the whole-row forward."""
 
+import contextlib
 import functools
 import os
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_random_causal_lm as save_random_hf
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from jaxlm import attention, decoder, hf_causal
@@ -377,11 +379,14 @@ def test_blocked_causal_attention_equals_the_explicit_one_values_and_gradients()
   mask = jnp.asarray(causal[None] & (seg[:, :, None] == seg[:, None, :]))
 
   def vjp(fn):
-    out, back = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
-    return out, back(do)
+    def both(q, k, v):
+      out, back = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+      return out, back(do)
 
-  want, want_grads = jax.jit(lambda: vjp(attention.grouped_query))()
-  got, got_grads = jax.jit(lambda: vjp(functools.partial(attention.causal_blocks, block=32)))()
+    return jax.jit(both)(q, k, v)  # Arguments, not constants: XLA would fold them through the whole program.
+
+  want, want_grads = vjp(attention.grouped_query)
+  got, got_grads = vjp(functools.partial(attention.causal_blocks, block=32))
   assert T % 32 and T > 32 * 4  # Several blocks, the last one short.
   np.testing.assert_allclose(got, want, atol=1e-5)
   for name, g, w in zip('qkv', got_grads, want_grads):
@@ -393,6 +398,97 @@ def test_blocked_causal_attention_equals_the_explicit_one_values_and_gradients()
   assert all(f'{lead}32,{e}]' in jaxpr for e in (32, 64, 96, 128)) and f'{lead}22,150]' in jaxpr
   assert f'{lead}{T},{T}]' not in jaxpr
   assert f'{lead}{T},{T}]' in str(jax.make_jaxpr(lambda q, k, v: attention.grouped_query(q, k, v, mask))(q, k, v))
+
+
+def _packed_rows(B, T):
+  """Segment ids of B rows of T: one document filling the row, one then padding, three then padding, one token."""
+  seg = np.zeros((B, T), np.int32)
+  seg[0], seg[1, : T - 90] = 1, 1
+  seg[2, :40], seg[2, 40:171], seg[2, 171 : T - 20] = 1, 2, 3
+  seg[3, :1] = 1
+  return seg
+
+
+@pytest.mark.parametrize('devices', ['one', 'mesh'])
+def test_splash_causal_attention_equals_the_blocked_one_values_and_gradients(devices, monkeypatch):
+  """The TPU kernel, run by the Pallas interpreter: grouped-query causal attention over right-padded rows and over
+  packed documents (segment ids) against causal_blocks, values and gradients; vmapped on one device, and split by
+  shard_map (batch over data x fsdp, key/value heads over tensor) under a 2x2x2 mesh."""
+  from jaxlm import sharding
+
+  monkeypatch.setattr(attention, 'INTERPRET', True)
+  B, T, N, K, groups = 4, 384, 4, 16, 2  # Three tiles of 128 a row: the causal mask skips whole tiles.
+  rng = np.random.default_rng(0)
+  q, do = (jnp.asarray(rng.normal(size=(B, T, N, K)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(B, groups, T, K)), jnp.float32) for _ in range(2))
+  seg = _packed_rows(B, T)
+  valid = seg > 0
+  causal = np.tril(np.ones((T, T), bool))
+  for packed in (False, True):
+    segments = jnp.asarray(seg) if packed else None
+    mask = causal[None] & ((seg[:, :, None] == seg[:, None, :]) if packed else valid[:, None, :])
+    real = valid[:, :, None, None]
+
+    def vjp(fn):
+      def both(q, k, v):
+        out, back = jax.vjp(fn, q, k, v)
+        return jnp.where(real, out, 0), back(do * real)  # noqa: B023
+
+      return jax.jit(both)(q, k, v)  # Arguments, not constants: XLA would fold a constant kernel while compiling.
+
+    want, want_grads = vjp(lambda q, k, v: attention.causal_blocks(q, k, v, jnp.asarray(mask)))  # noqa: B023
+    if devices == 'one':  # The kernel vmapped over the rows and key/value heads, as on a single chip.
+      mesh = contextlib.nullcontext()
+      ids = jnp.asarray(seg if packed else valid.astype(np.int32))
+      splash = lambda q, k, v: attention._splash_causal(q, k, v, ids, P())  # noqa: E731,B023
+    else:  # Traced under a mesh, as the trainer traces its step.
+      mesh = jax.set_mesh(sharding.make_mesh(2, 2, 2))
+      splash = lambda q, k, v: attention.fused_causal(q, k, v, jnp.asarray(valid), segments, 'splash')  # noqa: E731,B023
+    with mesh:
+      jaxpr = str(jax.make_jaxpr(splash)(q, k, v))
+      assert 'pallas_call' in jaxpr and ('shard_map' in jaxpr) == (devices == 'mesh')
+      got, got_grads = vjp(splash)
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f'packed={packed}')
+    for name, g, w in zip('qkv', got_grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-5, err_msg=f'd{name}, packed={packed}')
+  # Where splash cannot run, the decoder's own blocks do: a length no tile divides, or another backend's default.
+  assert attention.fused_causal(q[:, :200], k[:, :, :200], v[:, :, :200], valid[:, :200], None, 'splash') is None
+  assert attention.fused_causal(q, k, v, valid, None, '') is None  # CPU: XLA's blocks.
+
+
+def test_a_decoder_on_splash_gives_the_loss_and_gradients_of_its_blocks(monkeypatch):
+  """A Llama shape (grouped-query) on packed rows, its loss and gradients jitted as the trainer jits its step
+  (sharded batch, traced in a 2x2x2 mesh): the splash kernels run per shard and agree with the blocks."""
+  from jaxlm import losses, sharding, steps
+
+  monkeypatch.setattr(attention, 'INTERPRET', True)
+  B, T = 4, 256
+  seg = _packed_rows(B, T)
+  starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+  positions = np.arange(T) - np.maximum.accumulate(np.where(starts, np.arange(T), 0), axis=1)
+  rng = np.random.default_rng(0)
+  batch = {
+    'input_ids': rng.integers(0, 300, (B, T)).astype(np.int32),
+    'targets': rng.integers(0, 300, (B, T)),
+    'loss_weights': (seg > 0).astype(np.float32),
+    'segment_ids': seg,
+    'position_ids': positions.astype(np.int32),
+  }
+  mesh = sharding.make_mesh(2, 2, 2)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in batch}
+  results = {}
+  for impl in ('splash', 'xla'):
+    cfg = decoder.preset('llama-tiny', vocab_size=300, attention_impl=impl)
+    graphdef, params = decoder.init(cfg, seed=2)
+    loss = lambda p, b: losses.causal_lm_loss(steps.forward(graphdef, p, b), b)[0]  # noqa: B023
+    fn = jax.jit(sharding.in_mesh(mesh, jax.value_and_grad(loss)), in_shardings=(None, batch_sh))
+    assert ('pallas_call' in str(jax.make_jaxpr(fn)(params, batch))) == (impl == 'splash')
+    value, grads = fn(params, batch)
+    results[impl] = float(value), {'/'.join(map(str, k)): v[...] for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+  (value, grads), (want, want_grads) = results['splash'], results['xla']
+  assert value == pytest.approx(want, rel=1e-5)
+  for k, g in grads.items():
+    np.testing.assert_allclose(g, want_grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_presets_have_the_published_sizes():
