@@ -19,6 +19,7 @@ from jaxlm.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tools'))  # The tools are scripts that import each other by name.
+import bench  # noqa: E402
 import bench_data  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_peft  # noqa: E402
@@ -61,7 +62,8 @@ def _assert_trainer_step(j, recipe):
 def test_bench_reports_all_figures(tmp_path):
   # Without --compare torch (the PyTorch worker and the ratios: the finetune and infer modes' tests).
   r, stdout = _bench(tmp_path, 'train', '--preset=tiny', '--seq=32', '--batch=4', '--max_predictions=4', '--steps=1',
-                     '--warmup=0', ratios=False)  # fmt: skip
+                     '--warmup=0', '--set=model.hidden_act=gelu_tanh', '--set=model.hidden_dropout=0.0',
+                     ratios=False)  # fmt: skip
   assert set(r['results']) == {'jaxlm'} and not r['ratios']
   assert r['config']['seq'] == 32 and r['config']['batch'] == 4
   j = r['results']['jaxlm']
@@ -69,11 +71,19 @@ def test_bench_reports_all_figures(tmp_path):
   o = j['overrides']
   assert (o['model.preset'], o['data.seq_len'], o['global_batch_size'], o['data.max_predictions']) == ('tiny', 32, 4, 4)
   assert o['data.train'] == 'builtin:stdlib' and os.path.isdir(o['data.tokenizer'])
+  assert (o['model.hidden_act'], o['model.hidden_dropout']) == ('gelu_tanh', 0.0)  # --set: typed, after the rest.
   assert 'tokens/s' in stdout and 'MFU' in stdout
   # The jaxlm worker runs as `python -m jaxlm.train` does (huge pages where the host allows them,
   # jaxlm/hostenv.py); the tiny stack is unrolled.
   assert j['hugepages'] == (hostenv.hugepage_env() is not None)
   assert j['scan_layers'] is False
+
+
+def test_bench_set_names_the_key_it_cannot_set(capsys):
+  for flag, why in (('model.nope=1', "no key 'model.nope'"), ('model.hidden_act', 'expected KEY=VALUE')):
+    assert bench.main(['--mode=train', '--preset=tiny', f'--set={flag}']) == 2
+    err = capsys.readouterr().err
+    assert f'error: --set {flag}: ' in err and why in err, err
 
 
 def test_bench_data_mode_reports_throughput(tmp_path):

@@ -36,6 +36,7 @@ same run. Every mode prints a line per result and ratio, then the JSON summary a
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -123,7 +124,38 @@ def _random_batch(args, vocab: int, masked: bool = False) -> tuple:
 
 
 def _train_config(args, tmp: str):
-  """(recipe, overrides, config): the training config `python -m jaxlm.train` would get for these flags."""
+  """(recipe, overrides, config): the training config `python -m jaxlm.train` would get for these flags, with the
+  keys of --set last."""
+  recipe, overrides, config = _recipe(args, tmp)
+  return recipe, {**overrides, **dict(_setting(s) for s in args.set)}, config
+
+
+def _setting(text: str) -> tuple[str, object]:
+  """--set KEY=VALUE as (key, value): a Python literal (0.0, 4, True) or else the string itself."""
+  key, _, value = text.partition('=')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def _check_settings(settings: list[str]) -> None:
+  """Each --set names a key of the training config, or one UsageError says which does not."""
+  from jaxlm import config as config_lib  # lazy: see the note at the top
+
+  flat = config_lib.base().to_dict()
+  for text in settings:
+    if '=' not in text:
+      raise UsageError(f'--set {text}: expected KEY=VALUE')
+    key, node = _setting(text)[0], flat
+    for part in key.split('.'):
+      if not isinstance(node, dict) or part not in node:
+        raise UsageError(f'--set {text}: the training config has no key {key!r}')
+      node = node[part]
+
+
+def _recipe(args, tmp: str):
+  """_train_config without --set."""
   from jaxlm import config as config_lib  # lazy: see the note at the top
   from jaxlm import model
 
@@ -553,6 +585,9 @@ def main(argv=None) -> int:
   )
   p.add_argument('--batches', metavar='DIR', help='train / causal-train: time the jaxlm step on --record DIR\'s batches'
                  ' (no input pipeline: for an accelerator machine without TensorFlow)')  # fmt: skip
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help="train modes: one more key of jaxlm's training config, e.g. model.hidden_act=gelu_tanh (repeatable;"
+                 ' the PyTorch side is unchanged)')  # fmt: skip
   p.add_argument('--json', help='also write the JSON summary here')
   p.add_argument('--_worker', choices=['jaxlm', 'torch'], help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -578,6 +613,7 @@ def main(argv=None) -> int:
 
   unit = 'examples_per_s' if classifier else 'tokens_per_s'
   try:
+    _check_settings(args.set)
     results, ratios, more_config = _measure(args, argv, unit)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
