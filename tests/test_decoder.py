@@ -486,6 +486,8 @@ def test_a_decoder_on_splash_gives_the_loss_and_gradients_of_its_blocks(monkeypa
     value, grads = fn(params, batch)
     results[impl] = float(value), {'/'.join(map(str, k)): v[...] for k, v in jax.tree_util.tree_leaves_with_path(grads)}
   (value, grads), (want, want_grads) = results['splash'], results['xla']
+  with pytest.raises(UsageError, match="model.attention_impl='explicit': a decoder runs"):  # An encoder's path only.
+    decoder.preset('llama-tiny', attention_impl='explicit')
   assert value == pytest.approx(want, rel=1e-5)
   for k, g in grads.items():
     np.testing.assert_allclose(g, want_grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
