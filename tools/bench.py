@@ -143,15 +143,12 @@ def _check_settings(settings: list[str]) -> None:
   """Each --set names a key of the training config, or one UsageError says which does not."""
   from jaxlm import config as config_lib  # lazy: see the note at the top
 
-  flat = config_lib.base().to_dict()
+  keys = config_lib._flat(config_lib.base())  # Dotted keys, as config.validate reads them.
   for text in settings:
     if '=' not in text:
       raise UsageError(f'--set {text}: expected KEY=VALUE')
-    key, node = _setting(text)[0], flat
-    for part in key.split('.'):
-      if not isinstance(node, dict) or part not in node:
-        raise UsageError(f'--set {text}: the training config has no key {key!r}')
-      node = node[part]
+    if (key := _setting(text)[0]) not in keys:
+      raise UsageError(f'--set {text}: the training config has no key {key!r}')
 
 
 def _recipe(args, tmp: str):
